@@ -1,0 +1,63 @@
+"""`masep` command line: every Snakemake rule calls one of these subcommands.
+
+Each subcommand lives in its own module, exposing `add_arguments(parser)` and
+`run(args) -> int`; modules are imported only when their command runs so that
+`masep --help` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from masep.config import ConfigError
+
+COMMANDS = {
+    "tokenize": ("masep.data.tokenize", "tokenize one C4 shard into uint16 token files"),
+    "train": ("masep.runtime.train_cmd", "train one strategy (launches its ranks)"),
+    "infer": ("masep.runtime.infer_cmd", "decode with a KV cache and measure TPOT"),
+    "collect": ("masep.results.collect", "build results/masep.duckdb from run folders"),
+    "report": ("masep.report.render", "render reports/ from the database"),
+    "sql": ("masep.results.sql_cmd", "query the results database"),
+    "layout": ("masep.parallel.layout", "show or check the rank layout of a strategy"),
+}
+
+
+def add_config_arguments(p: argparse.ArgumentParser) -> None:
+    """The --config/--set pair every config-driven command takes."""
+    p.add_argument("--config", "-c", action="append", default=None,
+                   help="preset name (tiny, paper, h200) or YAML path; repeat to layer")
+    p.add_argument("--set", dest="overrides", action="append", nargs="+", default=[],
+                   metavar="KEY=VALUE", help="dotted override, e.g. model.hidden=128 train.steps=3")
+
+
+def config_from_args(args: argparse.Namespace):
+    from masep.config import load_config
+
+    overrides = [o for group in args.overrides for o in group]
+    return load_config(args.config or ["tiny"], overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="masep", description="MA Separation experiment pipeline")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (_, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    if not argv or argv[0] not in COMMANDS:
+        parser.parse_args(argv)  # prints usage / error and exits
+        return 2
+    name = argv[0]
+    module = importlib.import_module(COMMANDS[name][0])
+    cmd = argparse.ArgumentParser(prog=f"masep {name}", description=COMMANDS[name][1])
+    module.add_arguments(cmd)
+    args = cmd.parse_args(argv[1:])
+    try:
+        return int(module.run(args) or 0)
+    except ConfigError as e:
+        print(f"masep {name}: config error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
