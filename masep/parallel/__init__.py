@@ -1,0 +1,24 @@
+"""Parallel strategies: each distributes the one plain model (masep.model) over a layout."""
+from __future__ import annotations
+
+import importlib
+
+# strategy name -> "module:Class"; a strategy is listed only once its parity tests pass.
+STRATEGY_CLASSES = {
+    "single": "masep.parallel.single:SingleRank",
+}
+
+
+def available_strategies() -> list[str]:
+    return list(STRATEGY_CLASSES)
+
+
+def build_strategy(cfg, layout, rank, device, model):
+    """Instantiate the strategy of `layout` on this rank from the full initialised `model`."""
+    from masep.config import ConfigError
+
+    if layout.strategy not in STRATEGY_CLASSES:
+        raise ConfigError(f"parallel.strategy: {layout.strategy!r} is not built "
+                          f"(available: {', '.join(STRATEGY_CLASSES)})")
+    module, cls = STRATEGY_CLASSES[layout.strategy].split(":")
+    return getattr(importlib.import_module(module), cls)(cfg, layout, rank, device, model)

@@ -1,0 +1,335 @@
+"""The seed's Mixture-of-Experts transformer, written once and without any process group.
+
+Choices where the seed is silent (see docs/ARCHITECTURE.md): pre-norm RMSNorm, rotary
+positions, no biases, untied output head by default, top-k weights renormalised to sum to 1.
+Parallel strategies (masep.parallel) keep this code and replace only *where* pieces run:
+they call `Block.attention_residual` and `Block.moe_residual` with their own `expert_fn`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from masep.config import ModelConfig
+
+# expert_fn(x_sorted [M, H], counts [E] (tokens per expert, in expert order)) -> y_sorted [M, H]
+ExpertFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+# ------------------------------------------------------------------ positions
+
+
+def rotary_tables(head_dim: int, max_len: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim)
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float64, device=device), inv_freq)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, heads, T, D]; cos/sin: [T, D/2]. Rotates interleaved-free halves (GPT-NeoX style)."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    out = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    return out.to(x.dtype)
+
+
+# ------------------------------------------------------------------ attention
+
+
+@dataclass
+class KVCache:
+    """Pre-allocated keys and values of one attention module: [B, local heads, max_len, D]."""
+    k: torch.Tensor
+    v: torch.Tensor
+
+    @classmethod
+    def empty(cls, batch: int, heads: int, max_len: int, head_dim: int, dtype, device) -> "KVCache":
+        shape = (batch, heads, max_len, head_dim)
+        return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+
+
+class Attention(nn.Module):
+    """Causal multi-head self-attention over `n_heads` heads of `head_dim`.
+
+    `n_heads` may be a subset of the model's heads (tensor parallelism); the output
+    projection then yields a partial sum that the caller reduces.
+    """
+
+    def __init__(self, hidden: int, n_heads: int, head_dim: int):
+        super().__init__()
+        self.n_heads, self.head_dim = n_heads, head_dim
+        # Fused q|k|v rows, each block ordered by head: rows [s*H*D + h*D : ... + D] for s in q,k,v.
+        self.qkv = nn.Linear(hidden, 3 * n_heads * head_dim, bias=False)
+        self.out = nn.Linear(n_heads * head_dim, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int = 0,
+                cache: Optional[KVCache] = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q = apply_rotary(q, cos[start_pos:start_pos + T], sin[start_pos:start_pos + T])
+        k = apply_rotary(k, cos[start_pos:start_pos + T], sin[start_pos:start_pos + T])
+        if cache is not None:
+            cache.k[:, :, start_pos:start_pos + T] = k
+            cache.v[:, :, start_pos:start_pos + T] = v
+            k, v = cache.k[:, :, :start_pos + T], cache.v[:, :, :start_pos + T]
+        if start_pos == 0:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        elif T == 1:
+            y = F.scaled_dot_product_attention(q, k, v)  # one new token sees the whole cache
+        else:
+            total = start_pos + T
+            mask = torch.ones(T, total, dtype=torch.bool, device=x.device).tril(diagonal=start_pos)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.out(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+# ------------------------------------------------------------------ experts
+
+
+class Experts(nn.Module):
+    """`n_experts` SwiGLU (or GELU) feed-forward experts stored as stacked weights.
+
+    Tokens arrive sorted by expert with `counts` per expert; all experts run as one grouped
+    matrix product (`torch._grouped_mm`) where torch offers it, else a loop over experts.
+    """
+
+    def __init__(self, n_experts: int, hidden: int, ffn: int, activation: str = "swiglu", dropout: float = 0.0):
+        super().__init__()
+        self.n_experts, self.activation, self.dropout = n_experts, activation, dropout
+        up_width = 2 * ffn if activation == "swiglu" else ffn
+        self.w_up = nn.Parameter(torch.empty(n_experts, hidden, up_width))
+        self.w_down = nn.Parameter(torch.empty(n_experts, ffn, hidden))
+
+    def _act(self, h: torch.Tensor) -> torch.Tensor:
+        if self.activation == "swiglu":
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h)
+        return F.dropout(h, self.dropout, self.training)
+
+    def forward(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        if x_sorted.shape[0] == 0:
+            return x_sorted.clone()  # no rows: nothing to compute, graph stays connected to x
+        if use_grouped_mm(x_sorted):
+            offs = torch.cumsum(counts, 0).to(torch.int32)
+            w_up, w_down = self.w_up.to(x_sorted.dtype), self.w_down.to(x_sorted.dtype)
+            h = torch._grouped_mm(x_sorted, w_up, offs=offs)
+            return torch._grouped_mm(self._act(h), w_down, offs=offs)
+        outs, start = [], 0
+        for e, n in enumerate(counts.tolist()):
+            if n:
+                xe = x_sorted[start:start + n]
+                outs.append(self._act(xe @ self.w_up[e].to(xe.dtype)) @ self.w_down[e].to(xe.dtype))
+            start += n
+        return torch.cat(outs)
+
+
+def use_grouped_mm(x: torch.Tensor) -> bool:
+    # The CUDA kernel wants bf16 and 16-byte aligned strides; the CPU loop is the exact reference.
+    return (hasattr(torch, "_grouped_mm") and x.is_cuda and x.dtype == torch.bfloat16
+            and x.shape[1] % 8 == 0)
+
+
+# ------------------------------------------------------------------ routing
+
+
+@dataclass
+class Routing:
+    """Where each token goes. Assignments are (token, choice) pairs, k per token."""
+    expert: torch.Tensor  # [N, k] long
+    weight: torch.Tensor  # [N, k] combine weights (renormalised top-k probabilities)
+    keep: torch.Tensor  # [N, k] bool: False where the expert's capacity was exceeded
+    lb_loss: torch.Tensor  # scalar, Switch load-balancing loss (without its coefficient)
+    z_loss: torch.Tensor  # scalar, ST-MoE router z-loss (without its coefficient)
+    tokens_per_expert: torch.Tensor  # [E] long, kept assignments
+    dropped: torch.Tensor  # scalar long, assignments dropped by capacity
+
+
+def expert_capacity(n_tokens: int, n_experts: int, top_k: int, factor: Optional[float]) -> Optional[int]:
+    """Assignments one expert may take from a group of `n_tokens` tokens (None: dropless)."""
+    if factor is None:
+        return None
+    return max(1, math.ceil(factor * n_tokens * top_k / n_experts))
+
+
+def route(logits: torch.Tensor, top_k: int, capacity_factor: Optional[float]) -> Routing:
+    """Top-k softmax routing with Switch and ST-MoE auxiliary losses over the N given tokens.
+
+    lb_loss = E * sum_i f_i * P_i, with f_i the share of the N*k assignments that chose expert i
+    and P_i the mean router probability of expert i (Fedus et al. 2021, generalised to top-k).
+    z_loss = mean_n (logsumexp_i logits[n, i])^2 (Zoph et al. 2022).
+    Capacity: first choices are served before second choices, earlier tokens first.
+    """
+    logits = logits.float()
+    N, E = logits.shape
+    probs = logits.softmax(dim=-1)
+    top_p, top_e = probs.topk(top_k, dim=-1)
+    weight = top_p / top_p.sum(dim=-1, keepdim=True)
+
+    assigned = F.one_hot(top_e, E).sum(dim=1).float()  # [N, E] 0/1
+    f = assigned.sum(0) / (N * top_k)
+    lb_loss = E * (f * probs.mean(0)).sum()
+    z_loss = torch.logsumexp(logits, dim=-1).pow(2).mean()
+
+    cap = expert_capacity(N, E, top_k, capacity_factor)
+    if cap is None:
+        keep = torch.ones_like(top_e, dtype=torch.bool)
+    else:
+        # Position of each assignment in its expert's queue, choice-major then token order.
+        onehot = F.one_hot(top_e.T.reshape(-1), E)  # [k*N, E]
+        position = (onehot.cumsum(0) * onehot).sum(-1) - 1
+        keep = (position < cap).view(top_k, N).T
+    kept_e = top_e[keep]
+    tokens_per_expert = torch.bincount(kept_e, minlength=E)
+    dropped = (~keep).sum()
+    return Routing(top_e, weight, keep, lb_loss, z_loss, tokens_per_expert, dropped)
+
+
+def dispatch_combine(x: torch.Tensor, routing: Routing, expert_fn: ExpertFn, n_experts: int) -> torch.Tensor:
+    """Sort kept assignments by expert, run `expert_fn`, and sum weighted outputs per token."""
+    N = x.shape[0]
+    tok = torch.arange(N, device=x.device).unsqueeze(1).expand_as(routing.expert)[routing.keep]
+    exp = routing.expert[routing.keep]
+    w = routing.weight[routing.keep]
+    order = torch.argsort(exp, stable=True)
+    tok, exp, w = tok[order], exp[order], w[order]
+    counts = torch.bincount(exp, minlength=n_experts)
+    y_sorted = expert_fn(x[tok], counts)
+    out = torch.zeros_like(x)
+    return out.index_add(0, tok, (y_sorted.float() * w.unsqueeze(1)).to(x.dtype))
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.router = nn.Linear(cfg.hidden, cfg.experts, bias=False)
+        self.experts = Experts(cfg.experts, cfg.hidden, cfg.expert_hidden, cfg.expert_activation,
+                               cfg.expert_dropout)
+
+    def route(self, x_flat: torch.Tensor) -> Routing:
+        # The router runs in fp32 even under autocast: its softmax and z-loss need the range.
+        with torch.autocast(device_type=x_flat.device.type, enabled=False):
+            logits = F.linear(x_flat.float(), self.router.weight.float())
+        return route(logits, self.cfg.top_k, self.cfg.capacity_factor)
+
+    def forward(self, x: torch.Tensor, expert_fn: Optional[ExpertFn] = None) -> tuple[torch.Tensor, Routing]:
+        shape = x.shape
+        x_flat = x.reshape(-1, shape[-1])
+        routing = self.route(x_flat)
+        y = dispatch_combine(x_flat, routing, expert_fn or self.experts, self.cfg.experts)
+        return y.view(shape), routing
+
+
+# ------------------------------------------------------------------ the model
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(cfg.hidden, eps=cfg.norm_eps)
+        self.attn = Attention(cfg.hidden, cfg.heads, cfg.head_dim)
+        self.moe_norm = nn.RMSNorm(cfg.hidden, eps=cfg.norm_eps)
+        self.moe = MoE(cfg)
+        self.dropout = cfg.dropout
+
+    def attention_residual(self, x, cos, sin, start_pos=0, cache=None):
+        h = self.attn(self.attn_norm(x), cos, sin, start_pos, cache)
+        return x + F.dropout(h, self.dropout, self.training)
+
+    def moe_residual(self, x, expert_fn: Optional[ExpertFn] = None):
+        h, routing = self.moe(self.moe_norm(x), expert_fn)
+        return x + F.dropout(h, self.dropout, self.training), routing
+
+    def forward(self, x, cos, sin, start_pos=0, cache=None):
+        x = self.attention_residual(x, cos, sin, start_pos, cache)
+        return self.moe_residual(x)
+
+
+class MoETransformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.padded_vocab, cfg.hidden)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.layers))
+        self.norm = nn.RMSNorm(cfg.hidden, eps=cfg.norm_eps)
+        self.head = nn.Linear(cfg.hidden, cfg.padded_vocab, bias=False)
+        if cfg.tie_embeddings:
+            self.head.weight = self.embed.weight
+        cos, sin = rotary_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.head(self.norm(x)).float()
+        # Padding rows of the vocabulary are never valid outputs.
+        logits[..., self.cfg.vocab_size:] = float("-inf")
+        return logits
+
+    def forward(self, ids: torch.Tensor, start_pos: int = 0,
+                caches: Optional[list[KVCache]] = None) -> tuple[torch.Tensor, list[Routing]]:
+        x = self.embed(ids)
+        routings = []
+        for i, block in enumerate(self.blocks):
+            x = block.attention_residual(x, self.rope_cos, self.rope_sin, start_pos,
+                                         caches[i] if caches is not None else None)
+            x, routing = block.moe_residual(x)
+            routings.append(routing)
+        return self.logits(x), routings
+
+    def new_caches(self, batch: int, max_len: int, dtype=None, device=None) -> list[KVCache]:
+        p = self.embed.weight
+        return [KVCache.empty(batch, self.cfg.heads, max_len, self.cfg.head_dim, dtype or p.dtype, device or p.device)
+                for _ in self.blocks]
+
+
+# ------------------------------------------------------------------ initialisation and counting
+
+
+@torch.no_grad()
+def init_weights(model: MoETransformer, seed: int) -> None:
+    """Deterministic init from `seed` alone: normal(0, init_std), output projections scaled by
+    1/sqrt(2 * layers) (GPT-2), norms at 1. Every strategy starts from these same weights."""
+    gen = torch.Generator().manual_seed(seed)
+    std = model.cfg.init_std
+    out_std = std / math.sqrt(2 * model.cfg.layers)
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            p.fill_(1.0)
+            continue
+        s = out_std if name.endswith(("attn.out.weight", "w_down")) else std
+        p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * s)
+
+
+def build_model(cfg: ModelConfig, seed: int, device="cpu") -> MoETransformer:
+    model = MoETransformer(cfg)
+    init_weights(model, seed)
+    return model.to(device)
+
+
+def analytic_parameter_count(cfg: ModelConfig) -> dict[str, int]:
+    """Parameters by part, from the dimensions alone (no tensors)."""
+    H, L, E, F_ = cfg.hidden, cfg.layers, cfg.experts, cfg.expert_hidden
+    up = 2 * F_ if cfg.expert_activation == "swiglu" else F_
+    attn = L * (3 * H * H + H * H)
+    experts = L * E * (H * up + F_ * H)
+    routers = L * H * E
+    norms = L * 2 * H + H
+    embed = cfg.padded_vocab * H
+    head = 0 if cfg.tie_embeddings else cfg.padded_vocab * H
+    total = attn + experts + routers + norms + embed + head
+    active_expert = L * cfg.top_k * (H * up + F_ * H)
+    return {"attention": attn, "experts": experts, "routers": routers, "norms": norms,
+            "embedding": embed, "head": head, "total": total,
+            "active_matmul": attn + active_expert + routers + head}
+
+
+def lm_loss_sum(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Sum of next-token cross-entropy over the positions the mask marks (fp32)."""
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="none")
+    return (ce * mask.reshape(-1).to(ce.dtype)).sum()

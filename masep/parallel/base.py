@@ -1,0 +1,188 @@
+"""What a parallel strategy offers the strategy-blind train and decode loops.
+
+Global-batch semantics (identical on one rank and on many):
+- The optimizer step sees a global batch of G sequences cut into G / micro_batch micro-batches.
+  Every rank receives the whole global batch and takes the micro-batches its role needs
+  (a data-parallel replica takes a contiguous block of them).
+- The language-model loss is the mean cross-entropy over all valid (mask = 1) target tokens of
+  the global batch: each micro-batch contributes ce_sum / n_valid_global.
+- The auxiliary losses are computed per micro-batch (the tokens one replica routes in one
+  forward), summed over layers, and averaged over the global batch's micro-batches:
+  loss += (lb_coef * sum_layers lb + z_coef * sum_layers z) / n_micro_total.
+- Gradients of a parameter are summed (not averaged) over the ranks that computed parts of them.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from masep.config import Config
+from masep.model import MoETransformer, Routing
+from masep.parallel.layout import Layout
+
+
+@dataclass
+class GlobalBatch:
+    inputs: torch.Tensor  # [G, T] long
+    targets: torch.Tensor  # [G, T] long
+    mask: torch.Tensor  # [G, T] float, 1 where the target counts
+
+    def to(self, device) -> "GlobalBatch":
+        return GlobalBatch(self.inputs.to(device), self.targets.to(device), self.mask.to(device))
+
+    def microbatches(self, size: int) -> list["GlobalBatch"]:
+        return [GlobalBatch(self.inputs[i:i + size], self.targets[i:i + size], self.mask[i:i + size])
+                for i in range(0, self.inputs.shape[0], size)]
+
+    def n_valid(self) -> int:
+        return int(self.mask.sum().item())
+
+
+@dataclass
+class StepStats:
+    """Global statistics of one optimizer step (identical on every rank after `reduce`)."""
+    ce_sum: float = 0.0
+    n_tokens: int = 0
+    lb_sum: float = 0.0  # summed over layers and micro-batches
+    z_sum: float = 0.0
+    n_micro: int = 0  # micro-batches in the global batch
+    tokens_per_expert: torch.Tensor = field(default_factory=lambda: torch.zeros(0))  # [L, E]
+    dropped: int = 0
+    layers: int = 1
+
+    @property
+    def loss(self) -> float:
+        return self.ce_sum / max(self.n_tokens, 1)
+
+    @property
+    def lb_loss(self) -> float:
+        return self.lb_sum / max(self.n_micro * self.layers, 1)
+
+    @property
+    def z_loss(self) -> float:
+        return self.z_sum / max(self.n_micro * self.layers, 1)
+
+
+class LocalStats:
+    """Per-rank partial sums; each quantity is added by exactly one rank in the world."""
+
+    def __init__(self, layers: int, experts: int):
+        self.layers, self.experts = layers, experts
+        self.ce = torch.zeros((), dtype=torch.float64)
+        self.lb = torch.zeros((), dtype=torch.float64)
+        self.z = torch.zeros((), dtype=torch.float64)
+        self.tpe = torch.zeros(layers, experts, dtype=torch.float64)
+        self.dropped = torch.zeros((), dtype=torch.float64)
+
+    def add_ce(self, ce_sum: torch.Tensor) -> None:
+        self.ce += ce_sum.detach().double().cpu()
+
+    def add_routing(self, layer: int, r: Routing) -> None:
+        self.lb += r.lb_loss.detach().double().cpu()
+        self.z += r.z_loss.detach().double().cpu()
+        self.tpe[layer] += r.tokens_per_expert.detach().double().cpu()
+        self.dropped += r.dropped.detach().double().cpu()
+
+    def reduce(self, n_tokens: int, n_micro: int, device, group=None) -> StepStats:
+        flat = torch.cat([self.ce.view(1), self.lb.view(1), self.z.view(1), self.dropped.view(1),
+                          self.tpe.reshape(-1)])
+        if dist.is_initialized() and dist.get_world_size(group) > 1:
+            # float64 keeps counts exact; gloo and NCCL both reduce it.
+            flat = flat.to(device)
+            dist.all_reduce(flat, group=group)
+            flat = flat.cpu()
+        return StepStats(ce_sum=float(flat[0]), n_tokens=n_tokens, lb_sum=float(flat[1]),
+                         z_sum=float(flat[2]), n_micro=n_micro,
+                         tokens_per_expert=flat[4:].view(self.layers, self.experts).round().long(),
+                         dropped=int(round(float(flat[3]))), layers=self.layers)
+
+
+@dataclass
+class Generation:
+    tokens: torch.Tensor  # [B, new_tokens] greedy ids
+    prefill_s: float
+    token_s: list[float]  # wall time of each decoded token (all ranks synchronised)
+
+
+class Strategy(ABC):
+    """A parallel strategy holding its share of one `MoETransformer`.
+
+    Subclasses receive the full, initialised model on the CPU and keep only their part.
+    """
+
+    name = "base"
+
+    def __init__(self, cfg: Config, layout: Layout, rank: int, device: torch.device):
+        self.cfg, self.layout, self.rank, self.device = cfg, layout, rank, torch.device(device)
+
+    # ---- what the trainer uses
+    @abstractmethod
+    def named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        """Local parameters, named as in the full model."""
+
+    @abstractmethod
+    def forward_backward(self, batch: GlobalBatch) -> StepStats:
+        """Forward and backward over this rank's share of the global batch; on return every
+        local parameter holds its full global-batch gradient."""
+
+    @abstractmethod
+    def evaluate(self, batch: GlobalBatch) -> tuple[float, int]:
+        """Global (ce_sum, n_valid_tokens) of the batch, no gradients, dropout off."""
+
+    @abstractmethod
+    def generate(self, prompt: torch.Tensor, new_tokens: int) -> Generation:
+        """Greedy decoding with a KV cache; every rank returns the same tokens."""
+
+    def replication(self, name: str) -> int:
+        """How many ranks hold an identical copy of parameter `name` (for the global norm)."""
+        return 1
+
+    def train(self, mode: bool = True) -> None:
+        for m in self.modules():
+            m.train(mode)
+
+    def modules(self) -> list[torch.nn.Module]:
+        return []
+
+    def checkpoint_key(self, name: str) -> str:
+        """Key of a local parameter in a checkpoint; shards of one parameter need distinct keys."""
+        return name
+
+    # ---- shared helpers
+    def compute_dtype(self) -> torch.dtype:
+        """bf16 autocast on GPU ("auto") or when asked; fp32 otherwise (CPU default)."""
+        dtype = self.cfg.train.dtype
+        if dtype == "bf16" or (dtype == "auto" and self.device.type == "cuda"):
+            return torch.bfloat16
+        return torch.float32
+
+    def autocast(self):
+        if self.compute_dtype() == torch.bfloat16:
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
+    def grad_norm(self) -> float:
+        """Global L2 norm of all gradients, each parameter counted once over the world."""
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        for name, p in self.named_parameters():
+            if p.grad is not None:
+                total += p.grad.detach().double().pow(2).sum() / self.replication(name)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(total)
+        return float(total.sqrt())
+
+    def clip_gradients(self, max_norm: float) -> float:
+        norm = self.grad_norm()
+        if max_norm > 0 and norm > max_norm:
+            scale = max_norm / (norm + 1e-6)
+            for _, p in self.named_parameters():
+                if p.grad is not None:
+                    p.grad.mul_(scale)
+        return norm
+
+    def aux_coefficients(self) -> tuple[float, float]:
+        return self.cfg.model.lb_coef, self.cfg.model.z_coef

@@ -1,0 +1,158 @@
+"""Autograd-aware collectives built on torch.distributed, each timed under its kind.
+
+The pairs follow Megatron-LM's f/g operators: `copy_to_group` is the identity forward and an
+all-reduce backward (entering a tensor-parallel region); `reduce_from_group` is an all-reduce
+forward and the identity backward (leaving it). `all_to_all` sends rows with given split sizes
+and routes gradients back the same way.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+import torch.distributed as dist
+
+from masep.telemetry.timing import comm_timer
+
+
+def _all_reduce(x: torch.Tensor, group, kind: str) -> torch.Tensor:
+    with comm_timer().time(kind):
+        dist.all_reduce(x, group=group)
+    return x
+
+
+class _CopyToGroup(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, kind):
+        ctx.group, ctx.kind = group, kind
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_reduce(grad.contiguous().clone(), ctx.group, ctx.kind), None, None
+
+
+class _ReduceFromGroup(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, kind):
+        return _all_reduce(x.contiguous().clone(), group, kind)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None, None
+
+
+def copy_to_group(x: torch.Tensor, group, kind: str = "attn_allreduce") -> torch.Tensor:
+    return _CopyToGroup.apply(x, group, kind)
+
+
+def reduce_from_group(x: torch.Tensor, group, kind: str = "attn_allreduce") -> torch.Tensor:
+    return _ReduceFromGroup.apply(x, group, kind)
+
+
+class _GatherFromGroup(torch.autograd.Function):
+    """Concatenate each rank's rows along dim 0; backward keeps this rank's rows (the consumers
+    downstream are replicated across the group, so their gradients are already complete)."""
+
+    @staticmethod
+    def forward(ctx, x, group, kind, sizes):
+        ctx.rank, ctx.sizes = dist.get_rank(group), sizes
+        parts = [x.new_empty((n,) + x.shape[1:]) for n in sizes]
+        with comm_timer().time(kind):
+            dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        start = sum(ctx.sizes[: ctx.rank])
+        return grad[start:start + ctx.sizes[ctx.rank]].contiguous(), None, None, None
+
+
+def gather_rows(x: torch.Tensor, group, sizes: list[int], kind: str) -> torch.Tensor:
+    return _GatherFromGroup.apply(x, group, kind, sizes)
+
+
+class _AllToAll(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, out_splits, in_splits, group, kind):
+        ctx.out_splits, ctx.in_splits, ctx.group, ctx.kind = out_splits, in_splits, group, kind
+        out = x.new_empty((sum(out_splits),) + x.shape[1:])
+        with comm_timer().time(kind):
+            dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        back = grad.new_empty((sum(ctx.in_splits),) + grad.shape[1:])
+        with comm_timer().time(ctx.kind):
+            dist.all_to_all_single(back, grad.contiguous(), ctx.in_splits, ctx.out_splits, group=ctx.group)
+        return back, None, None, None, None
+
+
+def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group=None,
+               kind: str = "moe_dispatch") -> torch.Tensor:
+    """Rows x[sum(in_splits[:j]) : ...] go to rank j of `group`; returns the rows received."""
+    return _AllToAll.apply(x, out_splits, in_splits, group, kind)
+
+
+def exchange_counts(send_counts: torch.Tensor, group=None, kind: str = "moe_dispatch") -> torch.Tensor:
+    """All-to-all of per-destination counts (one integer per rank of `group`)."""
+    recv = torch.empty_like(send_counts)
+    with comm_timer().time(kind):
+        dist.all_to_all_single(recv, send_counts.contiguous(), group=group)
+    return recv
+
+
+def sync_gradients(params: Iterable[torch.nn.Parameter], group, kind: str = "grad_sync",
+                   bucket_bytes: int = 64 << 20) -> None:
+    """Sum gradients over `group` in flat buckets. A parameter that got no gradient on this
+    rank (e.g. an expert no token chose) contributes zeros, so every rank joins each call."""
+    if group is None or dist.get_world_size(group) == 1:
+        return
+    params = list(params)
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    bucket: list[torch.nn.Parameter] = []
+    size = 0
+    for p in params + [None]:
+        if p is not None:
+            bucket.append(p)
+            size += p.grad.numel() * p.grad.element_size()
+        if bucket and (p is None or size >= bucket_bytes):
+            flat = torch.cat([q.grad.reshape(-1) for q in bucket])
+            _all_reduce(flat, group, kind)
+            offset = 0
+            for q in bucket:
+                n = q.grad.numel()
+                q.grad.copy_(flat[offset:offset + n].view_as(q.grad))
+                offset += n
+            bucket, size = [], 0
+
+
+def broadcast_parameters(params: Iterable[torch.nn.Parameter], src: int, group,
+                         kind: str = "param_bcast") -> None:
+    if group is None or dist.get_world_size(group) == 1:
+        return
+    with comm_timer().time(kind), torch.no_grad():
+        for p in params:
+            dist.broadcast(p.data, src=src, group=group)
+
+
+def all_reduce_sum(t: torch.Tensor, group=None, kind: Optional[str] = None) -> torch.Tensor:
+    """Plain in-place sum (for statistics); timed only when a kind is given."""
+    if kind is None:
+        dist.all_reduce(t, group=group)
+        return t
+    return _all_reduce(t, group, kind)
+
+
+def new_group_containing(rank: int, groups: list[list[int]], timeout=None):
+    """Create every group in `groups` (all ranks must call this with the same list, in the same
+    order) and return the one holding `rank`, or None."""
+    mine = None
+    for ranks in groups:
+        g = dist.new_group(ranks=ranks, timeout=timeout)
+        if rank in ranks:
+            mine = g
+    return mine

@@ -1,0 +1,85 @@
+"""The reference: the whole model on one rank, micro-batches by gradient accumulation."""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from masep.model import MoETransformer, lm_loss_sum
+from masep.parallel.base import Generation, GlobalBatch, LocalStats, Strategy, StepStats
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class SingleRank(Strategy):
+    name = "single"
+
+    def __init__(self, cfg, layout, rank, device, model: MoETransformer):
+        super().__init__(cfg, layout, rank, device)
+        self.model = model.to(self.device)
+
+    def modules(self):
+        return [self.model]
+
+    def named_parameters(self):
+        return list(self.model.named_parameters())
+
+    def forward_backward(self, batch: GlobalBatch) -> StepStats:
+        batch = batch.to(self.device)
+        n_valid = batch.n_valid()
+        mbs = batch.microbatches(self.layout.microbatch_size)
+        lb_coef, z_coef = self.aux_coefficients()
+        stats = LocalStats(self.cfg.model.layers, self.cfg.model.experts)
+        for mb in mbs:
+            with self.autocast():
+                logits, routings = self.model(mb.inputs)
+            ce = lm_loss_sum(logits, mb.targets, mb.mask)
+            aux = sum(lb_coef * r.lb_loss + z_coef * r.z_loss for r in routings) / len(mbs)
+            (ce / max(n_valid, 1) + aux).backward()
+            stats.add_ce(ce)
+            for layer, r in enumerate(routings):
+                stats.add_routing(layer, r)
+        return stats.reduce(n_valid, len(mbs), self.device)
+
+    @torch.no_grad()
+    def evaluate(self, batch: GlobalBatch) -> tuple[float, int]:
+        batch = batch.to(self.device)
+        was_training = self.model.training
+        self.model.eval()
+        ce = 0.0
+        for mb in batch.microbatches(self.layout.microbatch_size):
+            with self.autocast():
+                logits, _ = self.model(mb.inputs)
+            ce += float(lm_loss_sum(logits, mb.targets, mb.mask))
+        self.model.train(was_training)
+        return ce, batch.n_valid()
+
+    @torch.no_grad()
+    def generate(self, prompt: torch.Tensor, new_tokens: int) -> Generation:
+        model = self.model
+        was_training = model.training
+        model.eval()
+        prompt = prompt.to(self.device)
+        B, T0 = prompt.shape
+        caches = model.new_caches(B, T0 + new_tokens, dtype=self.compute_dtype())
+        sync(self.device)
+        t0 = time.perf_counter()
+        with self.autocast():
+            logits, _ = model(prompt, 0, caches)
+        next_ids = logits[:, -1].argmax(-1)
+        sync(self.device)
+        prefill_s = time.perf_counter() - t0
+        out, times = [next_ids], []
+        for i in range(new_tokens - 1):
+            t = time.perf_counter()
+            with self.autocast():
+                logits, _ = model(next_ids[:, None], T0 + i, caches)
+            next_ids = logits[:, -1].argmax(-1)
+            sync(self.device)
+            times.append(time.perf_counter() - t)
+            out.append(next_ids)
+        model.train(was_training)
+        return Generation(torch.stack(out, 1).cpu(), prefill_s, times)

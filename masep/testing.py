@@ -1,0 +1,52 @@
+"""Run a function on N CPU ranks over gloo (for tests and parity checks)."""
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import traceback
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world, port, fn, args, out_dir, timeout_s):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    path = os.path.join(out_dir, f"rank{rank}.pt")
+    try:
+        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s))
+        result = fn(rank, world, *args)
+        torch.save({"ok": True, "result": result}, path)
+    except BaseException as e:  # noqa: BLE001 - report any failure to the parent
+        torch.save({"ok": False, "error": f"{type(e).__name__}: {e}\n{traceback.format_exc()}"}, path)
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_ranks(world: int, fn, *args, timeout_s: float = 120.0) -> list:
+    """Call fn(rank, world, *args) on `world` spawned processes; return each rank's result.
+    `fn` must be importable (a module-level function)."""
+    with tempfile.TemporaryDirectory() as out_dir:
+        ctx = mp.spawn(_worker, args=(world, _free_port(), fn, args, out_dir, timeout_s),
+                       nprocs=world, join=False)
+        while not ctx.join(timeout=timeout_s * 2):
+            pass
+        results = []
+        for r in range(world):
+            data = torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False)
+            if not data["ok"]:
+                raise RuntimeError(f"rank {r} failed: {data['error']}")
+            results.append(data["result"])
+        return results
