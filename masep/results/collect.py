@@ -1,0 +1,136 @@
+"""`masep collect`: build the results database from every complete run folder.
+
+A run folder is complete when it holds `run.json` (rank 0 writes it last). Its per-rank Parquet
+files become rows of the table named by the file prefix (`steps-rank0.parquet` -> `steps`);
+kinds without a declared table (`faults`, `telemetry`, ...) become tables of their own. The SQL
+lives in `sql/*.sql`: `00_schema.sql`, `10_load_runs.sql`, the load templates `2*_load_*.sql`,
+then every file numbered 50 or above (views), in name order.
+
+The database is built in a temporary file beside the target and renamed over it, so readers
+never see half a database and a failed collect leaves the previous one in place. Rows are
+stored in a fixed order: the same run folders give the same database.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import duckdb
+
+SQL_DIR = Path(__file__).resolve().parent / "sql"
+DECLARED_KINDS = ("steps", "experts", "eval", "inference")
+# Files are written in DuckDB's v1.4 storage format so that the newest `duckdb` CLI on PyPI
+# (duckdb-cli 1.5.x; there is no 2.x CLI wheel) and any duckdb >= 1.4 can open them.
+STORAGE_VERSION = "v1.4.0"
+PARQUET_NAME = re.compile(r"^(?P<kind>[A-Za-z][A-Za-z0-9_-]*?)(?:-rank\d+)?\.parquet$")
+RESERVED = {"runs", "loss_curve", "run_summary", "tpot_by_context"}
+
+
+class CollectError(RuntimeError):
+    pass
+
+
+def find_runs(runs_root: Path) -> dict[Path, dict[str, list[Path]]]:
+    """Complete run folders -> {kind: [parquet files]}, all sorted."""
+    runs: dict[Path, dict[str, list[Path]]] = {}
+    for run_json in sorted(runs_root.rglob("run.json")):
+        folder = run_json.parent
+        kinds: dict[str, list[Path]] = defaultdict(list)
+        for f in sorted(folder.glob("*.parquet")):
+            m = PARQUET_NAME.match(f.name)
+            if m is None:
+                print(f"masep collect: skipping {f}: not <kind>[-rank<R>].parquet", file=sys.stderr)
+                continue
+            kinds[m["kind"].lower().replace("-", "_")].append(f)
+        runs[folder] = dict(kinds)
+    return runs
+
+
+def _sql(name: str, **identifiers: str) -> str:
+    text = (SQL_DIR / name).read_text()
+    for key, ident in identifiers.items():
+        text = text.replace("{" + key + "}", f'"{ident}"')
+    return text
+
+
+def _view_files() -> list[Path]:
+    return sorted(p for p in SQL_DIR.glob("*.sql") if p.name[:2].isdigit() and int(p.name[:2]) >= 50)
+
+
+def _build(con: duckdb.DuckDBPyConnection, root: Path, runs: dict) -> None:
+    root_s = str(root)
+    con.execute(_sql("00_schema.sql"))
+    if runs:
+        con.execute(_sql("10_load_runs.sql"),
+                    {"run_files": [str(d / "run.json") for d in runs], "root": root_s})
+    by_kind: dict[str, list[str]] = defaultdict(list)
+    for kinds in runs.values():
+        for kind, files in kinds.items():
+            by_kind[kind] += [str(f) for f in files]
+    for kind in sorted(by_kind):
+        if kind in RESERVED:
+            print(f"masep collect: skipping {kind}*.parquet: {kind} is a reserved table name",
+                  file=sys.stderr)
+            continue
+        template = "20_load_measurements.sql" if kind in DECLARED_KINDS else "21_load_extra.sql"
+        con.execute(_sql(template, table=kind), {"files": by_kind[kind], "root": root_s})
+    for view_file in _view_files():
+        con.execute(view_file.read_text())
+    dup = con.execute("SELECT run_id, list(run_dir ORDER BY run_dir) FROM runs "
+                      "GROUP BY run_id HAVING count(*) > 1 ORDER BY run_id").fetchall()
+    if dup:
+        run_id, dirs = dup[0]
+        raise CollectError(f"run_id {run_id!r} appears in several run folders: {', '.join(dirs)}")
+
+
+def collect(runs_root: str | Path, db_path: str | Path) -> dict[str, int]:
+    """Build `db_path` from the complete runs under `runs_root`; returns rows per table."""
+    root = Path(runs_root).resolve()
+    if not root.is_dir():
+        raise CollectError(f"--runs: {runs_root} is not a directory")
+    db_path = Path(db_path)
+    db_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = db_path.with_name(f".{db_path.name}.tmp-{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    runs = find_runs(root)
+    con = duckdb.connect()
+    try:
+        con.execute(f"ATTACH '{tmp}' AS out (STORAGE_VERSION '{STORAGE_VERSION}')")
+        con.execute("USE out")
+        _build(con, root, runs)
+        counts = {name: con.execute(f'SELECT count(*) FROM "{name}"').fetchone()[0]
+                  for (name,) in con.execute("SELECT table_name FROM duckdb_tables() "
+                                             "WHERE database_name = 'out' ORDER BY table_name").fetchall()}
+        con.execute("USE memory")
+        con.execute("DETACH out")
+    except duckdb.Error as e:
+        con.close()
+        tmp.unlink(missing_ok=True)
+        raise CollectError(str(e).splitlines()[0]) from e
+    except BaseException:
+        con.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    con.close()
+    os.replace(tmp, db_path)
+    return counts
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--runs", default="results/runs", help="root of the run folders (default: %(default)s)")
+    p.add_argument("--db", default="results/masep.duckdb", help="database to (re)build (default: %(default)s)")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        counts = collect(args.runs, args.db)
+    except CollectError as e:
+        print(f"masep collect: {e}", file=sys.stderr)
+        return 1
+    rows = ", ".join(f"{k}={v}" for k, v in counts.items())
+    print(f"masep collect: {counts.get('runs', 0)} complete run(s) from {args.runs} -> {args.db} ({rows})")
+    return 0

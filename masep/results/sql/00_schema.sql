@@ -1,0 +1,76 @@
+-- Tables of the results database, with the columns the run folders promise
+-- (docs/ARCHITECTURE.md). Columns a file adds beyond these are kept; columns a file lacks are NULL.
+-- A study that has produced no file of a kind still has the (empty) table.
+
+CREATE TABLE runs (
+    run_id        VARCHAR,
+    experiment    VARCHAR,   -- train | infer | ...
+    strategy      VARCHAR,
+    seed          BIGINT,
+    world_size    BIGINT,
+    config        JSON,      -- resolved masep config
+    versions      JSON,
+    git_commit    VARCHAR,
+    host          VARCHAR,
+    hardware      JSON,
+    status        VARCHAR,
+    started_at    TIMESTAMPTZ,
+    ended_at      TIMESTAMPTZ,
+    slurm_job_id  VARCHAR,
+    layout        JSON,
+    run_dir       VARCHAR,   -- folder under the runs root, e.g. train/single/seed=0
+    run_json      JSON       -- the whole run.json, for fields not lifted into columns
+);
+
+CREATE TABLE steps (
+    run_id                VARCHAR,
+    step                  BIGINT,
+    rank                  BIGINT,
+    tokens                BIGINT,
+    loss                  DOUBLE,
+    lb_loss               DOUBLE,
+    z_loss                DOUBLE,
+    lr                    DOUBLE,
+    grad_norm             DOUBLE,
+    step_time_s           DOUBLE,
+    tokens_per_s          DOUBLE,
+    dropped_tokens        BIGINT,
+    peak_mem_bytes        BIGINT,
+    compute_s             DOUBLE,
+    comm_attn_allreduce_s DOUBLE,
+    comm_moe_dispatch_s   DOUBLE,
+    comm_grad_sync_s      DOUBLE,
+    comm_param_bcast_s    DOUBLE,
+    comm_p2p_s            DOUBLE,
+    idle_s                DOUBLE,
+    source                VARCHAR  -- file the row came from, relative to the runs root
+);
+
+CREATE TABLE experts (
+    run_id  VARCHAR,
+    step    BIGINT,
+    layer   BIGINT,
+    expert  BIGINT,
+    tokens  BIGINT,
+    source  VARCHAR
+);
+
+CREATE TABLE eval (
+    run_id    VARCHAR,
+    step      BIGINT,
+    val_loss  DOUBLE,
+    val_ppl   DOUBLE,
+    source    VARCHAR
+);
+
+CREATE TABLE inference (
+    run_id       VARCHAR,
+    rank         BIGINT,
+    context_len  BIGINT,
+    batch        BIGINT,
+    new_tokens   BIGINT,
+    prefill_ms   DOUBLE,
+    tpot_ms      DOUBLE,
+    tokens_per_s DOUBLE,
+    source       VARCHAR
+);

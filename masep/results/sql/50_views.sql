@@ -1,0 +1,58 @@
+-- Summary views over the tables. Throughput excludes warm-up: the first 10% of a run's steps
+-- (at least one step); a run with a single step therefore has no throughput (NULL).
+-- Per-step job figures are the ones rank 0 reports (every strategy has a rank 0; per-rank
+-- detail stays in `steps`).
+
+CREATE VIEW loss_curve AS
+SELECT r.experiment, r.strategy, r.seed, s.run_id, s.step,
+       avg(s.loss)    AS loss,      -- mean over the ranks that report a loss at this step
+       avg(s.lb_loss) AS lb_loss,
+       avg(s.z_loss)  AS z_loss,
+       any_value(s.lr) FILTER (WHERE s.rank = 0) AS lr
+FROM steps s JOIN runs r USING (run_id)
+GROUP BY ALL;
+
+CREATE VIEW run_summary AS
+WITH ranked AS (
+    SELECT s.*,
+           dense_rank() OVER (PARTITION BY run_id ORDER BY step) AS step_index,
+           count(DISTINCT step) OVER (PARTITION BY run_id)       AS n_steps
+    FROM steps s
+),
+throughput AS (
+    SELECT run_id,
+           any_value(n_steps)                         AS steps,
+           CAST(ceil(0.1 * any_value(n_steps)) AS BIGINT) AS warmup_steps_excluded,
+           avg(tokens_per_s) FILTER (WHERE rank = 0 AND step_index > ceil(0.1 * n_steps)) AS tokens_per_s,
+           avg(step_time_s)  FILTER (WHERE rank = 0 AND step_index > ceil(0.1 * n_steps)) AS step_time_s,
+           max(peak_mem_bytes)                        AS peak_mem_bytes_max_rank,
+           sum(dropped_tokens)                        AS dropped_tokens
+    FROM ranked GROUP BY run_id
+),
+final_loss AS (
+    SELECT run_id, arg_max(loss, step) AS final_loss, max(step) AS final_step
+    FROM loss_curve WHERE loss IS NOT NULL GROUP BY run_id
+),
+final_eval AS (
+    SELECT run_id, arg_max(val_loss, step) AS final_val_loss, arg_max(val_ppl, step) AS final_val_ppl
+    FROM eval GROUP BY run_id
+)
+SELECT r.run_id, r.experiment, r.strategy, r.seed, r.world_size, r.status, r.run_dir,
+       t.steps, t.warmup_steps_excluded, t.tokens_per_s, t.step_time_s,
+       t.peak_mem_bytes_max_rank, t.dropped_tokens,
+       f.final_step, f.final_loss, e.final_val_loss, e.final_val_ppl,
+       epoch(r.ended_at) - epoch(r.started_at) AS wall_s
+FROM runs r
+LEFT JOIN throughput t USING (run_id)
+LEFT JOIN final_loss f USING (run_id)
+LEFT JOIN final_eval e USING (run_id)
+WHERE r.experiment = 'train';
+
+CREATE VIEW tpot_by_context AS
+SELECT r.strategy, i.context_len, i.run_id,
+       median(i.tpot_ms)      FILTER (WHERE i.rank = 0) AS tpot_ms,
+       median(i.prefill_ms)   FILTER (WHERE i.rank = 0) AS prefill_ms,
+       median(i.tokens_per_s) FILTER (WHERE i.rank = 0) AS tokens_per_s,
+       count(*) FILTER (WHERE i.rank = 0)               AS samples
+FROM inference i JOIN runs r USING (run_id)
+GROUP BY ALL;
