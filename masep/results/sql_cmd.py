@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import shutil
 import subprocess
 import sys
@@ -113,4 +114,6 @@ def run(args: argparse.Namespace) -> int:
         except duckdb.Error as e:
             print(f"masep sql: {_one_line(e)}", file=sys.stderr)
             return 1
+        except BrokenPipeError:  # `masep sql ... | head`: the reader has what it wanted
+            sys.stdout = open(os.devnull, "w")
     return 0
