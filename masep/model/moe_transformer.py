@@ -271,8 +271,9 @@ class MoETransformer(nn.Module):
         logits[..., self.cfg.vocab_size:] = float("-inf")
         return logits
 
-    def forward(self, ids: torch.Tensor, start_pos: int = 0,
-                caches: Optional[list[KVCache]] = None) -> tuple[torch.Tensor, list[Routing]]:
+    def forward(self, ids: torch.Tensor, start_pos: int = 0, caches: Optional[list[KVCache]] = None,
+                last_only: bool = False) -> tuple[torch.Tensor, list[Routing]]:
+        """Logits [B, T, V] (or [B, 1, V] with `last_only`, as decoding needs) and each layer's routing."""
         x = self.embed(ids)
         routings = []
         for i, block in enumerate(self.blocks):
@@ -280,7 +281,7 @@ class MoETransformer(nn.Module):
                                          caches[i] if caches is not None else None)
             x, routing = block.moe_residual(x)
             routings.append(routing)
-        return self.logits(x), routings
+        return self.logits(x[:, -1:] if last_only else x), routings
 
     def new_caches(self, batch: int, max_len: int, dtype=None, device=None) -> list[KVCache]:
         p = self.embed.weight

@@ -68,7 +68,7 @@ class SingleRank(Strategy):
         sync(self.device)
         t0 = time.perf_counter()
         with self.autocast():
-            logits, _ = model(prompt, 0, caches)
+            logits, _ = model(prompt, 0, caches, last_only=True)
         next_ids = logits[:, -1].argmax(-1)
         sync(self.device)
         prefill_s = time.perf_counter() - t0
@@ -76,7 +76,7 @@ class SingleRank(Strategy):
         for i in range(new_tokens - 1):
             t = time.perf_counter()
             with self.autocast():
-                logits, _ = model(next_ids[:, None], T0 + i, caches)
+                logits, _ = model(next_ids[:, None], T0 + i, caches, last_only=True)
             next_ids = logits[:, -1].argmax(-1)
             sync(self.device)
             times.append(time.perf_counter() - t)

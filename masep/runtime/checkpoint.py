@@ -1,0 +1,97 @@
+"""Checkpoints with torch.distributed.checkpoint (DCP).
+
+Each rank contributes its local parameters under `strategy.checkpoint_key(name)` (shards of one
+parameter get distinct keys, replicated ones share a key and DCP stores one copy), the AdamW
+state of each, the step, and its RNG state. A checkpoint is written to `step-N.tmp/` and renamed
+to `step-N/` by rank 0 after every rank finished; `latest` names the newest complete one.
+"""
+from __future__ import annotations
+
+import io
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+
+from masep.telemetry.writer import atomic_write_bytes
+
+
+def _barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def _rng_state(device: torch.device) -> bytes:
+    buf = io.BytesIO()
+    torch.save({"cpu": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}, buf)
+    return buf.getvalue()
+
+
+def _state(strategy, opt: Optional[torch.optim.Optimizer]) -> dict:
+    model, optim = {}, {}
+    for name, p in strategy.named_parameters():
+        key = strategy.checkpoint_key(name)
+        model[key] = p.data
+        if opt is not None:
+            st = opt.state.get(p)
+            if st:  # before the first step AdamW holds no state
+                for k, v in st.items():
+                    optim[f"{key}.{k}"] = v
+    return {"model": model, "optim": optim}
+
+
+def latest_checkpoint(ckpt_dir: Path) -> Optional[Path]:
+    marker = Path(ckpt_dir) / "latest"
+    if not marker.exists():
+        return None
+    path = Path(ckpt_dir) / marker.read_text().strip()
+    return path if path.is_dir() else None
+
+
+def save(ckpt_dir: Path, step: int, strategy, opt, rank: int) -> Path:
+    ckpt_dir = Path(ckpt_dir)
+    final, tmp = ckpt_dir / f"step-{step}", ckpt_dir / f"step-{step}.tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True, exist_ok=True)
+    _barrier()
+    state = _state(strategy, opt)
+    state["meta"] = {"step": torch.tensor(step)}
+    state[f"rng_rank{rank}"] = _rng_state(strategy.device)
+    dcp.save(state, checkpoint_id=str(tmp))
+    _barrier()
+    if rank == 0:
+        previous = latest_checkpoint(ckpt_dir)
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        atomic_write_bytes(ckpt_dir / "latest", f"{final.name}\n".encode())
+        if previous is not None and previous != final:
+            shutil.rmtree(previous, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def load(path: Path, strategy, opt: Optional[torch.optim.Optimizer], rank: int) -> int:
+    """Load weights (and, when `opt` is given, optimizer and RNG state) in place; return the step."""
+    state = _state(strategy, None)
+    state["meta"] = {"step": torch.tensor(0)}
+    if opt is not None:
+        # AdamW's state tensors must exist before DCP can load into them: create them empty.
+        for _, p in strategy.named_parameters():
+            if not opt.state.get(p):
+                opt.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
+                                "exp_avg_sq": torch.zeros_like(p)}
+        state = _state(strategy, opt)
+        state["meta"] = {"step": torch.tensor(0)}
+        state[f"rng_rank{rank}"] = b""
+    dcp.load(state, checkpoint_id=str(path))
+    if opt is not None and state.get(f"rng_rank{rank}"):
+        rng = torch.load(io.BytesIO(state[f"rng_rank{rank}"]), weights_only=False)
+        torch.set_rng_state(rng["cpu"])
+        if rng["cuda"] is not None and strategy.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], strategy.device)
+    return int(state["meta"]["step"])

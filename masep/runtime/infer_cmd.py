@@ -1,0 +1,36 @@
+"""`masep infer`: decode with a KV cache at each context length and measure TPOT."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from masep.cli import add_config_arguments, config_from_args
+from masep.parallel.layout import make_layout
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_config_arguments(p)
+    p.add_argument("--out", required=True, help="run folder, e.g. results/runs/infer/tp/ctx=512")
+    p.add_argument("--checkpoint", default=None,
+                   help="training run folder whose latest checkpoint supplies the weights "
+                        "(default: the seed's initial weights)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from masep.data.batches import shard_dirs
+    from masep.launch import launch
+    from masep.runtime.checkpoint import latest_checkpoint
+    from masep.runtime.worker import InferEntry
+
+    cfg = config_from_args(args)
+    layout = make_layout(cfg)
+    shard_dirs(cfg)
+    if args.checkpoint and latest_checkpoint(Path(args.checkpoint) / "checkpoint") is None:
+        raise SystemExit(f"masep infer: no complete checkpoint under {args.checkpoint}/checkpoint")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    name = f"infer-{cfg.parallel.strategy}-" + "-".join(map(str, cfg.infer.context_lengths))
+    launch(InferEntry(cfg, str(out), args.checkpoint), cfg, layout.world_size, name,
+           Path(cfg.launch.log_dir) / name)
+    print(f"{name}: done; {out / 'run.json'}")
+    return 0

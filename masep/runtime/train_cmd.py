@@ -1,0 +1,29 @@
+"""`masep train`: launch the ranks of one training run through submitit."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from masep.cli import add_config_arguments, config_from_args
+from masep.parallel.layout import make_layout
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_config_arguments(p)
+    p.add_argument("--out", required=True, help="run folder, e.g. results/runs/train/tp/seed=0")
+
+
+def run(args: argparse.Namespace) -> int:
+    from masep.data.batches import shard_dirs
+    from masep.launch import launch
+    from masep.runtime.worker import TrainEntry
+
+    cfg = config_from_args(args)
+    layout = make_layout(cfg)  # an impossible layout fails here, before any process starts
+    shard_dirs(cfg)  # so do missing or corrupt token shards
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    name = f"train-{cfg.parallel.strategy}-seed{cfg.train.seed}"
+    results = launch(TrainEntry(cfg, str(out)), cfg, layout.world_size, name, Path(cfg.launch.log_dir) / name)
+    print(f"{name}: done, final loss {results[0]['final_loss']:.4f}; {out / 'run.json'}")
+    return 0

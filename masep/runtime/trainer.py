@@ -1,0 +1,144 @@
+"""The strategy-blind training loop.
+
+AdamW (weight decay on matrices only), linear warm-up then cosine decay to
+`min_lr_ratio * lr` (a function of the step alone), clipping at a global norm, the global batch accumulated by the strategy,
+validation every `eval_every` steps, DCP checkpoints every `checkpoint_every` steps; a resumed
+run reproduces the losses of an uninterrupted one exactly (batches are a function of the step,
+RNG state is checkpointed).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+
+from masep.config import Config
+from masep.model import build_model
+from masep.parallel import build_strategy
+from masep.parallel.base import GlobalBatch, Strategy
+from masep.parallel.layout import Layout, make_layout
+from masep.runtime import checkpoint
+from masep.telemetry.memory import memory_row
+from masep.telemetry.timing import CommTimer, set_comm_timer
+
+
+def lr_lambda(cfg) -> Callable[[int], float]:
+    t = cfg.train
+
+    def factor(step: int) -> float:
+        if t.warmup_steps and step < t.warmup_steps:
+            return (step + 1) / t.warmup_steps
+        span = max(t.decay_steps - t.warmup_steps, 1)
+        progress = min(max(step - t.warmup_steps, 0) / span, 1.0)
+        return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def make_optimizer(strategy: Strategy, cfg) -> torch.optim.AdamW:
+    t = cfg.train
+    decay, no_decay = [], []
+    for _, p in strategy.named_parameters():
+        (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": t.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8,
+                             foreach=strategy.device.type == "cuda")
+
+
+@dataclass
+class TrainResult:
+    steps: list[dict] = field(default_factory=list)  # this rank's step rows
+    experts: list[dict] = field(default_factory=list)  # rank 0: tokens per (step, layer, expert)
+    evals: list[dict] = field(default_factory=list)  # rank 0
+    memory: dict = field(default_factory=dict)
+    start_step: int = 0
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, rank: int = 0, device: torch.device | str = "cpu",
+                 layout: Optional[Layout] = None):
+        self.cfg, self.rank, self.device = cfg, rank, torch.device(device)
+        self.layout = layout or make_layout(cfg)
+        if cfg.train.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.manual_seed(cfg.train.seed)
+        model = build_model(cfg.model, cfg.train.seed)
+        # Dropout streams differ per rank but are fixed by (seed, rank) and checkpointed.
+        torch.manual_seed(cfg.train.seed * 1000 + rank)
+        self.timer = CommTimer(self.device)
+        set_comm_timer(self.timer)
+        self.strategy = build_strategy(cfg, self.layout, rank, self.device, model)
+        del model
+        self.strategy.train(True)
+        self.opt = make_optimizer(self.strategy, cfg)
+        self.lr_factor = lr_lambda(cfg)
+        self.step = 0
+        self.memory_at_first_step: dict = {}
+
+    # ---- checkpoints
+    def resume(self, ckpt_dir: Path) -> int:
+        """Load the newest complete checkpoint, if any; return the step to continue from."""
+        path = checkpoint.latest_checkpoint(ckpt_dir)
+        if path is not None:
+            self.step = checkpoint.load(path, self.strategy, self.opt, self.rank)
+        return self.step
+
+    def save(self, ckpt_dir: Path) -> None:
+        checkpoint.save(ckpt_dir, self.step, self.strategy, self.opt, self.rank)
+
+    # ---- one optimizer step
+    def train_step(self, batch: GlobalBatch) -> dict:
+        self.timer.reset()
+        _sync(self.device)
+        t0 = time.perf_counter()
+        stats = self.strategy.forward_backward(batch)
+        grad_norm = self.strategy.clip_gradients(self.cfg.train.grad_clip)
+        lr = self.cfg.train.lr * self.lr_factor(self.step)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        self.opt.step()
+        if not self.memory_at_first_step:
+            self.memory_at_first_step = self.memory()  # gradients and AdamW state are live now
+        self.opt.zero_grad(set_to_none=True)
+        _sync(self.device)
+        t_work = time.perf_counter()
+        # Idle: how long this rank waits for the slowest one at the end of the step.
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.barrier()
+        t1 = time.perf_counter()
+        comm = self.timer.totals()
+        step_time = t1 - t0
+        idle = t1 - t_work
+        row = {
+            "step": self.step, "rank": self.rank, "tokens": stats.n_tokens,
+            "loss": stats.loss, "lb_loss": stats.lb_loss, "z_loss": stats.z_loss,
+            "lr": lr, "grad_norm": grad_norm, "step_time_s": step_time,
+            "tokens_per_s": stats.n_tokens / step_time, "dropped_tokens": stats.dropped,
+            "compute_s": max(step_time - idle - sum(comm.values()), 0.0), "idle_s": idle,
+            **{f"comm_{k}_s": v for k, v in comm.items()},
+        }
+        self.last_stats = stats
+        self.step += 1
+        return row
+
+    def evaluate(self, batches: Iterator[GlobalBatch], n: int) -> tuple[float, float]:
+        ce, tokens = 0.0, 0
+        for _, batch in zip(range(n), batches):
+            c, t = self.strategy.evaluate(batch)
+            ce, tokens = ce + c, tokens + t
+        loss = ce / max(tokens, 1)
+        return loss, math.exp(min(loss, 700.0))
+
+    def memory(self) -> dict:
+        return memory_row((p for _, p in self.strategy.named_parameters()), self.opt, self.device)

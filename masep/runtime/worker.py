@@ -1,0 +1,210 @@
+"""What one rank does in a `masep train` or `masep infer` job.
+
+Each rank writes its own `<kind>-rank<R>.parquet` files into the run folder; rank 0 writes
+`run.json` last, once every rank has finished (the folder's completion marker). Rows written
+before a checkpoint survive a kill; a resumed run keeps the rows before its checkpoint's step
+and continues from there.
+"""
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from masep.config import Config, config_from_dict
+from masep.launch import DistInfo, RankEntry, init_distributed, shutdown_distributed
+from masep.parallel.base import GlobalBatch
+from masep.parallel.layout import make_layout
+from masep.runtime import checkpoint
+from masep.runtime.trainer import Trainer
+from masep.telemetry import writer as w
+
+
+def _barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def _datasets(cfg: Config):
+    from masep.data.batches import TokenDataset, shard_dirs
+
+    dirs = shard_dirs(cfg)
+    train = TokenDataset(dirs, "train", cfg.data.seq_len, cfg.data.packing)
+    val = TokenDataset(dirs, "val", cfg.data.seq_len, cfg.data.packing)
+    return train, val
+
+
+def _as_batch(b) -> GlobalBatch:
+    inputs, targets, mask = b
+    return GlobalBatch(inputs, targets, mask.float())
+
+
+def run_record(cfg: Config, out_dir: Path, experiment: str, info: DistInfo, started_at: str,
+               status: str, extra: Optional[dict] = None) -> dict:
+    layout = make_layout(cfg)
+    return {
+        "run_id": run_id_of(out_dir), "experiment": experiment, "strategy": cfg.parallel.strategy,
+        "seed": cfg.train.seed, "world_size": cfg.parallel.world_size, "config": cfg.to_dict(),
+        "layout": layout.to_dict(), "versions": w.package_versions(), "git_commit": w.git_commit(),
+        "host": w.host(), "hardware": w.hardware(), "device": str(info.device), "status": status,
+        "started_at": started_at, "ended_at": w.now_iso(), "slurm_job_id": info.slurm_job_id,
+        "job_id": info.job_id, **(extra or {}),
+    }
+
+
+def run_id_of(out_dir: Path) -> str:
+    """Stable id: the run folder relative to the runs root (e.g. train/tp/seed=0)."""
+    parts = Path(out_dir).resolve().parts
+    return "/".join(parts[-3:])
+
+
+# ------------------------------------------------------------------ training
+
+
+def train_rank(cfg: Config, out_dir: Path, info: DistInfo) -> dict:
+    out_dir = Path(out_dir)
+    rank, t = info.rank, cfg.train
+    started_at = w.now_iso()
+    train_ds, val_ds = _datasets(cfg)
+    trainer = Trainer(cfg, rank, info.device)
+    ckpt_dir = out_dir / "checkpoint"
+    start = trainer.resume(ckpt_dir)
+    run_id = run_id_of(out_dir)
+    files = {k: out_dir / f"{k}-rank{rank}.parquet" for k in ("steps", "experts", "eval", "memory")}
+    # Keep rows from before the checkpoint we resume from; drop any written after it.
+    rows = {k: [r for r in w.read_parquet_rows(p) if r.get("step", -1) < start] for k, p in files.items()}
+    if rank == 0 and start:
+        print(f"resuming from step {start} ({ckpt_dir})", flush=True)
+
+    def flush() -> None:
+        for k, p in files.items():
+            w.write_parquet(p, rows[k])
+
+    batches = train_ds.batches(t.global_batch, t.seed, start)
+    t_begin = time.perf_counter()
+    for step in range(start, t.steps):
+        row = trainer.train_step(_as_batch(next(batches)))
+        rows["steps"].append({"run_id": run_id, **row})
+        stats = trainer.last_stats
+        if rank == 0:
+            tpe = stats.tokens_per_expert
+            rows["experts"] += [{"run_id": run_id, "step": step, "layer": l, "expert": e, "tokens": int(tpe[l, e])}
+                                for l in range(tpe.shape[0]) for e in range(tpe.shape[1])]
+        if step == start:
+            rows["memory"].append({"run_id": run_id, "step": step, "rank": rank, **trainer.memory_at_first_step})
+        last = step + 1 == t.steps
+        if (step + 1) % t.eval_every == 0 or last:
+            val_loss, val_ppl = trainer.evaluate((_as_batch(b) for b in val_ds.batches(t.global_batch, t.seed)),
+                                                 t.eval_batches)
+            if rank == 0:
+                rows["eval"].append({"run_id": run_id, "step": step, "val_loss": val_loss, "val_ppl": val_ppl})
+                print(f"step {step + 1}/{t.steps} val_loss {val_loss:.4f} val_ppl {val_ppl:.1f}", flush=True)
+        if rank == 0 and ((step + 1) % t.log_every == 0 or last or step == start):
+            done = step + 1 - start
+            eta = (time.perf_counter() - t_begin) / done * (t.steps - step - 1)
+            print(f"step {step + 1}/{t.steps} loss {row['loss']:.4f} lb {row['lb_loss']:.4f} "
+                  f"z {row['z_loss']:.3f} tok/s {row['tokens_per_s']:.0f} eta {eta:.0f}s", flush=True)
+        if (step + 1) % t.checkpoint_every == 0 or last:
+            flush()  # rows first: a checkpoint never runs ahead of the rows it covers
+            trainer.save(ckpt_dir)
+    flush()
+    _barrier()
+    if rank == 0:
+        w.atomic_write_json(out_dir / "run.json", run_record(
+            cfg, out_dir, "train", info, started_at, "completed",
+            {"resumed_from_step": start or None, "steps_completed": t.steps}))
+    return {"rank": rank, "final_loss": rows["steps"][-1]["loss"] if rows["steps"] else None}
+
+
+# ------------------------------------------------------------------ inference
+
+
+def _prompt(val_ds, context_len: int, batch: int) -> torch.Tensor:
+    """`batch` prompts of `context_len` consecutive held-out tokens (wrapping if the split is short)."""
+    tokens = val_ds.tokens
+    need = context_len * batch
+    reps = math.ceil(need / len(tokens))
+    flat = torch.from_numpy(tokens[: min(len(tokens), need)].astype("int64")).repeat(reps)[:need]
+    return flat.view(batch, context_len)
+
+
+def infer_rank(cfg: Config, out_dir: Path, checkpoint_run: Optional[Path], info: DistInfo) -> dict:
+    out_dir = Path(out_dir)
+    rank, i = info.rank, cfg.infer
+    started_at = w.now_iso()
+    _, val_ds = _datasets(cfg)
+    trainer = Trainer(cfg, rank, info.device)
+    source = "initial weights (seed)"
+    if checkpoint_run is not None:
+        path = checkpoint.latest_checkpoint(Path(checkpoint_run) / "checkpoint")
+        if path is None:
+            raise FileNotFoundError(f"no complete checkpoint under {checkpoint_run}/checkpoint")
+        checkpoint.load(path, trainer.strategy, None, rank)
+        source = str(path)
+    strategy = trainer.strategy
+    strategy.train(False)
+    run_id = run_id_of(out_dir)
+    rows = []
+    for ctx in i.context_lengths:
+        prompt = _prompt(val_ds, ctx, i.batch)
+        if i.warmup_tokens:
+            strategy.generate(prompt, i.warmup_tokens)
+        gen = strategy.generate(prompt, i.new_tokens)
+        times = gen.token_s
+        tpot = statistics.fmean(times) if times else float("nan")
+        rows.append({
+            "run_id": run_id, "rank": rank, "context_len": ctx, "batch": i.batch, "new_tokens": i.new_tokens,
+            "prefill_ms": gen.prefill_s * 1e3, "tpot_ms": tpot * 1e3,
+            "tpot_p50_ms": statistics.median(times) * 1e3 if times else None,
+            "tpot_p90_ms": sorted(times)[int(0.9 * (len(times) - 1))] * 1e3 if times else None,
+            "tokens_per_s": i.batch / tpot if times else None,
+            "tokens_per_s_per_gpu": i.batch / tpot / cfg.parallel.world_size if times else None,
+            "peak_mem_bytes": trainer.memory()["peak_bytes"],
+        })
+        if rank == 0:
+            print(f"context {ctx}: prefill {gen.prefill_s * 1e3:.1f} ms, TPOT {tpot * 1e3:.2f} ms", flush=True)
+    w.write_parquet(out_dir / f"inference-rank{rank}.parquet", rows)
+    _barrier()
+    if rank == 0:
+        w.atomic_write_json(out_dir / "run.json", run_record(
+            cfg, out_dir, "infer", info, started_at, "completed", {"weights": source}))
+    return {"rank": rank, "rows": len(rows)}
+
+
+# ------------------------------------------------------------------ submitit entries
+
+
+class TrainEntry(RankEntry):
+    def __init__(self, cfg: Config, out_dir: str):
+        self.cfg_dict, self.out_dir = cfg.to_dict(), str(out_dir)
+
+    def __call__(self):
+        cfg = config_from_dict(self.cfg_dict)
+        info = init_distributed(cfg.parallel.timeout_s)
+        try:
+            return train_rank(cfg, Path(self.out_dir), info)
+        finally:
+            sys.stdout.flush()
+            shutdown_distributed()
+
+
+class InferEntry(RankEntry):
+    def __init__(self, cfg: Config, out_dir: str, checkpoint_run: Optional[str]):
+        self.cfg_dict, self.out_dir, self.checkpoint_run = cfg.to_dict(), str(out_dir), checkpoint_run
+
+    def __call__(self):
+        cfg = config_from_dict(self.cfg_dict)
+        info = init_distributed(cfg.parallel.timeout_s)
+        try:
+            return infer_rank(cfg, Path(self.out_dir),
+                              Path(self.checkpoint_run) if self.checkpoint_run else None, info)
+        finally:
+            sys.stdout.flush()
+            shutdown_distributed()
