@@ -1,0 +1,149 @@
+"""Training sequences straight from memory-mapped token shards.
+
+Two ways to cut documents into `seq_len`-token training examples (inputs x[:-1], targets x[1:]
+of a window x of seq_len + 1 tokens):
+
+* padding (the seed's choice, default): every document is cut on its own. Window k of a
+  document of L tokens starts at token k * seq_len, so consecutive windows share one token and
+  every token but the document's first is a target exactly once. The last window is padded on
+  the right with `pad_id`; the loss mask is 0 on padded targets. No window crosses documents.
+* packing: a shard's documents (each ending in EOT) are one stream, cut into windows with the
+  same stride. The mask is all ones. Windows do not cross shards.
+
+Order: the sequence at global position p = step * global_batch + j is `perm_e[p mod N]`, with
+e = p div N and perm_e a permutation drawn from numpy's Generator seeded by (seed, e). The
+batch of a step therefore depends only on (seed, step): a resumed run sees exactly the batches
+an uninterrupted run would have seen, and epochs wrap around on their own.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from masep.data.shards import ShardError, check_shard, data_config, shard_dir, shard_params, split_files
+from masep.data.tokenizer import EOT_ID
+
+
+def shard_dirs(cfg, verify_checksums: bool = True) -> list[Path]:
+    """The token shards for `cfg.data`, each checked against its manifest and the config."""
+    data = data_config(cfg)
+    out = []
+    for index in data.shards:
+        directory = shard_dir(data, index)
+        reason = check_shard(directory, shard_params(data, index), checksums=verify_checksums)
+        if reason is not None:
+            raise ShardError(f"{directory}: token shard {reason}; run `masep tokenize` with this "
+                             f"config first")
+        out.append(directory)
+    return out
+
+
+def _load_split(directory: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    bin_name, idx_name = split_files(split)
+    offsets = np.load(directory / idx_name)
+    path = directory / bin_name
+    # np.memmap refuses empty files; an empty split (tiny shard) is simply no tokens.
+    tokens = (np.memmap(path, dtype=np.uint16, mode="r") if path.stat().st_size
+              else np.zeros(0, dtype=np.uint16))
+    if offsets.ndim != 1 or len(offsets) == 0 or offsets[0] != 0 or offsets[-1] != len(tokens) \
+            or np.any(np.diff(offsets) < 0):
+        raise ShardError(f"{directory / idx_name}: offsets do not describe {bin_name} "
+                         f"({len(tokens)} tokens)")
+    return tokens, offsets
+
+
+class TokenDataset:
+    """Fixed-length training sequences over a list of shard directories, without copying."""
+
+    def __init__(self, shard_dirs: list[Path], split: str, seq_len: int, packing: bool = False,
+                 pad_id: int = EOT_ID):
+        if split not in ("train", "val"):
+            raise ValueError(f"split must be train or val, not {split!r}")
+        if seq_len < 1:
+            raise ValueError("seq_len must be positive")
+        self.split, self.seq_len, self.packing, self.pad_id = split, seq_len, packing, pad_id
+        self.tokens: list[np.ndarray] = []
+        shards, starts, counts = [], [], []
+        for s, directory in enumerate(map(Path, shard_dirs)):
+            tokens, offsets = _load_split(directory, split)
+            self.tokens.append(tokens)
+            start, count = (self._packed_windows(len(tokens)) if packing
+                            else self._document_windows(offsets))
+            shards.append(np.full(len(start), s, dtype=np.int32))
+            starts.append(start)
+            counts.append(count)
+        if not self.tokens:
+            raise ShardError("no token shards given")
+        self._shard = np.concatenate(shards)
+        self._start = np.concatenate(starts)
+        self._count = np.concatenate(counts)
+        if len(self._start) == 0:
+            raise ShardError(f"the {split} split of {', '.join(map(str, shard_dirs))} holds no "
+                             f"sequence of {seq_len} tokens")
+        self._seed: int | None = None
+        self._perms: dict[int, np.ndarray] = {}  # epoch -> permutation, for self._seed
+
+    def _document_windows(self, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        T = self.seq_len
+        lengths = np.diff(offsets)
+        per_doc = np.where(lengths >= 2, (lengths - 2) // T + 1, 0)  # ceil((L - 1) / T) targets
+        doc = np.repeat(np.arange(len(lengths)), per_doc)
+        k = np.arange(len(doc)) - np.repeat(np.cumsum(per_doc) - per_doc, per_doc)
+        start = offsets[:-1][doc] + k * T
+        count = np.minimum(T + 1, lengths[doc] - k * T)
+        return start.astype(np.int64), count.astype(np.int32)
+
+    def _packed_windows(self, n_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+        n = max(n_tokens - 1, 0) // self.seq_len
+        start = np.arange(n, dtype=np.int64) * self.seq_len
+        return start, np.full(n, self.seq_len + 1, dtype=np.int32)
+
+    def __len__(self) -> int:
+        return len(self._start)
+
+    def window(self, i: int) -> tuple[np.ndarray, int]:
+        """Sequence i's seq_len + 1 tokens (int64, padded) and how many of them are real."""
+        start, count = int(self._start[i]), int(self._count[i])
+        x = np.full(self.seq_len + 1, self.pad_id, dtype=np.int64)
+        x[:count] = self.tokens[self._shard[i]][start:start + count]
+        return x, count
+
+    def get(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(input_ids int64[T], target_ids int64[T], loss_mask float32[T]) of sequence i."""
+        x, count = self.window(i)
+        mask = np.zeros(self.seq_len, dtype=np.float32)
+        mask[:count - 1] = 1.0
+        return x[:-1], x[1:], mask
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perms:
+            if len(self._perms) >= 2:  # a batch spans at most two epochs
+                self._perms.pop(min(self._perms))
+            self._perms[epoch] = np.random.default_rng([self._seed, epoch]).permutation(len(self))
+        return self._perms[epoch]
+
+    def indices(self, step: int, global_batch: int, seed: int) -> np.ndarray:
+        """Sequence indices of one optimizer step's global batch."""
+        if self._seed != seed:
+            self._seed, self._perms = seed, {}
+        positions = step * global_batch + np.arange(global_batch, dtype=np.int64)
+        epochs, within = np.divmod(positions, len(self))
+        return np.array([self._perm(int(e))[w] for e, w in zip(epochs, within)], dtype=np.int64)
+
+    def batch(self, step: int, global_batch: int, seed: int
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(inputs[B, T], targets[B, T], mask[B, T]) for one step."""
+        rows = [self.get(int(i)) for i in self.indices(step, global_batch, seed)]
+        inputs, targets, mask = (torch.from_numpy(np.stack(col)) for col in zip(*rows))
+        return inputs, targets, mask
+
+    def batches(self, global_batch: int, seed: int, start_step: int = 0
+                ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Batches for step start_step, start_step + 1, ... without end."""
+        step = start_step
+        while True:
+            yield self.batch(step, global_batch, seed)
+            step += 1

@@ -1,0 +1,122 @@
+"""Token shards on disk: where they live, what their manifest holds, and when one counts as done.
+
+A shard is `<tokens_dir>/<source>/shard-NNNNN/` with `train.bin`, `val.bin` (uint16 ids),
+`train.idx.npy`, `val.idx.npy` (int64 document starts plus the total) and `manifest.json`.
+It is built in a hidden temporary directory beside its final place and renamed into place
+whole, so a shard directory either is complete or does not exist. It is *done* when its
+manifest lists the files with their sizes and SHA-256 and every one matches, and the manifest's
+`params` (tokenizer, split rule, document cap) equal the current configuration's.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+from masep.data.tokenizer import tokenizer_identity
+
+SPLITS = ("train", "val")
+FORMAT = "masep-token-shard/1"
+MANIFEST = "manifest.json"
+
+
+class ShardError(RuntimeError):
+    """A token shard is missing or does not verify."""
+
+
+def data_config(cfg):
+    """Accept a whole Config or its DataConfig."""
+    return getattr(cfg, "data", cfg)
+
+
+def shard_dir(data, index: int) -> Path:
+    return Path(data.tokens_dir) / data.source / f"shard-{index:05d}"
+
+
+def split_files(split: str) -> tuple[str, str]:
+    return f"{split}.bin", f"{split}.idx.npy"
+
+
+def shard_params(data, index: int) -> dict:
+    """Everything that decides a shard's contents besides the input bytes themselves."""
+    return {
+        "source": data.source,
+        "shard": index,
+        "max_docs": data.max_docs,
+        "split_seed": data.split_seed,
+        "val_fraction": data.val_fraction,
+        "tokenizer": tokenizer_identity(),
+    }
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_manifest(directory: Path) -> dict | None:
+    try:
+        return json.loads((directory / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def check_shard(directory: Path, params: dict, checksums: bool = True) -> str | None:
+    """None when the shard is done for `params`; otherwise why not, in a few words.
+
+    Without `checksums` only sizes are compared (cheap, for callers that verified once already).
+    """
+    if not directory.is_dir():
+        return "missing"
+    manifest = read_manifest(directory)
+    if manifest is None or manifest.get("format") != FORMAT:
+        return f"{MANIFEST} missing or unreadable"
+    if manifest.get("params") != params:
+        changed = sorted(k for k in params if manifest.get("params", {}).get(k) != params[k])
+        return f"built with other settings ({', '.join(changed) or 'params'})"
+    for name, meta in manifest.get("files", {}).items():
+        path = directory / name
+        if not path.is_file() or path.stat().st_size != meta["bytes"]:
+            return f"{name} missing or of the wrong size"
+        if checksums and sha256_file(path) != meta["sha256"]:
+            return f"{name} fails its checksum"
+    if set(manifest.get("files", {})) != {f for s in SPLITS for f in split_files(s)}:
+        return f"{MANIFEST} does not list every file"
+    return None
+
+
+def fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def temp_dir_for(final: Path) -> Path:
+    """A hidden sibling, unique to this process, that readers never look at."""
+    return final.parent / f".{final.name}.tmp-{os.getpid()}"
+
+
+def remove_stale_temps(final: Path) -> None:
+    """Drop what an earlier, killed build of this shard left behind."""
+    for pattern in (f".{final.name}.tmp-*", f".{final.name}.old-*"):
+        for stale in final.parent.glob(pattern):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def publish(tmp: Path, final: Path) -> None:
+    """Rename a finished temporary shard into place, replacing a broken one if present."""
+    old = None
+    if final.exists():
+        old = final.parent / f".{final.name}.old-{os.getpid()}"
+        final.rename(old)
+    tmp.rename(final)
+    fsync_dir(final.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
