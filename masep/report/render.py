@@ -1,0 +1,262 @@
+"""`masep report`: figures and an HTML page from the results database, and nothing else.
+
+Writes `<out>/index.html` and, under `<out>/figures/`, one PNG and one SVG per figure: loss
+curves per strategy, training throughput per strategy, TPOT by context length. Each figure has
+a table of the numbers it plots. A value the database does not hold is shown as "not
+measured", never as zero; an empty or partial database still renders (a figure without data
+says so). Every file is written to a temporary name beside it and renamed into place.
+"""
+from __future__ import annotations
+
+import argparse
+import html
+import math
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import duckdb
+import matplotlib
+
+matplotlib.use("Agg")
+from matplotlib.figure import Figure  # noqa: E402  (after choosing the backend)
+
+NOT_MEASURED = "not measured"
+FIGURES = ("loss_curves", "throughput", "tpot")
+# Fixed ids and no timestamps in SVGs: the same database renders the same files.
+matplotlib.rcParams["svg.hashsalt"] = "masep"
+
+
+class ReportError(RuntimeError):
+    pass
+
+
+@dataclass
+class Table:
+    columns: list[str]
+    rows: list[tuple]
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _fmt(v, digits: int = 4) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return NOT_MEASURED
+    if isinstance(v, float):
+        return f"{v:.{digits}g}" if abs(v) < 1e6 else f"{v:,.0f}"
+    return str(v)
+
+
+def _query(con, sql: str) -> Table:
+    cur = con.execute(sql)
+    return Table([d[0] for d in cur.description], cur.fetchall())
+
+
+def _strategy_colors(strategies: list[str]) -> dict[str, str]:
+    cycle = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
+    return {s: cycle[i % len(cycle)] for i, s in enumerate(sorted(strategies))}
+
+
+def _no_data(ax, what: str) -> None:
+    ax.text(0.5, 0.5, f"{what}: {NOT_MEASURED}", ha="center", va="center", transform=ax.transAxes,
+            fontsize=12, color="0.4")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+# ------------------------------------------------------------------ figures
+
+
+def loss_figure(con) -> tuple[Figure, Table]:
+    curves = con.execute("SELECT strategy, seed, step, loss FROM loss_curve WHERE experiment = 'train' "
+                     "AND loss IS NOT NULL ORDER BY strategy, seed, step").fetchall()
+    evals = con.execute("SELECT r.strategy, r.seed, e.step, e.val_loss FROM eval e JOIN runs r USING (run_id) "
+                    "WHERE e.val_loss IS NOT NULL ORDER BY 1, 2, 3").fetchall()
+    table = _query(con, "SELECT strategy, seed, steps, final_step, final_loss, final_val_loss, final_val_ppl "
+                        "FROM run_summary ORDER BY strategy, seed")
+    fig = Figure(figsize=(7, 4.2), layout="constrained")
+    ax = fig.add_subplot()
+    if not curves:
+        _no_data(ax, "training loss")
+    else:
+        colors = _strategy_colors(sorted({c[0] for c in curves}))
+        labelled: set[str] = set()
+        for (strategy, seed) in sorted({(c[0], c[1]) for c in curves}):
+            pts = [(c[2], c[3]) for c in curves if (c[0], c[1]) == (strategy, seed)]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], color=colors[strategy], lw=1, alpha=0.8,
+                    label=strategy if strategy not in labelled else None)
+            labelled.add(strategy)
+            val = [(e[2], e[3]) for e in evals if (e[0], e[1]) == (strategy, seed)]
+            if val:
+                ax.plot([v[0] for v in val], [v[1] for v in val], "o", color=colors[strategy], ms=4)
+        ax.set_xlabel("step")
+        ax.set_ylabel("training loss (lines), validation loss (dots)")
+        ax.legend(title="strategy")
+        ax.grid(alpha=0.3)
+    ax.set_title("Loss by strategy (one line per seed)")
+    return fig, table
+
+
+def throughput_figure(con) -> tuple[Figure, Table]:
+    table = _query(con, """
+        SELECT strategy, any_value(world_size) AS world_size, count(*) AS runs,
+               count(tokens_per_s) AS runs_measured,
+               avg(tokens_per_s) AS tokens_per_s_mean, min(tokens_per_s) AS tokens_per_s_min,
+               max(tokens_per_s) AS tokens_per_s_max, avg(step_time_s) AS step_time_s_mean
+        FROM run_summary GROUP BY strategy ORDER BY strategy""")
+    fig = Figure(figsize=(7, 4.2), layout="constrained")
+    ax = fig.add_subplot()
+    if not table.rows:
+        _no_data(ax, "training throughput")
+    else:
+        names = [r[0] for r in table.rows]
+        means = [r[4] for r in table.rows]
+        colors = _strategy_colors(names)
+        xs = range(len(names))
+        heights = [m if m is not None else 0.0 for m in means]
+        lo = [m - r[5] if m is not None else 0.0 for m, r in zip(means, table.rows)]
+        hi = [r[6] - m if m is not None else 0.0 for m, r in zip(means, table.rows)]
+        bars = ax.bar(xs, heights, color=[colors[n] for n in names], yerr=[lo, hi], capsize=4)
+        for x, m, bar in zip(xs, means, bars):
+            if m is None:  # no bar of height zero pretending to be a measurement
+                bar.set_visible(False)
+                ax.text(x, 0, NOT_MEASURED, ha="center", va="bottom", rotation=90, color="0.4")
+        ax.set_xticks(list(xs), [f"{n}\n(W={r[1]})" for n, r in zip(names, table.rows)])
+        ax.set_ylabel("tokens/s (rank 0, after warm-up)")
+        ax.grid(axis="y", alpha=0.3)
+    ax.set_title("Training throughput by strategy (mean over seeds; bars: min-max)")
+    return fig, table
+
+
+def tpot_figure(con) -> tuple[Figure, Table]:
+    data = con.execute("SELECT strategy, context_len, avg(tpot_ms) FROM tpot_by_context "
+                   "GROUP BY ALL ORDER BY 1, 2").fetchall()
+    strategies = sorted({d[0] for d in data})
+    contexts = sorted({d[1] for d in data})
+    by = {(d[0], d[1]): d[2] for d in data}
+    table = Table(["strategy"] + [f"TPOT ms @ {c}" for c in contexts],
+                  [tuple([s] + [by.get((s, c)) for c in contexts]) for s in strategies])
+    fig = Figure(figsize=(7, 4.2), layout="constrained")
+    ax = fig.add_subplot()
+    measured = [d for d in data if d[2] is not None]
+    if not measured:
+        _no_data(ax, "TPOT")
+    else:
+        colors = _strategy_colors(strategies)
+        for s in strategies:
+            pts = [(c, by[(s, c)]) for c in contexts if by.get((s, c)) is not None]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=colors[s], label=s)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(contexts, [str(c) for c in contexts])
+        ax.set_xlabel("context length (tokens)")
+        ax.set_ylabel("TPOT (ms/token, rank 0, median)")
+        ax.legend(title="strategy")
+        ax.grid(alpha=0.3)
+    ax.set_title("Time per output token by context length")
+    return fig, table
+
+
+# ------------------------------------------------------------------ HTML
+
+
+def _html_table(t: Table) -> str:
+    if not t.rows:
+        return f"<p class='nm'>No rows: {NOT_MEASURED}.</p>"
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in t.columns)
+    body = "".join("<tr>" + "".join(
+        f"<td class='{'nm' if _fmt(v) == NOT_MEASURED else ''}'>{html.escape(_fmt(v))}</td>" for v in row)
+        + "</tr>" for row in t.rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>masep report</title>
+<style>
+body {{ font-family: system-ui, sans-serif; max-width: 1000px; margin: 2em auto; padding: 0 1em; }}
+table {{ border-collapse: collapse; margin: 0.5em 0 2em; font-size: 0.9em; }}
+th, td {{ border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }}
+th:first-child, td:first-child {{ text-align: left; }}
+.nm {{ color: #888; font-style: italic; }}
+img {{ max-width: 100%; }}
+</style></head><body>
+<h1>masep: MoE training and inference by parallel strategy</h1>
+<p>From <code>{db}</code>: {n_train} training run(s), {n_infer} inference run(s).
+Values the database does not hold are shown as <span class="nm">{nm}</span>.</p>
+{sections}
+<h2>Runs</h2>
+{runs}
+</body></html>
+"""
+
+CAPTIONS = {
+    "loss_curves": ("Loss curves", "Training loss per step (mean over the ranks that report it) and "
+                    "validation loss, per strategy and seed."),
+    "throughput": ("Throughput", "Tokens per second reported by rank 0, averaged over steps after "
+                   "warm-up (the first 10% of steps) and over seeds."),
+    "tpot": ("Inference: time per output token", "Median TPOT on rank 0 per context length."),
+}
+
+
+def render(db: str | Path, out: str | Path) -> list[Path]:
+    db, out = Path(db), Path(out)
+    if not db.exists():
+        raise ReportError(f"--db: no database at {db}; build it with `masep collect`")
+    try:
+        con = duckdb.connect(str(db), read_only=True)
+    except duckdb.Error as e:
+        raise ReportError(f"cannot open {db}: {str(e).splitlines()[0]}") from e
+    figdir = out / "figures"
+    figdir.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    sections = []
+    with con:
+        try:
+            figures = {"loss_curves": loss_figure(con), "throughput": throughput_figure(con),
+                       "tpot": tpot_figure(con)}
+            runs = _query(con, "SELECT run_dir, experiment, strategy, seed, world_size, status, host, "
+                               "git_commit, slurm_job_id FROM runs ORDER BY run_dir")
+            n_train, n_infer = con.execute("SELECT count(*) FILTER (WHERE experiment = 'train'), "
+                                       "count(*) FILTER (WHERE experiment = 'infer') FROM runs").fetchone()
+        except duckdb.Error as e:
+            raise ReportError(f"{db}: {str(e).splitlines()[0]} (rebuild it with `masep collect`)") from e
+    for name, (fig, table) in figures.items():
+        for fmt in ("png", "svg"):
+            path = figdir / f"{name}.{fmt}"
+            meta = {"Date": None} if fmt == "svg" else {"Software": None}
+            _atomic_write(path, lambda tmp, fig=fig, fmt=fmt, meta=meta:
+                          fig.savefig(tmp, format=fmt, dpi=120, metadata=meta))
+            written.append(path)
+        title, caption = CAPTIONS[name]
+        sections.append(f"<h2>{html.escape(title)}</h2>\n<p>{html.escape(caption)}</p>\n"
+                        f"<img src='figures/{name}.svg' alt='{html.escape(title)}'>\n"
+                        f"<p><a href='figures/{name}.png'>PNG</a> · <a href='figures/{name}.svg'>SVG</a></p>\n"
+                        f"{_html_table(table)}")
+    page = PAGE.format(db=html.escape(str(db)), n_train=n_train, n_infer=n_infer, nm=NOT_MEASURED,
+                       sections="\n".join(sections), runs=_html_table(runs))
+    index = out / "index.html"
+    _atomic_write(index, lambda tmp: tmp.write_text(page, encoding="utf-8"))
+    written.append(index)
+    return written
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--db", default="results/masep.duckdb", help="results database (default: %(default)s)")
+    p.add_argument("--out", default="reports", help="output folder (default: %(default)s)")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        written = render(args.db, args.out)
+    except ReportError as e:
+        print(f"masep report: {e}", file=sys.stderr)
+        return 1
+    print(f"masep report: wrote {len(written)} files; open {Path(args.out) / 'index.html'}")
+    return 0

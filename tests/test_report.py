@@ -1,0 +1,94 @@
+"""masep report: renders from the database alone; missing values read "not measured"."""
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+
+import pytest
+
+from masep.report.render import ReportError, render
+from masep.results.collect import collect
+from test_results import write_run
+
+FILES = ["figures/loss_curves.png", "figures/loss_curves.svg", "figures/throughput.png",
+         "figures/throughput.svg", "figures/tpot.png", "figures/tpot.svg", "index.html"]
+
+
+def _files(out):
+    return sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+
+
+def _cells(html_text: str, first_cell: str) -> list[str]:
+    """The cells of the first table row whose first cell is `first_cell`."""
+    for row in re.findall(r"<tr>(.*?)</tr>", html_text):
+        cells = re.findall(r"<td[^>]*>(.*?)</td>", row)
+        if cells and cells[0] == first_cell:
+            return cells
+    raise AssertionError(f"no row {first_cell!r}")
+
+
+def test_report_from_a_study(tmp_path):
+    runs = tmp_path / "runs"
+    write_run(runs, "train", "single", "seed=0", steps=10, evals=[(10, 3.5)])
+    write_run(runs, "train", "single", "seed=1", steps=10, seed=1, evals=[(10, 3.7)])
+    write_run(runs, "train", "ep_dp", "seed=0", world_size=2, steps=10)
+    write_run(runs, "infer", "single", "ctx=512", contexts=(512,))
+    write_run(runs, "infer", "single", "ctx=2048", contexts=(2048,))
+    write_run(runs, "infer", "ep_dp", "ctx=512", world_size=2, contexts=(512,))
+    db = tmp_path / "masep.duckdb"
+    collect(runs, db)
+    shutil.rmtree(runs)  # the report reads the database only
+    out = tmp_path / "reports"
+    written = render(db, out)
+    assert sorted(str(p.relative_to(out)) for p in written) == FILES == _files(out)
+    for name in ("loss_curves", "throughput", "tpot"):
+        assert (out / f"figures/{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert ET.parse(out / f"figures/{name}.svg").getroot().tag.endswith("svg")
+    page = (out / "index.html").read_text()
+    assert "3 training run(s), 3 inference run(s)" in page
+    # throughput table: strategy, world size, runs, measured, mean, min, max, step time
+    throughput = page[page.index("<h2>Throughput"):]
+    assert _cells(throughput, "single")[:7] == ["single", "1", "2", "2", "512.5", "512", "513"]
+    assert _cells(throughput, "ep_dp")[:5] == ["ep_dp", "2", "1", "1", "512"]
+    # TPOT table: ep_dp never ran at 2048 -> not measured, not 0
+    tpot = page[page.index("Inference: time per output token"):]
+    assert _cells(tpot, "ep_dp") == ["ep_dp", "1.512", "not measured"]
+    assert _cells(tpot, "single") == ["single", "1.512", "3.048"]
+    # loss table: ep_dp has no eval -> not measured
+    loss = page[page.index("Loss curves"):]
+    assert _cells(loss, "ep_dp")[5:7] == ["not measured", "not measured"]
+    # same database, same files
+    before = {f: (out / f).read_bytes() for f in FILES if not f.endswith(".png")}
+    render(db, out)
+    assert {f: (out / f).read_bytes() for f in before} == before
+    assert not [p for p in out.rglob(".*tmp*")]
+
+
+def test_empty_and_partial_databases_render(tmp_path):
+    (tmp_path / "runs").mkdir()
+    db = tmp_path / "masep.duckdb"
+    collect(tmp_path / "runs", db)
+    render(db, tmp_path / "empty")
+    assert _files(tmp_path / "empty") == FILES
+    page = (tmp_path / "empty" / "index.html").read_text()
+    assert "0 training run(s), 0 inference run(s)" in page and "not measured" in page
+    assert "training loss: not measured" in (tmp_path / "empty/figures/loss_curves.svg").read_text() or \
+        "not measured" in page
+    # training only: the TPOT figure says it was not measured
+    write_run(tmp_path / "runs", "train", "single", "seed=0", steps=3)
+    collect(tmp_path / "runs", db)
+    render(db, tmp_path / "partial")
+    page = (tmp_path / "partial" / "index.html").read_text()
+    tpot = page[page.index("Inference: time per output token"):]
+    assert "No rows: not measured." in tpot
+
+
+def test_missing_database(tmp_path):
+    with pytest.raises(ReportError, match="no database at .*masep collect"):
+        render(tmp_path / "none.duckdb", tmp_path / "out")
+    out = subprocess.run([sys.executable, "-m", "masep.cli", "report", "--db", str(tmp_path / "none.duckdb"),
+                          "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and out.stderr.startswith("masep report: --db: no database")
