@@ -236,13 +236,16 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     threads = args.threads or available_cpus()
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    for index in shards:
-        try:
-            status, manifest = tokenize_shard(cfg.data, index, threads=threads,
-                                              progress=not args.no_progress)
-        except C4ReadError as e:
-            print(f"masep tokenize: {e}", file=sys.stderr)
-            return 1
-        print(summary(index, status, manifest, shard_dir(cfg.data, index)), flush=True)
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        for index in shards:
+            try:
+                status, manifest = tokenize_shard(cfg.data, index, threads=threads,
+                                                  progress=not args.no_progress)
+            except C4ReadError as e:
+                print(f"masep tokenize: {e}", file=sys.stderr)
+                return 1
+            print(summary(index, status, manifest, shard_dir(cfg.data, index)), flush=True)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
