@@ -115,6 +115,9 @@ class Experts(nn.Module):
     def forward(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         if x_sorted.shape[0] == 0:
             return x_sorted.clone()  # no rows: nothing to compute, graph stays connected to x
+        if torch.is_autocast_enabled(x_sorted.device.type):
+            # The grouped kernel is outside autocast's op list: cast as autocast would.
+            x_sorted = x_sorted.to(torch.get_autocast_dtype(x_sorted.device.type))
         if use_grouped_mm(x_sorted):
             offs = torch.cumsum(counts, 0).to(torch.int32)
             w_up, w_down = self.w_up.to(x_sorted.dtype), self.w_down.to(x_sorted.dtype)

@@ -68,33 +68,33 @@ class StepStats:
 
 
 class LocalStats:
-    """Per-rank partial sums; each quantity is added by exactly one rank in the world."""
+    """Per-rank partial sums; each quantity is added by exactly one rank in the world.
+    Values stay on their device until `reduce`, so a step synchronises the GPU once."""
 
     def __init__(self, layers: int, experts: int):
         self.layers, self.experts = layers, experts
-        self.ce = torch.zeros((), dtype=torch.float64)
-        self.lb = torch.zeros((), dtype=torch.float64)
-        self.z = torch.zeros((), dtype=torch.float64)
-        self.tpe = torch.zeros(layers, experts, dtype=torch.float64)
-        self.dropped = torch.zeros((), dtype=torch.float64)
+        self.ce: list[torch.Tensor] = []
+        self.routing: list[tuple[int, Routing]] = []
 
     def add_ce(self, ce_sum: torch.Tensor) -> None:
-        self.ce += ce_sum.detach().double().cpu()
+        self.ce.append(ce_sum.detach())
 
     def add_routing(self, layer: int, r: Routing) -> None:
-        self.lb += r.lb_loss.detach().double().cpu()
-        self.z += r.z_loss.detach().double().cpu()
-        self.tpe[layer] += r.tokens_per_expert.detach().double().cpu()
-        self.dropped += r.dropped.detach().double().cpu()
+        self.routing.append((layer, r))
 
     def reduce(self, n_tokens: int, n_micro: int, device, group=None) -> StepStats:
-        flat = torch.cat([self.ce.view(1), self.lb.view(1), self.z.view(1), self.dropped.view(1),
-                          self.tpe.reshape(-1)])
+        flat = torch.zeros(4 + self.layers * self.experts, dtype=torch.float64, device=device)
+        for ce in self.ce:
+            flat[0] += ce.double()
+        tpe = flat[4:].view(self.layers, self.experts)
+        for layer, r in self.routing:
+            flat[1] += r.lb_loss.detach().double()
+            flat[2] += r.z_loss.detach().double()
+            flat[3] += r.dropped.double()
+            tpe[layer] += r.tokens_per_expert.double()
         if dist.is_initialized() and dist.get_world_size(group) > 1:
-            # float64 keeps counts exact; gloo and NCCL both reduce it.
-            flat = flat.to(device)
-            dist.all_reduce(flat, group=group)
-            flat = flat.cpu()
+            dist.all_reduce(flat, group=group)  # float64 keeps counts exact on gloo and NCCL
+        flat = flat.cpu()
         return StepStats(ce_sum=float(flat[0]), n_tokens=n_tokens, lb_sum=float(flat[1]),
                          z_sum=float(flat[2]), n_micro=n_micro,
                          tokens_per_expert=flat[4:].view(self.layers, self.experts).round().long(),
@@ -183,6 +183,13 @@ class Strategy(ABC):
                 if p.grad is not None:
                     p.grad.mul_(scale)
         return norm
+
+    @torch.no_grad()
+    def cast_parameters(self, dtype: torch.dtype) -> None:
+        """Hold weights in `dtype` (inference in bf16 reads half the bytes of fp32 weights).
+        Buffers such as the rotary tables keep their precision."""
+        for _, p in self.named_parameters():
+            p.data = p.data.to(dtype)
 
     def aux_coefficients(self) -> tuple[float, float]:
         return self.cfg.model.lb_coef, self.cfg.model.z_coef

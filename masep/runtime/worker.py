@@ -25,6 +25,7 @@ from masep.parallel.layout import make_layout
 from masep.runtime import checkpoint
 from masep.runtime.trainer import Trainer
 from masep.telemetry import writer as w
+from masep.telemetry.memory import peak_bytes
 
 
 def _barrier() -> None:
@@ -150,6 +151,9 @@ def infer_rank(cfg: Config, out_dir: Path, checkpoint_run: Optional[Path], info:
         source = str(path)
     strategy = trainer.strategy
     strategy.train(False)
+    del trainer.opt
+    if strategy.compute_dtype() == torch.bfloat16:
+        strategy.cast_parameters(torch.bfloat16)  # serve bf16 weights
     run_id = run_id_of(out_dir)
     rows = []
     for ctx in i.context_lengths:
@@ -166,7 +170,7 @@ def infer_rank(cfg: Config, out_dir: Path, checkpoint_run: Optional[Path], info:
             "tpot_p90_ms": sorted(times)[int(0.9 * (len(times) - 1))] * 1e3 if times else None,
             "tokens_per_s": i.batch / tpot if times else None,
             "tokens_per_s_per_gpu": i.batch / tpot / cfg.parallel.world_size if times else None,
-            "peak_mem_bytes": trainer.memory()["peak_bytes"],
+            "peak_mem_bytes": peak_bytes(strategy.device)[0],
         })
         if rank == 0:
             print(f"context {ctx}: prefill {gen.prefill_s * 1e3:.1f} ms, TPOT {tpot * 1e3:.2f} ms", flush=True)
