@@ -6,6 +6,7 @@ import importlib
 # strategy name -> "module:Class"; a strategy is listed only once its parity tests pass.
 STRATEGY_CLASSES = {
     "single": "masep.parallel.single:SingleRank",
+    "pp": "masep.parallel.pp:PipelineParallel",
 }
 
 

@@ -156,3 +156,38 @@ def new_group_containing(rank: int, groups: list[list[int]], timeout=None):
         if rank in ranks:
             mine = g
     return mine
+
+
+class PeerCommError(RuntimeError):
+    """A point-to-point exchange failed: a peer died, or did not answer within the timeout."""
+
+
+def p2p_exchange(sends: list[tuple[torch.Tensor, int]], recvs: list[tuple[torch.Tensor, int]],
+                 group=None, timeout_s: Optional[float] = None, kind: str = "p2p") -> None:
+    """Post every send `(tensor, dst)` and receive `(buffer, src)` at once
+    (`dist.batch_isend_irecv`), then wait for all of them; peers are global ranks.
+
+    Posting both directions before waiting is what makes pipeline exchanges such as
+    send-forward/receive-backward deadlock-free (Megatron-LM pairs them the same way). The
+    time spent, transfer plus waiting for the peer to reach its side, is recorded under `kind`.
+    A dead or silent peer raises `PeerCommError` naming it (after `timeout_s` at the latest).
+    """
+    ops = ([dist.P2POp(dist.isend, t.contiguous(), dst, group) for t, dst in sends]
+           + [dist.P2POp(dist.irecv, buf, src, group) for buf, src in recvs])
+    if not ops:
+        return
+    from datetime import timedelta
+
+    timeout = timedelta(seconds=timeout_s) if timeout_s else None
+    with comm_timer().time(kind):
+        try:
+            for work in dist.batch_isend_irecv(ops):
+                if timeout is None:
+                    work.wait()
+                else:
+                    work.wait(timeout)
+        except RuntimeError as e:  # DistBackendError and gloo's IO errors derive from it
+            peers = sorted({p for _, p in sends} | {p for _, p in recvs})
+            raise PeerCommError(
+                f"rank {dist.get_rank()}: point-to-point exchange with rank(s) {peers} failed "
+                f"(peer gone, or no answer within {timeout_s}s): {str(e).splitlines()[0]}") from e

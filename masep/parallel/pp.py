@@ -1,0 +1,398 @@
+"""Pipeline parallelism (`pp`): the seed's PP=2 baseline, with data parallelism across replicas.
+
+What is split
+  The model's layers are cut into `pp` contiguous stages of layers / pp blocks each. Stage 0
+  also holds the token embedding, the last stage the final norm and the output head (with tied
+  embeddings both ends hold a copy of the one matrix and sum its gradient). The world holds
+  dp = world / pp replicas of this pipeline (rank = dp_index * pp + stage). Replica d takes
+  micro-batches [d * M, (d + 1) * M) of the global batch, M = `layout.microbatches`.
+
+Schedule (per replica, per optimizer step): 1F1B as in Megatron-LM (non-interleaved).
+  Stage s runs min(pp - s - 1, M) warm-up forwards, then alternates one forward and one
+  backward, then runs the remaining backwards (cool-down). At most pp - s micro-batches are in
+  flight on stage s, whatever M is. Forward-only work (evaluate) runs the micro-batches through
+  the stages one after the other.
+
+Losses (identical to SingleRank): the last stage adds ce / n_valid_global for each micro-batch.
+  Every stage adds (lb_coef * lb + z_coef * z) / n_micro_total of its own layers for each
+  micro-batch to its backward: a stage calls backward on [output, aux] with gradients
+  [gradient received from the next stage, 1], so the aux-loss gradient flows through this
+  stage's routers and, with the output gradient, back into the earlier stages.
+
+Communication (each call timed under its kind through `comm_timer()`):
+  p2p        activations forward and activation gradients backward between neighbouring stages
+             of one replica (`comm.p2p_exchange`, batched isend/irecv; a send and the receive
+             that the schedule needs next are posted together, as Megatron's
+             send_forward_recv_backward / send_backward_recv_forward, so no pair waits on
+             itself); in `generate`, also the broadcast of each new token from the last stage
+             to the replica's other stages.
+  grad_sync  after the schedule, gradients summed over the stage's data-parallel group (the
+             same stage in every replica), and the tied embedding's over first and last stage.
+
+Bubble: a stage with nothing to do waits inside a blocking P2P receive for its neighbour, so
+  the time it idles is part of the `p2p` total of the step (the rest is the transfer itself,
+  microseconds for these activations on one host). `last_schedule` holds the per-step split:
+  the seconds spent in this stage's own forward/backward compute, in P2P waits (transfer plus
+  bubble) and the schedule's wall time, next to the textbook bubble share
+  (pp - 1) / (M + pp - 1) for comparison.
+
+Decoding: every replica decodes the whole prompt batch (one request stream per replica, as a
+  served PP deployment runs; replicas compute bit-identical tokens because they hold identical
+  weights, so no cross-replica traffic is needed). The prompt goes through the stages in one
+  piece; each stage keeps the KV caches of its own layers; the last stage picks the next token
+  and broadcasts it over the replica's pipeline group (the first stage needs it to embed the
+  next step; the others return it), which also synchronises every stage per token.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from masep.model import KVCache, MoETransformer, Routing, lm_loss_sum
+from masep.parallel.base import Generation, GlobalBatch, LocalStats, StepStats, Strategy
+from masep.parallel.comm import new_group_containing, p2p_exchange, sync_gradients
+from masep.telemetry.timing import comm_timer
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class PipelineStageModule(nn.Module):
+    """Layers `layer_ids` of the model, plus the embedding on the first stage and the final norm
+    and head on the last. Parameter names stay those of the full model (`blocks.<i>....`)."""
+
+    def __init__(self, model: MoETransformer, layer_ids: list[int], first: bool, last: bool):
+        super().__init__()
+        self.cfg = model.cfg
+        self.layer_ids = list(layer_ids)
+        self.embed = model.embed if first else None
+        self.blocks = nn.ModuleDict({str(i): model.blocks[i] for i in self.layer_ids})
+        self.norm = model.norm if last else None
+        self.head = model.head if last else None
+        self.register_buffer("rope_cos", model.rope_cos, persistent=False)
+        self.register_buffer("rope_sin", model.rope_sin, persistent=False)
+
+    def run_layers(self, x: torch.Tensor, start_pos: int = 0,
+                   caches: Optional[dict[int, KVCache]] = None) -> tuple[torch.Tensor, list[tuple[int, Routing]]]:
+        routings = []
+        for i in self.layer_ids:
+            block = self.blocks[str(i)]
+            x = block.attention_residual(x, self.rope_cos, self.rope_sin, start_pos,
+                                         caches[i] if caches is not None else None)
+            x, routing = block.moe_residual(x)
+            routings.append((i, routing))
+        return x, routings
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        # The model's own output math (norm, head, padded vocabulary masked), on this stage.
+        return MoETransformer.logits(self, x)
+
+    def new_caches(self, batch: int, max_len: int, dtype, device) -> dict[int, KVCache]:
+        return {i: KVCache.empty(batch, self.blocks[str(i)].attn.n_heads, max_len,
+                                 self.blocks[str(i)].attn.head_dim, dtype, device)
+                for i in self.layer_ids}
+
+
+@dataclass
+class ScheduleTiming:
+    """Where one stage's schedule time went in the last `forward_backward` (seconds)."""
+    wall_s: float  # the schedule, from the first forward to the last backward
+    compute_s: float  # this stage's own forward and backward steps
+    p2p_s: float  # inside P2P exchanges: transfer plus waiting for a neighbour (the bubble)
+    ideal_bubble: float  # (pp - 1) / (M + pp - 1), the 1F1B bubble share with equal stages
+
+
+class PipelineParallel(Strategy):
+    name = "pp"
+
+    def __init__(self, cfg, layout, rank, device, model: MoETransformer):
+        super().__init__(cfg, layout, rank, device)
+        c = layout.coords(rank)
+        self.stage, self.dp_index, self.tp_index = c["stage"], c["dp"], c["tp"]
+        self.n_stages = layout.pp
+        self.is_first, self.is_last = self.stage == 0, self.stage == layout.pp - 1
+        per_stage = cfg.model.layers // layout.pp
+        self.layer_ids = list(range(self.stage * per_stage, (self.stage + 1) * per_stage))
+        self.timeout_s = cfg.parallel.timeout_s
+        self.tied = cfg.model.tie_embeddings and layout.pp > 1
+        self.prev_rank = None if self.is_first else layout.rank_of(self.dp_index, self.stage - 1, self.tp_index)
+        self.next_rank = None if self.is_last else layout.rank_of(self.dp_index, self.stage + 1, self.tp_index)
+        self.last_rank = layout.rank_of(self.dp_index, layout.pp - 1, self.tp_index)
+        self._make_groups()
+        self.stage_module = self.build_stage(model).to(self.device)
+        self.last_schedule: Optional[ScheduleTiming] = None
+
+    # ------------------------------------------------------------------ construction
+
+    def _make_groups(self) -> None:
+        lo, timeout = self.layout, timedelta(seconds=self.cfg.parallel.timeout_s)
+        dp, pp, tp = lo.dp, lo.pp, lo.tp
+        # Every rank creates every group, in the same order (torch.distributed requires it).
+        self.dp_group = new_group_containing(
+            self.rank, [[lo.rank_of(d, s, t) for d in range(dp)] for s in range(pp) for t in range(tp)], timeout)
+        self.pipe_group = new_group_containing(
+            self.rank, [[lo.rank_of(d, s, t) for s in range(pp)] for d in range(dp) for t in range(tp)], timeout)
+        self.tie_group = None
+        if self.tied:
+            self.tie_group = new_group_containing(
+                self.rank, [[lo.rank_of(d, 0, t), lo.rank_of(d, pp - 1, t)] for d in range(dp) for t in range(tp)],
+                timeout)
+        if pp > 1:
+            # One collective on the pipeline group before any batched P2P on it: NCCL requires
+            # the group's first call to involve all its ranks (see dist.batch_isend_irecv).
+            dist.barrier(group=self.pipe_group)
+
+    def build_stage(self, model: MoETransformer) -> nn.Module:
+        """This rank's share of the model (subclasses split it further)."""
+        return PipelineStageModule(model, self.layer_ids, self.is_first, self.is_last)
+
+    # ------------------------------------------------------------------ trainer API
+
+    def modules(self):
+        return [self.stage_module]
+
+    def named_parameters(self):
+        out = []
+        for name, p in self.stage_module.named_parameters():
+            if self.tied and name == "head.weight":
+                name = "embed.weight"  # the full model names the tied matrix once, so do we
+            out.append((name, p))
+        return out
+
+    def replication(self, name: str) -> int:
+        copies = self.layout.dp * self.tp_replication(name)
+        return copies * 2 if self.tied and name == "embed.weight" else copies
+
+    def tp_replication(self, name: str) -> int:
+        """Copies of `name` inside one stage (1 here; the TP group's copies in tp_pp)."""
+        return 1
+
+    def adds_stats(self) -> bool:
+        """Whether this rank adds its stage's losses and routing counts (one rank per stage)."""
+        return True
+
+    def _replica_share(self, mbs: list[GlobalBatch]) -> list[GlobalBatch]:
+        """This replica's contiguous block of micro-batches (evaluation batches may not divide
+        evenly: the first replicas then take one more)."""
+        dp, d = self.layout.dp, self.dp_index
+        base, extra = divmod(len(mbs), dp)
+        start = d * base + min(d, extra)
+        return mbs[start:start + base + (1 if d < extra else 0)]
+
+    def _act_shape(self, mb: GlobalBatch) -> tuple[int, ...]:
+        return (mb.inputs.shape[0], mb.inputs.shape[1], self.cfg.model.hidden)
+
+    def _act_dtype(self) -> torch.dtype:
+        # The residual stream keeps the embedding's dtype (fp32 master weights) under autocast.
+        return torch.float32
+
+    # ------------------------------------------------------------------ P2P
+
+    def _exchange(self, send: Optional[torch.Tensor], send_to: Optional[int],
+                  recv_shape: Optional[tuple], recv_from: Optional[int]) -> Optional[torch.Tensor]:
+        """Send `send` to `send_to` and receive a tensor of `recv_shape` from `recv_from`, posted
+        together; either side may be absent (no neighbour there)."""
+        sends = [(send.detach().to(self._act_dtype()), send_to)] if send is not None and send_to is not None else []
+        buf = None
+        recvs = []
+        if recv_shape is not None and recv_from is not None:
+            buf = torch.empty(recv_shape, dtype=self._act_dtype(), device=self.device)
+            recvs = [(buf, recv_from)]
+        p2p_exchange(sends, recvs, group=self.pipe_group, timeout_s=self.timeout_s)
+        return buf
+
+    # ------------------------------------------------------------------ one micro-batch
+
+    def _forward_step(self, mb: GlobalBatch, x_in: Optional[torch.Tensor], n_valid: int, n_micro: int,
+                      stats: LocalStats) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (output, aux): output is the activation for the next stage, or on the last
+        stage the micro-batch's whole loss term (ce / n_valid + aux)."""
+        lb_coef, z_coef = self.aux_coefficients()
+        with self.autocast():
+            x = self.stage_module.embed(mb.inputs) if self.is_first else x_in
+            x, routings = self.stage_module.run_layers(x)
+            logits = self.stage_module.logits(x) if self.is_last else None
+        aux = sum(lb_coef * r.lb_loss + z_coef * r.z_loss for _, r in routings) / n_micro
+        if self.adds_stats():
+            for layer, r in routings:
+                stats.add_routing(layer, r)
+        if not self.is_last:
+            return x, aux
+        ce = lm_loss_sum(logits, mb.targets, mb.mask)
+        if self.adds_stats():
+            stats.add_ce(ce)
+        return ce / max(n_valid, 1) + aux, aux
+
+    def _backward_step(self, x_in: Optional[torch.Tensor], out: torch.Tensor, aux: torch.Tensor,
+                       grad_out: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        if self.is_last:
+            out.backward()  # the loss term already holds this stage's aux losses
+        else:
+            torch.autograd.backward([out, aux], [grad_out.to(out.dtype), torch.ones_like(aux)])
+        return None if x_in is None else x_in.grad
+
+    # ------------------------------------------------------------------ training step
+
+    def forward_backward(self, batch: GlobalBatch) -> StepStats:
+        batch = batch.to(self.device)
+        n_valid = batch.n_valid()
+        mbs = batch.microbatches(self.layout.microbatch_size)
+        expected = self.layout.dp * self.layout.microbatches
+        if len(mbs) != expected:
+            raise ValueError(f"global batch of {batch.inputs.shape[0]} sequences makes {len(mbs)} micro-batches "
+                             f"of {self.layout.microbatch_size}; this layout needs {expected}")
+        mine = self._replica_share(mbs)
+        stats = LocalStats(self.cfg.model.layers, self.cfg.model.experts)
+        self._run_1f1b(mine, n_valid, len(mbs), stats)
+        self._sync_gradients()
+        return stats.reduce(n_valid, len(mbs), self.device)
+
+    def _run_1f1b(self, mine: list[GlobalBatch], n_valid: int, n_micro: int, stats: LocalStats) -> None:
+        M = len(mine)
+        warmup = min(self.n_stages - self.stage - 1, M)
+        steady = M - warmup
+        shape = self._act_shape(mine[0])
+        compute = 0.0
+        p2p_before = comm_timer().totals()["p2p"]
+        _sync(self.device)
+        t_start = time.perf_counter()
+        in_flight: list[tuple[Optional[torch.Tensor], torch.Tensor, torch.Tensor]] = []
+
+        def recv_input(shape_) -> Optional[torch.Tensor]:
+            if self.is_first:
+                return None
+            return self._exchange(None, None, shape_, self.prev_rank).requires_grad_()
+
+        def forward(i: int, x_in) -> torch.Tensor:
+            nonlocal compute
+            t = time.perf_counter()
+            out, aux = self._forward_step(mine[i], x_in, n_valid, n_micro, stats)
+            _sync(self.device)
+            compute += time.perf_counter() - t
+            in_flight.append((x_in, out, aux))
+            return out
+
+        def backward(grad_out) -> Optional[torch.Tensor]:
+            nonlocal compute
+            x_in, out, aux = in_flight.pop(0)
+            t = time.perf_counter()
+            grad_in = self._backward_step(x_in, out, aux, grad_out)
+            _sync(self.device)
+            compute += time.perf_counter() - t
+            return grad_in
+
+        out_shape = None if self.is_last else shape
+        for i in range(warmup):
+            out = forward(i, recv_input(shape))
+            self._exchange(out, self.next_rank, None, None)  # send forward
+        x_in = recv_input(shape) if steady > 0 else None
+        for j in range(steady):
+            i = warmup + j
+            out = forward(i, x_in)
+            # send forward, receive backward (the gradient of the oldest micro-batch in flight)
+            grad_out = self._exchange(None if self.is_last else out, self.next_rank, out_shape, self.next_rank)
+            grad_in = backward(grad_out)
+            if j == steady - 1:
+                self._exchange(grad_in, self.prev_rank, None, None)  # send backward
+            else:
+                # send backward, receive the next micro-batch's input
+                x_in = self._exchange(grad_in, self.prev_rank, None if self.is_first else shape, self.prev_rank)
+                if x_in is not None:
+                    x_in.requires_grad_()
+        for _ in range(warmup):
+            grad_out = self._exchange(None, None, out_shape, self.next_rank)  # receive backward
+            grad_in = backward(grad_out)
+            self._exchange(grad_in, self.prev_rank, None, None)  # send backward
+        wall = time.perf_counter() - t_start
+        pp = self.n_stages
+        self.last_schedule = ScheduleTiming(wall_s=wall, compute_s=compute,
+                                            p2p_s=comm_timer().totals()["p2p"] - p2p_before,
+                                            ideal_bubble=(pp - 1) / (M + pp - 1))
+
+    def _sync_gradients(self) -> None:
+        params = [p for _, p in self.named_parameters()]
+        sync_gradients(params, self.dp_group)
+        if self.tie_group is not None:
+            tied = self.stage_module.embed.weight if self.is_first else self.stage_module.head.weight
+            sync_gradients([tied], self.tie_group)
+
+    # ------------------------------------------------------------------ evaluation
+
+    @torch.no_grad()
+    def evaluate(self, batch: GlobalBatch) -> tuple[float, int]:
+        batch = batch.to(self.device)
+        module = self.stage_module
+        was_training = module.training
+        module.eval()
+        ce = torch.zeros((), dtype=torch.float64)
+        for mb in self._replica_share(batch.microbatches(self.layout.microbatch_size)):
+            x = self._exchange(None, None, self._act_shape(mb), self.prev_rank) if not self.is_first else None
+            with self.autocast():
+                if self.is_first:
+                    x = module.embed(mb.inputs)
+                x, _ = module.run_layers(x)
+                logits = module.logits(x) if self.is_last else None
+            if self.is_last:
+                if self.adds_stats():
+                    ce += lm_loss_sum(logits, mb.targets, mb.mask).double().cpu()
+            else:
+                self._exchange(x, self.next_rank, None, None)
+        module.train(was_training)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            ce = ce.to(self.device)
+            dist.all_reduce(ce)  # a statistic, not part of the step's communication
+        return float(ce), batch.n_valid()
+
+    # ------------------------------------------------------------------ decoding
+
+    def _decode_step(self, ids: torch.Tensor, start_pos: int, caches) -> torch.Tensor:
+        """One pass of `ids` [B, T] through the pipeline; every stage returns the next tokens [B]."""
+        module = self.stage_module
+        B, T = ids.shape
+        x = None
+        if not self.is_first:
+            x = self._exchange(None, None, (B, T, self.cfg.model.hidden), self.prev_rank)
+        with self.autocast():
+            if self.is_first:
+                x = module.embed(ids)
+            x, _ = module.run_layers(x, start_pos, caches)
+            if self.is_last:
+                next_ids = module.logits(x[:, -1:])[:, -1].argmax(-1)
+        if not self.is_last:
+            self._exchange(x, self.next_rank, None, None)
+            next_ids = torch.empty(B, dtype=torch.long, device=self.device)
+        if self.n_stages > 1:
+            with comm_timer().time("p2p"):
+                dist.broadcast(next_ids, src=self.last_rank, group=self.pipe_group)
+        return next_ids
+
+    @torch.no_grad()
+    def generate(self, prompt: torch.Tensor, new_tokens: int) -> Generation:
+        module = self.stage_module
+        was_training = module.training
+        module.eval()
+        prompt = prompt.to(self.device)
+        B, T0 = prompt.shape
+        caches = module.new_caches(B, T0 + new_tokens, self.compute_dtype(), self.device)
+        _sync(self.device)
+        t0 = time.perf_counter()
+        next_ids = self._decode_step(prompt, 0, caches)
+        _sync(self.device)
+        prefill_s = time.perf_counter() - t0
+        out, times = [next_ids], []
+        for i in range(new_tokens - 1):
+            t = time.perf_counter()
+            next_ids = self._decode_step(next_ids[:, None], T0 + i, caches)
+            _sync(self.device)
+            times.append(time.perf_counter() - t)
+            out.append(next_ids)
+        module.train(was_training)
+        return Generation(torch.stack(out, 1).cpu(), prefill_s, times)
