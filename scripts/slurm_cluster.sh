@@ -39,7 +39,17 @@ die() { log "error: $*"; exit 1; }
 
 # ------------------------------------------------------------------ processes
 
-pid_alive() { [[ -n ${1:-} ]] && kill -0 "$1" 2>/dev/null; }
+pid_alive() {
+    [[ -n ${1:-} ]] && kill -0 "$1" 2>/dev/null || return 1
+    local stat tasks
+    stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+    stat=${stat##*) }
+    [[ ${stat%% *} == Z ]] || return 0
+    # A zombie counts as gone (containers without an init may never reap it), unless it is a
+    # main thread that exited while its other threads are still shutting the daemon down.
+    tasks=(/proc/"$1"/task/*)
+    ((${#tasks[@]} > 1))
+}
 
 # Process names as the kernel shows them; MariaDB may still run under its old name.
 process_names() {
@@ -71,7 +81,9 @@ started_pid() {
 running_pid() {
     local name pid
     for name in $(process_names "$1"); do
-        pid=$(pgrep -x -o "$name" 2>/dev/null) && { echo "$pid"; return 0; }
+        for pid in $(pgrep -x "$name" 2>/dev/null); do
+            pid_alive "$pid" && { echo "$pid"; return 0; }
+        done
     done
     return 1
 }
