@@ -7,10 +7,12 @@ import random
 from itertools import islice
 from pathlib import Path
 
+import numpy as np
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-from masep.data.tokenizer import EOT, EOT_ID, N_VOCAB, bpe_files, get_tokenizer, tokenizer_identity
+from masep.data.tokenizer import (EOT, EOT_ID, N_VOCAB, bpe_files, encode_ordinary_numpy, get_tokenizer,
+                                  tokenizer_identity)
 
 SAMPLE = Path(__file__).resolve().parent.parent / "data/c4-sample/en/c4-train.00000-of-01024.json.gz"
 
@@ -100,6 +102,11 @@ def test_ids_match_hf_tokenizers_without_specials(strings):
     theirs = [e.ids for e in hf.encode_batch(strings, add_special_tokens=False)]
     mismatches = [(s, a, b) for s, a, b in zip(strings, ours, theirs) if a != b]
     assert not mismatches, f"{len(mismatches)} differ, first: {mismatches[0]!r}"
+    # The shard writer's call: same ids, as uint32 arrays, with and without threads.
+    for threads in (1, 2):
+        arrays = encode_ordinary_numpy(strings, threads=threads)
+        assert all(a.dtype == np.uint32 for a in arrays)
+        assert [a.tolist() for a in arrays] == theirs
     assert sum(s.count(EOT) for s in strings) > 100  # <|endoftext|> really was exercised as text
     assert all(EOT_ID not in ids for ids in ours)
 

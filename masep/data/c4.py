@@ -81,7 +81,7 @@ class C4Shard:
 
     def _local_rows(self) -> Iterator[dict]:
         for number, line in enumerate(self._local_lines(), start=1):
-            if not line.strip():
+            if not line or line.isspace():
                 self.skipped["blank_line"] += 1
                 continue
             try:
@@ -101,9 +101,12 @@ class C4Shard:
         # an escaped lone surrogate is skipped on its own (pyarrow's JSON reader, behind the
         # "json" builder, rejects the whole file for it). Streaming reads the file directly: no
         # Arrow cache that could go stale when the file changes.
+        # A local file needs no network: skip datasets' download-count ping, which waits for its
+        # 3 s timeout on a compute node without internet.
+        datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = False
         try:
             ds = datasets.load_dataset("text", data_files=str(self.path.resolve()), split="train",
-                                       streaming=True)
+                                       streaming=True, keep_linebreaks=True)  # JSON ignores them
             for batch in ds.iter(batch_size=READ_BATCH):
                 yield from batch["text"]
         except UnicodeDecodeError as e:

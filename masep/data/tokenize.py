@@ -27,7 +27,7 @@ from masep.data.c4 import (HUB_DATASET, SHARD_COUNT, C4ReadError, load_c4_shard,
 from masep.data.shards import (FORMAT, MANIFEST, SPLITS, check_shard, fsync_dir, publish,
                                read_manifest, remove_stale_temps, sha256_file, shard_dir,
                                shard_params, split_files, temp_dir_for)
-from masep.data.tokenizer import EOT_ID, get_tokenizer
+from masep.data.tokenizer import EOT_ID, encode_ordinary_numpy, get_tokenizer
 
 ENCODE_BATCH = 1024  # documents per encode call: enough work to keep every thread busy
 
@@ -56,16 +56,20 @@ class SplitWriter:
         self.sha = hashlib.sha256()
         self.lengths: list[int] = []
 
-    def add(self, docs: list[list[int]]) -> None:
+    def add(self, docs: list[np.ndarray]) -> None:
+        """Append documents' ids, each followed by EOT."""
         if not docs:
             return
-        flat: list[int] = []
+        out = np.empty(sum(len(ids) + 1 for ids in docs), dtype=np.uint16)
+        pos = 0
         for ids in docs:
-            flat += ids
-            self.lengths.append(len(ids))
-        data = np.array(flat, dtype=np.uint16).tobytes()
-        self.file.write(data)
-        self.sha.update(data)
+            n = len(ids)
+            out[pos:pos + n] = ids  # ids < n_vocab <= 65536: the uint16 cast is exact
+            out[pos + n] = EOT_ID
+            pos += n + 1
+            self.lengths.append(n + 1)
+        self.file.write(out.data)
+        self.sha.update(out.data)
 
     def finish(self) -> dict:
         self.file.flush()
@@ -108,7 +112,7 @@ def same_input(a: dict, b: dict) -> bool:
 
 def write_shard(directory: Path, data, index: int, threads: int, progress: bool) -> dict:
     """Tokenize shard `index` into the (empty) `directory`; returns the manifest's counts."""
-    enc = get_tokenizer()
+    get_tokenizer()  # built before the progress bar starts
     docs = load_c4_shard(data, index, cache_dir=Path(data.tokens_dir) / ".hf-cache")
     writers = {split: SplitWriter(directory, split) for split in SPLITS}
     tty = sys.stderr.isatty()
@@ -116,14 +120,9 @@ def write_shard(directory: Path, data, index: int, threads: int, progress: bool)
                mininterval=0.5 if tty else 30.0, dynamic_ncols=tty)
 
     def flush(batch: list[dict]) -> None:
-        texts = [d["text"] for d in batch]
-        if threads > 1:
-            encoded = enc.encode_ordinary_batch(texts, num_threads=threads)
-        else:
-            encoded = [enc.encode_ordinary(t) for t in texts]
-        out: dict[str, list[list[int]]] = {split: [] for split in SPLITS}
+        encoded = encode_ordinary_numpy([d["text"] for d in batch], threads)
+        out: dict[str, list[np.ndarray]] = {split: [] for split in SPLITS}
         for doc, ids in zip(batch, encoded):
-            ids.append(EOT_ID)
             val = is_validation(data.split_seed, doc["url"], doc["text"], data.val_fraction)
             out["val" if val else "train"].append(ids)
         for split in SPLITS:

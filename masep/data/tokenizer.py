@@ -12,8 +12,10 @@ import hashlib
 import importlib.metadata
 import importlib.resources
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import tiktoken
 
 EOT = "<|endoftext|>"
@@ -86,3 +88,15 @@ def tokenizer_identity() -> dict:
         "vocab_bpe_sha256": _sha256(merges_path),
         "files_from": f"{SOURCE_PACKAGE} {importlib.metadata.version(SOURCE_PACKAGE)}",
     }
+
+
+def encode_ordinary_numpy(texts: list[str], threads: int = 1) -> list[np.ndarray]:
+    """uint32 ids of each text, exactly `encode_ordinary`'s (the text "<|endoftext|>" is plain
+    text), returned as numpy arrays: no Python int per token, which makes this the cheaper call.
+    tiktoken releases the GIL while encoding, so threads run in parallel."""
+    encode = functools.partial(get_tokenizer().encode_to_numpy, allowed_special=set(),
+                               disallowed_special=())
+    if threads <= 1 or len(texts) <= 1:
+        return [encode(t) for t in texts]
+    with ThreadPoolExecutor(min(threads, len(texts))) as pool:
+        return list(pool.map(encode, texts))
