@@ -109,6 +109,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--decode", action="store_true")
     ap.add_argument("--label", default=None)
+    ap.add_argument("--profile", default=None, help="write torch.profiler tables of one step and one decode here")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
@@ -135,6 +136,18 @@ def main() -> None:
     energies = gather_rows([{"rank": rank, "joules": joules, "reason": energy.reason}], world)
     all_rows = gather_rows(rows, world)
 
+    if args.profile and rank == 0:
+        Path(args.profile).mkdir(parents=True, exist_ok=True)
+    prof_ctx = (torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA])
+                if args.profile else None)
+    if prof_ctx is not None:
+        with prof_ctx:
+            trainer.train_step(next(batches))
+        if rank == 0:
+            table = prof_ctx.key_averages().table(sort_by="self_cuda_time_total" if device.type == "cuda"
+                                                  else "self_cpu_time_total", row_limit=30)
+            (Path(args.profile) / f"train-{args.label or cfg.parallel.strategy}.txt").write_text(table)
+            print(table[:6000])
     decode = []
     if args.decode:
         strategy = trainer.strategy
@@ -150,6 +163,14 @@ def main() -> None:
             strategy.generate(prompt, cfg.infer.warmup_tokens)
             gen = strategy.generate(prompt, cfg.infer.new_tokens)
             tpot = statistics.median(gen.token_s) * 1e3
+            if args.profile and ctx == cfg.infer.context_lengths[0]:
+                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                        torch.profiler.ProfilerActivity.CUDA]) as prof:
+                    strategy.generate(prompt, 4)
+                if rank == 0:
+                    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
+                    (Path(args.profile) / f"decode-{args.label or cfg.parallel.strategy}.txt").write_text(table)
+                    print(table[:6000])
             bound = decode_bound_ms(cfg, ctx, cfg.infer.batch)
             decode.append({"context_len": ctx, "batch": cfg.infer.batch, "prefill_ms": gen.prefill_s * 1e3,
                            "tpot_ms": tpot, "tpot_mean_ms": statistics.fmean(gen.token_s) * 1e3,

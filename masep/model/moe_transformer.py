@@ -123,12 +123,10 @@ class Experts(nn.Module):
             w_up, w_down = self.w_up.to(x_sorted.dtype), self.w_down.to(x_sorted.dtype)
             h = torch._grouped_mm(x_sorted, w_up, offs=offs)
             return torch._grouped_mm(self._act(h), w_down, offs=offs)
-        outs, start = [], 0
-        for e, n in enumerate(counts.tolist()):
-            if n:
-                xe = x_sorted[start:start + n]
-                outs.append(self._act(xe @ self.w_up[e].to(xe.dtype)) @ self.w_down[e].to(xe.dtype))
-            start += n
+        # unbind (not w[e]) so backward stacks the expert gradients once instead of once per expert
+        w_up, w_down = self.w_up.to(x_sorted.dtype).unbind(0), self.w_down.to(x_sorted.dtype).unbind(0)
+        outs = [self._act(xe @ w_up[e]) @ w_down[e]
+                for e, xe in enumerate(x_sorted.split(counts.tolist())) if xe.shape[0]]
         return torch.cat(outs)
 
 
@@ -202,7 +200,7 @@ def dispatch_combine(x: torch.Tensor, routing: Routing, expert_fn: ExpertFn, n_e
     order = torch.argsort(exp, stable=True)
     tok, exp, w = tok[order], exp[order], w[order]
     counts = torch.bincount(exp, minlength=n_experts)
-    y_sorted = expert_fn(x[tok], counts)
+    y_sorted = expert_fn(x.index_select(0, tok), counts)
     out = torch.zeros_like(x)
     return out.index_add(0, tok, (y_sorted.float() * w.unsqueeze(1)).to(x.dtype))
 

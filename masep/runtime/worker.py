@@ -28,6 +28,16 @@ from masep.telemetry import writer as w
 from masep.telemetry.memory import peak_bytes
 
 
+def _cpu_threads(info: DistInfo) -> None:
+    """Share the cores among this node's CPU ranks: oversubscribed intra-op thread pools
+    make small CPU kernels hundreds of times slower."""
+    if torch.device(info.device).type == "cpu":
+        import os
+
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        torch.set_num_threads(max(1, cores // max(info.local_world_size, 1)))
+
+
 def _barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
@@ -72,6 +82,7 @@ def run_id_of(out_dir: Path) -> str:
 def train_rank(cfg: Config, out_dir: Path, info: DistInfo) -> dict:
     out_dir = Path(out_dir)
     rank, t = info.rank, cfg.train
+    _cpu_threads(info)
     started_at = w.now_iso()
     train_ds, val_ds = _datasets(cfg)
     trainer = Trainer(cfg, rank, info.device)
@@ -139,6 +150,7 @@ def _prompt(val_ds, context_len: int, batch: int) -> torch.Tensor:
 def infer_rank(cfg: Config, out_dir: Path, checkpoint_run: Optional[Path], info: DistInfo) -> dict:
     out_dir = Path(out_dir)
     rank, i = info.rank, cfg.infer
+    _cpu_threads(info)
     started_at = w.now_iso()
     _, val_ds = _datasets(cfg)
     trainer = Trainer(cfg, rank, info.device)
