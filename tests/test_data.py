@@ -42,7 +42,7 @@ def write_gz(path: Path, lines: list) -> Path:
 
 
 def local_cfg(tmp_path: Path, *overrides: str):
-    return load_config("tiny", [f"data.source=local", f"data.local_dir={tmp_path / 'c4'}",
+    return load_config("tiny", ["data.source=local", f"data.local_dir={tmp_path / 'c4'}",
                                 f"data.tokens_dir={tmp_path / 'tokens'}", "data.seq_len=32", *overrides])
 
 
@@ -125,6 +125,7 @@ def test_empty_and_invalid_unicode_documents_are_skipped_and_counted(tmp_path):
     lines = docs[:10] + [
         {"text": "", "url": "e1", "timestamp": ""},
         {"text": "  \n\t ", "url": "e2", "timestamp": ""},
+        {"text": None, "url": "e3", "timestamp": ""},
         '{"text": "lone surrogate \\ud800 here", "url": "s1", "timestamp": ""}',
         '{"text": "fine", "url": "low surrogate \\udc00", "timestamp": ""}',
     ] + docs[10:]
@@ -132,9 +133,9 @@ def test_empty_and_invalid_unicode_documents_are_skipped_and_counted(tmp_path):
     cfg = local_cfg(tmp_path)
     reader = load_c4_shard(cfg.data, 0)
     assert [d["text"] for d in reader] == [d["text"] for d in docs]
-    assert reader.skipped == {"empty": 2, "invalid_utf8": 2}
+    assert reader.skipped == {"empty": 3, "invalid_utf8": 2}
     _, manifest = tok.tokenize_shard(cfg.data, 0)
-    assert manifest["skipped"] == {"empty": 2, "invalid_utf8": 2}
+    assert manifest["skipped"] == {"empty": 3, "invalid_utf8": 2}
     assert manifest["counts"]["train"]["docs"] + manifest["counts"]["val"]["docs"] == 30
 
 

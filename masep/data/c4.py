@@ -100,17 +100,17 @@ class C4Shard:
         # The "text" builder hands over raw lines and each is parsed here, so a document holding
         # an escaped lone surrogate is skipped on its own (pyarrow's JSON reader, behind the
         # "json" builder, rejects the whole file for it). Streaming reads the file directly: no
-        # Arrow cache that could go stale when the file changes.
-        # A local file needs no network: skip datasets' download-count ping, which waits for its
-        # 3 s timeout on a compute node without internet.
+        # Arrow cache that could go stale when the file changes. A local file needs no network,
+        # so datasets' download-count ping (a 3 s timeout on nodes without internet) is off.
         datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = False
         try:
             ds = datasets.load_dataset("text", data_files=str(self.path.resolve()), split="train",
-                                       streaming=True, keep_linebreaks=True)  # JSON ignores them
+                                       streaming=True, keep_linebreaks=True,  # JSON ignores them
+                                       cache_dir=None if self.cache_dir is None else str(self.cache_dir))
             for batch in ds.iter(batch_size=READ_BATCH):
                 yield from batch["text"]
         except UnicodeDecodeError as e:
-            raise C4ReadError(f"{self.path}: not UTF-8 text ({e.reason} at byte {e.start} of a block)") from None
+            raise C4ReadError(f"{self.path}: not UTF-8 text ({e.reason})") from None
         except (EOFError, gzip.BadGzipFile, zlib.error) as e:
             raise C4ReadError(f"{self.path}: truncated or corrupt gzip file ({e})") from None
         except OSError as e:
@@ -140,9 +140,9 @@ class C4Shard:
     # -- both
 
     def _document(self, raw, where: str) -> dict | None:
-        if not isinstance(raw, dict) or not isinstance(raw.get("text"), str):
+        if not isinstance(raw, dict) or not isinstance(raw.get("text", 0), (str, type(None))):
             raise C4ReadError(f"{where}: expected a JSON object with a string 'text'")
-        doc = {"text": raw["text"], "url": str(raw.get("url") or ""),
+        doc = {"text": raw["text"] or "", "url": str(raw.get("url") or ""),
                "timestamp": str(raw.get("timestamp") or "")}
         try:
             for value in doc.values():

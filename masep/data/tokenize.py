@@ -177,7 +177,7 @@ def tokenize_shard(data, index: int, threads: int = 1, progress: bool = False) -
             "params": params,
             "input": source,
             "split": {"seed": data.split_seed, "val_fraction": data.val_fraction,
-                      "rule": "val iff blake2b-64(f'{seed}\\n{url}\\n' + text) < val_fraction * 2**64"},
+                      "rule": "val iff little-endian blake2b-64(f'{seed}\\n{url}\\n' + text) < val_fraction * 2**64"},
             "dtype": "uint16",
             "eot_id": EOT_ID,
             **body,
