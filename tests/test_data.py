@@ -193,6 +193,15 @@ def _mtimes(directory: Path) -> dict:
     return {p.name: p.stat().st_mtime_ns for p in directory.iterdir()}
 
 
+def test_empty_shard_directory_counts_as_missing(tmp_path, capsys):
+    write_gz(c4_file(tmp_path), make_docs(20))
+    cfg = local_cfg(tmp_path)
+    shard_dir(cfg.data, 0).mkdir(parents=True)  # as a workflow engine makes it for its output
+    assert tok.tokenize_shard(cfg.data, 0)[0] == "built"
+    assert capsys.readouterr().err == ""
+    assert shard_dirs(cfg) == [shard_dir(cfg.data, 0)]
+
+
 def test_done_shard_is_skipped_untouched(local_shard):
     cfg, _, manifest = local_shard
     directory = shard_dir(cfg.data, 0)

@@ -71,7 +71,7 @@ def check_shard(directory: Path, params: dict, checksums: bool = True) -> str | 
 
     Without `checksums` only sizes are compared (cheap, for callers that verified once already).
     """
-    if not directory.is_dir():
+    if not directory.is_dir() or not any(directory.iterdir()):  # Snakemake pre-creates it empty
         return "missing"
     manifest = read_manifest(directory)
     if manifest is None or manifest.get("format") != FORMAT:
