@@ -203,5 +203,8 @@ def test_pp_rank_failure_stops_every_rank(pp_results):
     for rank in (0, 2, 3):
         assert results[rank]["error"] is not None, f"rank {rank} finished a step its peer never did"
         assert results[rank]["elapsed"] < FAILURE_TIMEOUT_S + 5.0
+        # A clear error: which exchange failed, on which rank (not a bare transport message).
+        assert (results[rank]["error"].startswith("PeerCommError")
+                or "over the data-parallel group failed" in results[rank]["error"]), results[rank]["error"]
     # The stage waiting on the dead rank names it.
     assert "PeerCommError" in results[0]["error"] and f"[{BAD_RANK}]" in results[0]["error"]

@@ -7,6 +7,7 @@ import importlib
 STRATEGY_CLASSES = {
     "single": "masep.parallel.single:SingleRank",
     "pp": "masep.parallel.pp:PipelineParallel",
+    "tp_pp": "masep.parallel.tp_pp:TensorPipelineParallel",
 }
 
 

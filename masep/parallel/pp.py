@@ -69,12 +69,14 @@ class PipelineStageModule(nn.Module):
     """Layers `layer_ids` of the model, plus the embedding on the first stage and the final norm
     and head on the last. Parameter names stay those of the full model (`blocks.<i>....`)."""
 
-    def __init__(self, model: MoETransformer, layer_ids: list[int], first: bool, last: bool):
+    def __init__(self, model: MoETransformer, layer_ids: list[int], first: bool, last: bool,
+                 blocks: Optional[nn.ModuleDict] = None):
         super().__init__()
         self.cfg = model.cfg
         self.layer_ids = list(layer_ids)
         self.embed = model.embed if first else None
-        self.blocks = nn.ModuleDict({str(i): model.blocks[i] for i in self.layer_ids})
+        # `blocks` ({str(layer): block}, e.g. tensor-parallel shards) replaces the model's own.
+        self.blocks = blocks if blocks is not None else nn.ModuleDict({str(i): model.blocks[i] for i in self.layer_ids})
         self.norm = model.norm if last else None
         self.head = model.head if last else None
         self.register_buffer("rope_cos", model.rope_cos, persistent=False)
@@ -191,8 +193,9 @@ class PipelineParallel(Strategy):
         return (mb.inputs.shape[0], mb.inputs.shape[1], self.cfg.model.hidden)
 
     def _act_dtype(self) -> torch.dtype:
-        # The residual stream keeps the embedding's dtype (fp32 master weights) under autocast.
-        return torch.float32
+        # The residual stream keeps the embedding's dtype under autocast: fp32 when training,
+        # bf16 once `cast_parameters` has made the serving weights bf16 (all stages alike).
+        return next(self.stage_module.parameters()).dtype
 
     # ------------------------------------------------------------------ P2P
 
@@ -319,10 +322,18 @@ class PipelineParallel(Strategy):
 
     def _sync_gradients(self) -> None:
         params = [p for _, p in self.named_parameters()]
-        sync_gradients(params, self.dp_group)
-        if self.tie_group is not None:
-            tied = self.stage_module.embed.weight if self.is_first else self.stage_module.head.weight
-            sync_gradients([tied], self.tie_group)
+        for p in params:  # an expert no token chose still has a (zero) gradient, as on one rank
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        try:
+            sync_gradients(params, self.dp_group)
+            if self.tie_group is not None:
+                tied = self.stage_module.embed.weight if self.is_first else self.stage_module.head.weight
+                sync_gradients([tied], self.tie_group)
+        except RuntimeError as e:
+            raise RuntimeError(f"rank {self.rank} (stage {self.stage}, replica {self.dp_index}): gradient sum "
+                               f"over the data-parallel group failed (a peer is gone or silent past "
+                               f"{self.timeout_s}s): {str(e).splitlines()[0]}") from e
 
     # ------------------------------------------------------------------ evaluation
 
@@ -382,6 +393,9 @@ class PipelineParallel(Strategy):
         prompt = prompt.to(self.device)
         B, T0 = prompt.shape
         caches = module.new_caches(B, T0 + new_tokens, self.compute_dtype(), self.device)
+        distributed = dist.is_initialized() and dist.get_world_size() > 1
+        if self.n_stages > 1:
+            dist.barrier(group=self.pipe_group)  # the replica's stages start the clock together
         _sync(self.device)
         t0 = time.perf_counter()
         next_ids = self._decode_step(prompt, 0, caches)
@@ -395,4 +409,9 @@ class PipelineParallel(Strategy):
             times.append(time.perf_counter() - t)
             out.append(next_ids)
         module.train(was_training)
-        return Generation(torch.stack(out, 1).cpu(), prefill_s, times)
+        tokens = torch.stack(out, 1)
+        if distributed:
+            # Replicas decoded the same batch with identical weights; rank 0's tokens are the
+            # answer everywhere, whatever a non-deterministic kernel might have done elsewhere.
+            dist.broadcast(tokens, src=0)
+        return Generation(tokens.cpu(), prefill_s, times)
