@@ -6,7 +6,9 @@ evaluation and greedy generation.
 """
 from __future__ import annotations
 
+import math
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -119,10 +121,32 @@ def failure_run(rank: int, world: int, overrides: list[str], bad_rank: int) -> d
     return {"error": None, "elapsed": time.perf_counter() - t0}
 
 
-def pp_rank(rank: int, world: int, runs: dict[str, list[str]], failure: list[str], bad_rank: int) -> dict:
-    """All parity runs, then the failure run last (it breaks the process group): one spawn of
-    4 processes pays torch's start-up once for the whole file."""
+def trainer_run(rank: int, world: int, overrides: list[str], ckpt_dir: str) -> dict:
+    """The strategy-blind trainer on `pp`: 4 straight steps, and 2 steps + checkpoint + resume +
+    2 steps (expert dropout on, so each rank's RNG stream must survive the checkpoint too)."""
+    from masep.runtime.trainer import Trainer
+
+    cfg = make_config(overrides + ["parallel.strategy=pp", f"parallel.world_size={world}"])
+    batches = make_batches(cfg, 4)
+    straight = Trainer(cfg, rank)
+    rows = [straight.train_step(b) for b in batches]
+    del straight
+    first = Trainer(cfg, rank)
+    got = [first.train_step(b)["loss"] for b in batches[:2]]
+    first.save(Path(ckpt_dir))
+    del first
+    resumed = Trainer(cfg, rank)
+    start = resumed.resume(Path(ckpt_dir))
+    got += [resumed.train_step(b)["loss"] for b in batches[start:]]
+    return {"rows": rows, "resumed_losses": got, "resumed_at": start}
+
+
+def pp_rank(rank: int, world: int, runs: dict[str, list[str]], trainer: list[str], ckpt_dir: str,
+            failure: list[str], bad_rank: int) -> dict:
+    """All parity runs, the trainer run, then the failure run last (it breaks the process
+    group): one spawn of 4 processes pays torch's start-up once for the whole file."""
     out = {name: parity_run(rank, world, overrides) for name, overrides in runs.items()}
+    out["trainer"] = trainer_run(rank, world, trainer, ckpt_dir)
     out["failure"] = failure_run(rank, world, failure, bad_rank)
     return out
 
@@ -164,6 +188,7 @@ RUNS = {
     # One layer per stage, one replica.
     "pp4-dp1-dropless": ["parallel.pp=4", "train.global_batch=8", "model.capacity_factor=null"],
 }
+TRAINER = ["parallel.pp=2", "train.global_batch=16", "model.expert_dropout=0.1"]
 FAILURE_TIMEOUT_S = 5.0
 FAILURE = ["parallel.pp=2", "train.global_batch=16", "model.capacity_factor=null",
            f"parallel.timeout_s={FAILURE_TIMEOUT_S}"]
@@ -171,8 +196,9 @@ BAD_RANK = 1  # stage 1 of replica 0
 
 
 @pytest.fixture(scope="module")
-def pp_results() -> list[dict]:
-    return run_ranks(4, pp_rank, RUNS, FAILURE, BAD_RANK)
+def pp_results(tmp_path_factory) -> list[dict]:
+    ckpt_dir = tmp_path_factory.mktemp("pp-checkpoint")
+    return run_ranks(4, pp_rank, RUNS, TRAINER, str(ckpt_dir), FAILURE, BAD_RANK)
 
 
 @pytest.mark.parametrize("run", list(RUNS))
@@ -195,6 +221,19 @@ def test_pp_matches_single_rank(run, pp_results):
         for other in copies[1:]:
             for name, g in copies[0]["grads"].items():
                 assert torch.equal(g, other["grads"][name])
+
+
+def test_pp_under_the_trainer_resumes_exactly(pp_results):
+    results = [r["trainer"] for r in pp_results]
+    want = [row["loss"] for row in results[0]["rows"]]
+    assert want[0] == pytest.approx(math.log(500), rel=0.05)  # near uniform over the vocabulary at init
+    for res in results:
+        assert [row["loss"] for row in res["rows"]] == want  # the same global loss on every rank
+        assert res["resumed_at"] == 2
+        assert res["resumed_losses"] == want  # bit-identical after the checkpoint
+        for row in res["rows"]:
+            assert row["comm_p2p_s"] > 0 and row["comm_grad_sync_s"] > 0
+            assert row["comm_attn_allreduce_s"] == 0 and row["comm_moe_dispatch_s"] == 0
 
 
 def test_pp_rank_failure_stops_every_rank(pp_results):
