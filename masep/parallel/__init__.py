@@ -8,6 +8,8 @@ STRATEGY_CLASSES = {
     "single": "masep.parallel.single:SingleRank",
     "pp": "masep.parallel.pp:PipelineParallel",
     "tp_pp": "masep.parallel.tp_pp:TensorPipelineParallel",
+    "tp": "masep.parallel.tp:TensorParallel",
+    "ep_dp": "masep.parallel.ep_dp:ExpertDataParallel",
 }
 
 

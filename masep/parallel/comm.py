@@ -191,3 +191,29 @@ def p2p_exchange(sends: list[tuple[torch.Tensor, int]], recvs: list[tuple[torch.
             raise PeerCommError(
                 f"rank {dist.get_rank()}: point-to-point exchange with rank(s) {peers} failed "
                 f"(peer gone, or no answer within {timeout_s}s): {str(e).splitlines()[0]}") from e
+
+
+class _CopyManyToGroup(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, group, kind, *xs):
+        ctx.group, ctx.kind = group, kind
+        return tuple(x.view_as(x) for x in xs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        dtype = grads[0].dtype
+        for g in grads[1:]:
+            dtype = torch.promote_types(dtype, g.dtype)
+        flat = _all_reduce(torch.cat([g.reshape(-1).to(dtype) for g in grads]), ctx.group, ctx.kind)
+        out, offset = [], 0
+        for g in grads:
+            out.append(flat[offset:offset + g.numel()].view_as(g).to(g.dtype))
+            offset += g.numel()
+        return (None, None, *out)
+
+
+def copy_many_to_group(tensors: list[torch.Tensor], group, kind: str) -> tuple[torch.Tensor, ...]:
+    """`copy_to_group` of several tensors with ONE all-reduce of all their gradients in the
+    backward. Separate copies would be independent branches of the graph, whose backward
+    order the autograd engine may not keep alike on every rank; one collective has no order."""
+    return _CopyManyToGroup.apply(group, kind, *tensors)

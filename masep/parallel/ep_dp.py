@@ -1,0 +1,219 @@
+"""Expert parallelism over all ranks with data-parallel attention: strategy `ep_dp` (the
+baseline the field uses, e.g. DeepSpeed-MoE / GShard).
+
+What is split: the experts. With W ranks and E experts, rank r holds experts
+[r*E/W, (r+1)*E/W) of every layer (`EPExperts`).
+What is replicated: everything else -- embedding, attention, norms, routers, head -- on every
+rank. Each rank is a data-parallel replica: it takes the contiguous block r of the global
+batch's micro-batches (`layout.microbatches` of them) and routes its own tokens.
+
+The MoE layer on a rank (inside `dispatch_combine`, which hands the experts every kept
+assignment sorted by expert, hence grouped by the rank holding the expert):
+1. `exchange_counts` of the [W, E/W] matrix of assignments per (destination rank, local
+   expert), so each rank knows how many rows it receives from each source, and for which of its
+   experts (kind `moe_dispatch`);
+2. `all_to_all` of the rows (the dispatch, kind `moe_dispatch`); the receiver sorts them by
+   local expert and runs its experts;
+3. `all_to_all` of the outputs back to their sources (the combine, kind `moe_dispatch`), which
+   then weight and sum them per token.
+The autograd all-to-all sends gradients back the same way (the same kind), so every expert's
+gradient is complete -- summed over all the tokens of the world that chose it -- without any
+further sync. The replicated parameters' gradients are summed over the world with
+`sync_gradients` (kind `grad_sync`). Rows travel in the compute dtype (bf16 under autocast,
+where the expert matrix products would cast them anyway), so sender and receiver agree.
+
+Every rank must join each collective the same number of times, forward and backward: in
+training every rank runs the same number of micro-batches (the layout checks it); where work
+is uneven (evaluation of a batch that does not split evenly, decoding) a rank without tokens
+still serves its experts through an empty exchange per layer (`_serve_experts`).
+
+Capacity: routing happens on the routing rank over one micro-batch's tokens, exactly as on one
+rank, so capacity drops -- and therefore parity with `SingleRank` -- are the same with a
+capacity factor and dropless. Global-batch semantics: masep/parallel/base.py; statistics are
+added by the rank that routed the tokens.
+
+Decode: routing (and a capacity factor) sees the whole batch of one forward. Dropless routing
+is per token, so the prompt batch's sequences are shared out over the ranks like data
+parallelism; with a capacity factor rank 0 decodes the whole batch, so the same tokens compete
+for capacity as on one rank. Ranks without sequences serve their experts each step; the tokens
+are summed over the world at the end, so every rank returns them all.
+"""
+from __future__ import annotations
+
+import time
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from masep.model import Experts, MoETransformer, lm_loss_sum
+from masep.parallel.base import Generation, GlobalBatch, LocalStats, StepStats, Strategy
+from masep.parallel.comm import all_reduce_sum, all_to_all, exchange_counts, new_group_containing, sync_gradients
+from masep.parallel.single import sync
+
+
+class EPExperts(Experts):
+    """This rank's experts, serving the assignments of every rank through all-to-all."""
+
+    def __init__(self, n_local: int, hidden: int, ffn: int, activation: str, dropout: float, *,
+                 world: int, group, wire_dtype: torch.dtype):
+        super().__init__(n_local, hidden, ffn, activation, dropout)
+        self.world, self.group, self.wire_dtype = world, group, wire_dtype
+
+    def forward(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """x_sorted: every kept assignment of this rank's tokens, sorted by (global) expert;
+        counts [E]: assignments per expert. Returns the expert outputs in the same order."""
+        n_local = self.n_experts
+        send = counts.view(self.world, n_local)
+        recv = exchange_counts(counts, self.group, "moe_dispatch").view(self.world, n_local)
+        to_rank, from_rank = send.sum(1).tolist(), recv.sum(1).tolist()
+        x_recv = all_to_all(x_sorted.to(self.wire_dtype), from_rank, to_rank, self.group, "moe_dispatch")
+        # Received rows are grouped by source, then by local expert: regroup them by expert.
+        local_expert = torch.arange(n_local, device=counts.device).repeat(self.world)
+        order = torch.argsort(torch.repeat_interleave(local_expert, recv.reshape(-1)), stable=True)
+        y = super().forward(x_recv[order], recv.sum(0))
+        y_recv = torch.empty_like(y).index_copy(0, order, y)  # back to arrival order
+        return all_to_all(y_recv.to(self.wire_dtype), to_rank, from_rank, self.group, "moe_dispatch")
+
+
+class ExpertDataParallel(Strategy):
+    name = "ep_dp"
+
+    def __init__(self, cfg, layout, rank, device, model: MoETransformer):
+        super().__init__(cfg, layout, rank, device)
+        m = cfg.model
+        self.world = layout.world_size
+        # A group of its own so that collectives give up after parallel.timeout_s.
+        self.group = (new_group_containing(rank, [list(range(self.world))],
+                                           timedelta(seconds=cfg.parallel.timeout_s))
+                      if dist.is_initialized() else None)
+        n_local = m.experts // self.world
+        first = rank * n_local
+        for block in model.blocks:  # take ownership: swap the full experts for this rank's slice
+            full = block.moe.experts
+            with torch.device("meta"):
+                mine = EPExperts(n_local, m.hidden, m.expert_hidden, m.expert_activation, m.expert_dropout,
+                                 world=self.world, group=self.group, wire_dtype=self.compute_dtype())
+            mine.to_empty(device=full.w_up.device)
+            mine.load_state_dict({"w_up": full.w_up[first:first + n_local],
+                                  "w_down": full.w_down[first:first + n_local]})
+            block.moe.experts = mine
+        self.model = model.to(self.device)
+
+    def modules(self):
+        return [self.model]
+
+    def named_parameters(self):
+        return list(self.model.named_parameters())
+
+    @staticmethod
+    def is_expert(name: str) -> bool:
+        return name.endswith(("moe.experts.w_up", "moe.experts.w_down"))
+
+    def replication(self, name: str) -> int:
+        return 1 if self.is_expert(name) else self.world
+
+    def checkpoint_key(self, name: str) -> str:
+        return f"{name}.ep{self.rank}of{self.world}" if self.is_expert(name) else name
+
+    def _serve_experts(self) -> None:
+        """Join one forward's exchanges with no tokens of our own (others' still arrive)."""
+        hidden, E = self.cfg.model.hidden, self.cfg.model.experts
+        empty = torch.empty(0, hidden, dtype=self.compute_dtype(), device=self.device)
+        no_counts = torch.zeros(E, dtype=torch.long, device=self.device)
+        with self.autocast():
+            for block in self.model.blocks:
+                block.moe.experts(empty, no_counts)
+
+    def forward_backward(self, batch: GlobalBatch) -> StepStats:
+        batch = batch.to(self.device)
+        n_valid = batch.n_valid()
+        mbs = batch.microbatches(self.layout.microbatch_size)
+        m = self.layout.microbatches
+        if len(mbs) != m * self.world:
+            raise ValueError(f"ep_dp: the global batch has {len(mbs)} micro-batches, the layout expects "
+                             f"{m} per rank x {self.world} ranks")
+        lb_coef, z_coef = self.aux_coefficients()
+        stats = LocalStats(self.cfg.model.layers, self.cfg.model.experts)
+        for mb in mbs[self.rank * m:(self.rank + 1) * m]:
+            with self.autocast():
+                logits, routings = self.model(mb.inputs)
+            ce = lm_loss_sum(logits, mb.targets, mb.mask)
+            aux = sum(lb_coef * r.lb_loss + z_coef * r.z_loss for r in routings) / len(mbs)
+            (ce / max(n_valid, 1) + aux).backward()
+            stats.add_ce(ce)
+            for layer, r in enumerate(routings):
+                stats.add_routing(layer, r)
+        named = self.named_parameters()
+        for _, p in named:  # an expert no token chose still has a (zero) gradient, as on one rank
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        sync_gradients([p for name, p in named if not self.is_expert(name)], self.group)
+        return stats.reduce(n_valid, len(mbs), self.device)
+
+    @torch.no_grad()
+    def evaluate(self, batch: GlobalBatch) -> tuple[float, int]:
+        batch = batch.to(self.device)
+        was_training = self.model.training
+        self.model.eval()
+        mbs = batch.microbatches(self.layout.microbatch_size)
+        n, W = len(mbs), self.world
+        mine = mbs[self.rank * n // W:(self.rank + 1) * n // W]
+        ce = torch.zeros((), dtype=torch.float64, device=self.device)
+        for i in range(-(-n // W)):  # as many forwards as the busiest rank
+            if i < len(mine):
+                with self.autocast():
+                    logits, _ = self.model(mine[i].inputs)
+                ce += lm_loss_sum(logits, mine[i].targets, mine[i].mask).double()
+            else:
+                self._serve_experts()
+        self.model.train(was_training)
+        if self.group is not None:
+            all_reduce_sum(ce, self.group)
+        return float(ce), batch.n_valid()
+
+    def _decode_rows(self, batch: int) -> slice:
+        if self.cfg.model.capacity_factor is not None:
+            return slice(0, batch if self.rank == 0 else 0)
+        return slice(self.rank * batch // self.world, (self.rank + 1) * batch // self.world)
+
+    @torch.no_grad()
+    def generate(self, prompt: torch.Tensor, new_tokens: int) -> Generation:
+        model = self.model
+        was_training = model.training
+        model.eval()
+        B, T0 = prompt.shape
+        rows = self._decode_rows(B)
+        mine = prompt[rows].to(self.device)
+        active = mine.shape[0] > 0
+        caches = model.new_caches(mine.shape[0], T0 + new_tokens, dtype=self.compute_dtype()) if active else None
+
+        def step(ids, start_pos):
+            if not active:
+                self._serve_experts()
+                return None
+            with self.autocast():
+                logits, _ = model(ids, start_pos, caches)
+            return logits[:, -1].argmax(-1)
+
+        if self.group is not None:
+            dist.barrier()  # every rank starts the clock together
+        sync(self.device)
+        t0 = time.perf_counter()
+        next_ids = step(mine, 0)
+        sync(self.device)
+        prefill_s = time.perf_counter() - t0
+        out, times = [next_ids], []
+        for i in range(new_tokens - 1):
+            t = time.perf_counter()
+            next_ids = step(next_ids[:, None] if active else None, T0 + i)
+            sync(self.device)
+            times.append(time.perf_counter() - t)
+            out.append(next_ids)
+        model.train(was_training)
+        tokens = torch.zeros(B, new_tokens, dtype=torch.long, device=self.device)
+        if active:
+            tokens[rows] = torch.stack(out, 1)
+        if self.group is not None:  # each sequence was decoded by one rank: the sum is all of them
+            all_reduce_sum(tokens, self.group)
+        return Generation(tokens.cpu(), prefill_s, times)

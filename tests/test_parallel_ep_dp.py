@@ -1,0 +1,52 @@
+"""Strategy `ep_dp` against the single-rank reference, and a rank dying mid-step (tp and ep_dp).
+
+The harness (batches, training loop, reference, parity assertions) is test_parallel_tp's.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from test_parallel_tp import (CAPACITY, DROPLESS, TP, assert_parity, check_dying_rank, model_overrides,
+                              parity_rank, reference)
+from masep.testing import run_ranks
+
+EP = "masep.parallel.ep_dp:ExpertDataParallel"
+CASES = [["parallel.strategy=ep_dp"] + DROPLESS, ["parallel.strategy=ep_dp"] + CAPACITY]
+WORLD = 4
+EXPERTS = 16
+
+
+@pytest.fixture(scope="module")
+def world4():
+    return run_ranks(WORLD, parity_rank, [(EP, o, "steps") for o in CASES], timeout_s=120)
+
+
+def expert_shard(rank: int):
+    n = EXPERTS // WORLD
+
+    def shard(name: str, full: torch.Tensor) -> torch.Tensor:
+        return full[rank * n:(rank + 1) * n] if name.endswith(("w_up", "w_down")) else full
+    return shard
+
+
+@pytest.mark.parametrize("case", range(len(CASES)), ids=["dropless", "capacity"])
+def test_ep_dp_matches_single_rank_on_4_ranks(world4, case):
+    ref = reference(model_overrides(CASES[case]))
+    for rank, per_case in enumerate(world4):
+        got = per_case[case]
+        assert_parity(got, ref, expert_shard(rank))
+        assert set(got["grads"]) == set(ref["grads"])  # everything is held, experts as a slice
+        assert got["comm"]["moe_dispatch"] > 0 and got["comm"]["grad_sync"] > 0
+        assert got["comm"]["attn_allreduce"] == 0
+
+
+def test_ep_dp_capacity_drops_tokens_like_one_rank(world4):
+    """Capacity is applied per micro-batch on the routing rank: the test data must drop some,
+    or the capacity case above would not test it."""
+    assert world4[0][1]["dropped"] == reference(model_overrides(CASES[1]))["dropped"] > 0
+
+
+def test_rank_dying_mid_step_fails_the_others_within_timeout(tmp_path):
+    check_dying_rank(tmp_path, [(TP, ["parallel.strategy=tp", "parallel.tp=4"] + DROPLESS, 2),
+                                (EP, ["parallel.strategy=ep_dp"] + DROPLESS, 1)], world=WORLD, timeout=5.0)
