@@ -34,6 +34,10 @@ class CollectError(RuntimeError):
     pass
 
 
+def _duckdb_version() -> tuple[int, ...]:
+    return tuple(int(x) for x in re.findall(r"\d+", duckdb.__version__)[:2])
+
+
 def find_runs(runs_root: Path) -> dict[Path, dict[str, list[Path]]]:
     """Complete run folders -> {kind: [parquet files]}, all sorted."""
     runs: dict[Path, dict[str, list[Path]]] = {}
@@ -99,7 +103,10 @@ def collect(runs_root: str | Path, db_path: str | Path) -> dict[str, int]:
     runs = find_runs(root)
     con = duckdb.connect()
     try:
-        con.execute(f"ATTACH '{tmp}' AS out (STORAGE_VERSION '{STORAGE_VERSION}')")
+        quoted = str(tmp).replace("'", "''")
+        # Older DuckDB (< 1.4) writes its own default format and does not know the option.
+        option = f" (STORAGE_VERSION '{STORAGE_VERSION}')" if _duckdb_version() >= (1, 4) else ""
+        con.execute(f"ATTACH '{quoted}' AS out{option}")
         con.execute("USE out")
         _build(con, root, runs)
         counts = {name: con.execute(f'SELECT count(*) FROM "{name}"').fetchone()[0]

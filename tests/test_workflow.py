@@ -1,0 +1,208 @@
+"""The Snakemake workflow: dry-runs (embedded default, paper scale, profiles), lint, config
+validation, and one end-to-end run of the embedded default with few steps.
+
+Every run happens in a scratch folder that links to this checkout's workflow/, config/ and
+profiles/, so the repository's own data/, results/ and reports/ are never touched.
+"""
+from __future__ import annotations
+
+import importlib
+import re
+import subprocess
+import tomllib
+from pathlib import Path
+
+import duckdb
+import pytest
+import yaml
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def project(tmp_path) -> Path:
+    for name in ("workflow", "config", "profiles"):
+        (tmp_path / name).symlink_to(ROOT / name)
+    (tmp_path / "slurm").symlink_to("profiles/slurm")
+    return tmp_path
+
+
+def snakemake(project: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(["snakemake", *args], cwd=project, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def job_counts(out: subprocess.CompletedProcess) -> dict[str, int]:
+    assert out.returncode == 0, out.stderr[-3000:]
+    block = (out.stdout + out.stderr).split("Job stats:", 1)[1]
+    return {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", block, flags=re.M)}
+
+
+def shell_commands(out: subprocess.CompletedProcess) -> list[str]:
+    return re.findall(r"^Shell command: (.*)$", out.stdout + out.stderr, flags=re.M)
+
+
+def test_dry_run_of_the_embedded_default(project):
+    out = snakemake(project, "-n", "-p")
+    assert job_counts(out) == {"tokenize": 1, "tokenize_all": 1, "train": 1, "infer": 4, "collect": 1,
+                               "report": 1, "all": 1, "total": 10}
+    cmds = shell_commands(out)
+    train = [c for c in cmds if c.startswith("OMP_NUM_THREADS=1 masep train ")]
+    assert train == ["OMP_NUM_THREADS=1 masep train --config tiny --set launch.executor=local 'data.shards=[0]' "
+                     "parallel.strategy=single parallel.world_size=1 train.seed=0 "
+                     "--out results/runs/train/single/seed=0 > logs/train/single/seed=0.log 2>&1"]
+    infer = sorted(c for c in cmds if " masep infer " in c)
+    assert len(infer) == 4 and "'infer.context_lengths=[1024]'" in infer[0]
+    assert "--checkpoint results/runs/train/single/seed=0 --out results/runs/infer/single/ctx=1024" in infer[0]
+    assert "masep collect --runs results/runs --db results/masep.duckdb > logs/collect.log 2>&1" in cmds
+    assert "masep report --db results/masep.duckdb --out reports > logs/report.log 2>&1" in cmds
+
+
+def test_dry_run_at_paper_scale(project):
+    out = snakemake(project, "-n", "--configfile", "config/workflow-paper.yaml")
+    assert job_counts(out) == {"tokenize": 1024, "tokenize_all": 1, "train": 50, "infer": 20, "collect": 1,
+                               "report": 1, "all": 1, "total": 1098}
+
+
+def test_named_targets_and_cli_config(project):
+    counts = job_counts(snakemake(project, "-n", "train_all", "--config", "seeds=[0,1,2]"))
+    assert counts == {"tokenize": 1, "tokenize_all": 1, "train": 3, "train_all": 1, "total": 6}
+    counts = job_counts(snakemake(project, "-n", "collect", "--config", "context_lengths=[512]"))
+    assert counts == {"tokenize": 1, "tokenize_all": 1, "train": 1, "infer": 1, "collect": 1, "total": 5}
+    # one experiment, by its file
+    counts = job_counts(snakemake(project, "-n", "results/runs/infer/single/ctx=2048/run.json"))
+    assert counts == {"tokenize": 1, "tokenize_all": 1, "train": 1, "infer": 1, "total": 4}
+
+
+def test_slurm_profile(project):
+    out = snakemake(project, "-n", "-p", "--profile", "slurm", "train_all")
+    assert "Using profiles slurm and workflow specific profile profiles/default" in out.stderr
+    train = [c for c in shell_commands(out) if "masep train" in c]
+    # jobs wait on SLURM, they do not compute here: no thread pinning, one core each
+    assert train and train[0].startswith("masep train --config tiny --set launch.executor=slurm ")
+    block = re.search(r"rule train:(.*?)Shell command", out.stdout + out.stderr, flags=re.S)[1]
+    assert "threads:" not in block  # Snakemake prints threads only when more than one
+    # the same profile by path
+    assert job_counts(snakemake(project, "-n", "--profile", "profiles/slurm"))["train"] == 1
+
+
+def test_lint_is_clean(project):
+    out = snakemake(project, "--lint")
+    assert out.returncode == 0, out.stderr
+    assert "Lints for" not in out.stdout + out.stderr
+    assert "Congratulations, your workflow is in a good condition!" in out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("config, named", [
+    (["bogus=1"], "bogus"),                      # the schema
+    (["launch={partition: 7}"], "partition"),    # the schema, after --config's strings are typed
+    (["set=[model.hidden=-64]"], "model.hidden"),  # masep's own config check
+    (["strategies=[ep_dp]", "world_size={ep_dp: 3}"],  # masep's layout check
+     "strategy ep_dp: parallel.world_size: world size 3 does not divide 16 experts"),
+])
+def test_bad_config_fails_the_dry_run_naming_the_key(project, config, named):
+    out = snakemake(project, "-n", "--config", *config)
+    assert out.returncode != 0
+    assert named in out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("change, named", [
+    ({"executor": "cloud"}, "executor"),
+    ({"seeds": [-1]}, "seeds"),
+    ({"strategies": ["magic"]}, "strategies"),
+    ({"world_size": {"tp": 0}}, "world_size"),
+    ({"overrides": {"tp": ["no equals sign"]}}, "overrides"),
+    ({"shards": "0-"}, "shards"),
+    ({"context_lengths": []}, "context_lengths"),
+    ({"fresh": "yes"}, "fresh"),
+])
+def test_schema_names_the_bad_key(change, named):
+    from snakemake.exceptions import WorkflowError
+    from snakemake.utils import validate
+
+    schema = str(ROOT / "workflow/schemas/config.schema.yaml")
+    config = yaml.safe_load((ROOT / "config/config.yaml").read_text())
+    validate(dict(config), schema)  # the embedded default is valid
+    with pytest.raises(WorkflowError) as e:
+        validate({**config, **change}, schema)
+    assert f"On instance['{named}']" in str(e.value)
+
+
+def test_config_defaults_come_from_the_schema():
+    from snakemake.utils import validate
+
+    config = yaml.safe_load((ROOT / "config/config.yaml").read_text())
+    for key in ("set", "world_size", "overrides", "launch", "tokenize_threads", "fresh"):
+        del config[key]
+    validate(config, str(ROOT / "workflow/schemas/config.schema.yaml"), set_default=True)
+    assert (config["set"], config["world_size"], config["overrides"], config["launch"],
+            config["tokenize_threads"], config["fresh"]) == ([], {}, {}, {}, 2, False)
+
+
+def test_environment_yml_matches_pyproject():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = {Requirement(r).name.lower(): Requirement(r).specifier for r in project["dependencies"]}
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    conda_names = {"pytorch": "torch"}  # conda-forge name -> PyPI name
+    found: dict[str, SpecifierSet] = {}
+    python = None
+    for dep in env["dependencies"]:
+        if isinstance(dep, dict):
+            for r in dep["pip"]:
+                req = Requirement(r)
+                found[req.name.lower()] = req.specifier
+        else:
+            m = re.fullmatch(r"([A-Za-z0-9_.-]+)\s*(.*)", dep)
+            name, spec = m[1].lower(), m[2].replace(" ", "")
+            if name == "python":
+                python = SpecifierSet(spec)
+            elif name != "pip":
+                found[conda_names.get(name, name)] = SpecifierSet(spec)
+    assert found == wanted
+    assert python == SpecifierSet(project["requires-python"])
+
+
+def _runtime_missing() -> str | None:
+    try:
+        importlib.import_module("masep.runtime.train_cmd")
+        importlib.import_module("masep.runtime.infer_cmd")
+    except ImportError as e:
+        return f"masep train/infer not available yet ({e})"
+    return None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_runtime_missing() is not None, reason=str(_runtime_missing()))
+def test_end_to_end_embedded_default(project):
+    # The embedded default, shortened: few steps, two short contexts.
+    (project / "short.yaml").write_text(yaml.safe_dump({
+        "set": ["train.steps=6", "train.eval_every=3", "train.checkpoint_every=3", "train.log_every=1",
+                "train.warmup_steps=1", "infer.new_tokens=4", "infer.warmup_tokens=1"],
+        "context_lengths": [32, 64]}))
+    out = snakemake(project, "--configfile", "short.yaml", timeout=900)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    with duckdb.connect(str(project / "results" / "masep.duckdb"), read_only=True) as con:
+        assert con.execute("SELECT experiment, strategy, seed, status FROM runs ORDER BY run_dir").fetchall() == [
+            ("infer", "single", 0, "completed"), ("infer", "single", 0, "completed"),
+            ("train", "single", 0, "completed")]
+        assert con.execute("SELECT count(*), count(DISTINCT step), min(loss) > 0 FROM steps").fetchone() == (6, 6, True)
+        assert con.execute("SELECT count(*) > 0 FROM eval WHERE val_loss > 0").fetchone() == (True,)
+        assert con.execute("SELECT context_len FROM inference WHERE tpot_ms > 0 ORDER BY 1").fetchall() == [(32,), (64,)]
+        [(tokens_per_s, final_loss)] = con.execute("SELECT tokens_per_s, final_loss FROM run_summary").fetchall()
+        assert tokens_per_s > 0 and final_loss > 0
+    for f in ("index.html", "figures/loss_curves.png", "figures/loss_curves.svg", "figures/throughput.svg",
+              "figures/tpot.svg"):
+        assert (project / "reports" / f).stat().st_size > 0, f
+    assert "not measured" not in (project / "reports/index.html").read_text().split("<h2>Runs")[0] \
+        .split("<h2>Inference")[1]
+    # nothing left to do; Snakemake's own report embeds the registered figures
+    assert "Nothing to be done" in snakemake(project, "-n", "--configfile", "short.yaml").stdout
+    out = snakemake(project, "--configfile", "short.yaml", "--report", "reports/snakemake-report.html")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (project / "reports/snakemake-report.html").stat().st_size > 0
+    # re-running one experiment by naming it
+    counts = job_counts(snakemake(project, "-n", "--configfile", "short.yaml",
+                                  "results/runs/train/single/seed=0/run.json", "--forcerun", "train"))
+    assert counts == {"train": 1, "total": 1}

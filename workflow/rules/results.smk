@@ -1,0 +1,48 @@
+rule collect:
+    """Build the DuckDB database from every complete run folder under the runs root."""
+    input:
+        TRAIN_RUNS,
+        INFER_RUNS,
+    output:
+        db=DB,
+    log:
+        "logs/collect.log",
+    params:
+        # the runs root: <runs>/train/<strategy>/seed=<k>/run.json
+        runs=lambda wc, input: os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(input[0])))),
+    conda:
+        CONDA_ENV
+    shell:
+        "masep collect --runs {params.runs:q} --db {output.db:q} > {log} 2>&1"
+
+
+rule report:
+    """Figures and HTML from the database only."""
+    input:
+        db=DB,
+    output:
+        index=f"{REPORTS}/index.html",
+        png=expand(f"{REPORTS}/figures/{{name}}.png", name=FIGURES),
+        loss_curves=report(
+            f"{REPORTS}/figures/loss_curves.svg",
+            caption="../report/loss_curves.rst",
+            category="Training",
+        ),
+        throughput=report(
+            f"{REPORTS}/figures/throughput.svg",
+            caption="../report/throughput.rst",
+            category="Training",
+        ),
+        tpot=report(
+            f"{REPORTS}/figures/tpot.svg",
+            caption="../report/tpot.rst",
+            category="Inference",
+        ),
+    log:
+        "logs/report.log",
+    params:
+        out=lambda wc, output: os.path.dirname(output.index),
+    conda:
+        CONDA_ENV
+    shell:
+        "masep report --db {input.db:q} --out {params.out:q} > {log} 2>&1"
