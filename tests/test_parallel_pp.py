@@ -209,10 +209,13 @@ def test_pp_matches_single_rank(run, pp_results):
     check_parity(ref, results, full_names(overrides))
     if "model.capacity_factor=1.0" in overrides:
         assert ref["stats"].dropped > 0  # the capacity case really drops tokens
+    pp = int(next(o for o in overrides if o.startswith("parallel.pp=")).split("=")[1])
     for res in results:
         sched = res["schedule"]
         assert 0 < sched.compute_s < sched.wall_s
         assert sched.p2p_s > 0  # every stage has a neighbour
+        # 1F1B, not all-forwards-then-all-backwards: stage s holds at most pp - s micro-batches.
+        assert sched.max_in_flight == pp - res["coords"]["stage"]
     # Replicas of a stage hold identical gradients after the data-parallel sum.
     by_stage: dict[int, list[dict]] = {}
     for res in results:

@@ -34,7 +34,8 @@ Bubble: a stage with nothing to do waits inside a blocking P2P receive for its n
   microseconds for these activations on one host). `last_schedule` holds the per-step split:
   the seconds spent in this stage's own forward/backward compute, in P2P waits (transfer plus
   bubble) and the schedule's wall time, next to the textbook bubble share
-  (pp - 1) / (M + pp - 1) for comparison.
+  (pp - 1) / (M + pp - 1) for comparison, and the most micro-batches whose activations the
+  stage held at once (pp - s under 1F1B: the activation-memory bound).
 
 Decoding: every replica decodes the whole prompt batch (one request stream per replica, as a
   served PP deployment runs; replicas compute bit-identical tokens because they hold identical
@@ -110,6 +111,7 @@ class ScheduleTiming:
     compute_s: float  # this stage's own forward and backward steps
     p2p_s: float  # inside P2P exchanges: transfer plus waiting for a neighbour (the bubble)
     ideal_bubble: float  # (pp - 1) / (M + pp - 1), the 1F1B bubble share with equal stages
+    max_in_flight: int  # most micro-batches whose activations this stage held at once
 
 
 class PipelineParallel(Strategy):
@@ -268,6 +270,7 @@ class PipelineParallel(Strategy):
         _sync(self.device)
         t_start = time.perf_counter()
         in_flight: list[tuple[Optional[torch.Tensor], torch.Tensor, torch.Tensor]] = []
+        max_in_flight = 0
 
         def recv_input(shape_) -> Optional[torch.Tensor]:
             if self.is_first:
@@ -275,12 +278,13 @@ class PipelineParallel(Strategy):
             return self._exchange(None, None, shape_, self.prev_rank).requires_grad_()
 
         def forward(i: int, x_in) -> torch.Tensor:
-            nonlocal compute
+            nonlocal compute, max_in_flight
             t = time.perf_counter()
             out, aux = self._forward_step(mine[i], x_in, n_valid, n_micro, stats)
             _sync(self.device)
             compute += time.perf_counter() - t
             in_flight.append((x_in, out, aux))
+            max_in_flight = max(max_in_flight, len(in_flight))
             return out
 
         def backward(grad_out) -> Optional[torch.Tensor]:
@@ -318,7 +322,8 @@ class PipelineParallel(Strategy):
         pp = self.n_stages
         self.last_schedule = ScheduleTiming(wall_s=wall, compute_s=compute,
                                             p2p_s=comm_timer().totals()["p2p"] - p2p_before,
-                                            ideal_bubble=(pp - 1) / (M + pp - 1))
+                                            ideal_bubble=(pp - 1) / (M + pp - 1),
+                                            max_in_flight=max_in_flight)
 
     def _sync_gradients(self) -> None:
         params = [p for _, p in self.named_parameters()]
