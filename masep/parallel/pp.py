@@ -29,20 +29,26 @@ Communication (each call timed under its kind through `comm_timer()`):
   grad_sync  after the schedule, gradients summed over the stage's data-parallel group (the
              same stage in every replica), and the tied embedding's over first and last stage.
 
-Bubble: a stage with nothing to do waits inside a blocking P2P receive for its neighbour, so
+Bubble: a stage with nothing to do waits inside a blocking P2P exchange for its neighbour, so
   the time it idles is part of the `p2p` total of the step (the rest is the transfer itself,
-  microseconds for these activations on one host). `last_schedule` holds the per-step split:
+  microseconds for these activations on one host). In the trainer's step rows the bubble is
+  therefore inside `comm_p2p_s`, not in `idle_s` (the wait for the slowest rank after the
+  step) nor in `compute_s`. `last_schedule` holds the per-step split:
   the seconds spent in this stage's own forward/backward compute, in P2P waits (transfer plus
   bubble) and the schedule's wall time, next to the textbook bubble share
   (pp - 1) / (M + pp - 1) for comparison, and the most micro-batches whose activations the
   stage held at once (pp - s under 1F1B: the activation-memory bound).
 
 Decoding: every replica decodes the whole prompt batch (one request stream per replica, as a
-  served PP deployment runs; replicas compute bit-identical tokens because they hold identical
-  weights, so no cross-replica traffic is needed). The prompt goes through the stages in one
+  served PP deployment runs; no cross-replica traffic inside the timed loop, so the per-token
+  times are those of one pipeline serving the batch). The prompt goes through the stages in one
   piece; each stage keeps the KV caches of its own layers; the last stage picks the next token
   and broadcasts it over the replica's pipeline group (the first stage needs it to embed the
-  next step; the others return it), which also synchronises every stage per token.
+  next step; the others return it), which also synchronises every stage per token. Rank 0's
+  tokens are broadcast to the world at the end, so every rank returns the same ones.
+
+Evaluation: forward only, micro-batch by micro-batch through the stages of each replica; the
+  last stages' cross-entropy sums are added over the world.
 """
 from __future__ import annotations
 
