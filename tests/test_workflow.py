@@ -71,9 +71,11 @@ def test_named_targets_and_cli_config(project):
     assert counts == {"tokenize": 1, "tokenize_all": 1, "train": 3, "train_all": 1, "total": 6}
     counts = job_counts(snakemake(project, "-n", "collect", "--config", "context_lengths=[512]"))
     assert counts == {"tokenize": 1, "tokenize_all": 1, "train": 1, "infer": 1, "collect": 1, "total": 5}
-    # one experiment, by its file
-    counts = job_counts(snakemake(project, "-n", "results/runs/infer/single/ctx=2048/run.json"))
-    assert counts == {"tokenize": 1, "tokenize_all": 1, "train": 1, "infer": 1, "total": 4}
+    # one experiment, by its file; fresh=true empties its run folder first
+    out = snakemake(project, "-n", "-p", "results/runs/infer/single/ctx=2048/run.json", "--config", "fresh=true")
+    assert job_counts(out) == {"tokenize": 1, "tokenize_all": 1, "train": 1, "infer": 1, "total": 4}
+    assert any(c.startswith("rm -rf results/runs/infer/single/ctx=2048 && OMP_NUM_THREADS=1 masep infer ")
+               for c in shell_commands(out))
 
 
 def test_slurm_profile(project):
@@ -203,6 +205,6 @@ def test_end_to_end_embedded_default(project):
     assert out.returncode == 0, out.stderr[-3000:]
     assert (project / "reports/snakemake-report.html").stat().st_size > 0
     # re-running one experiment by naming it
-    counts = job_counts(snakemake(project, "-n", "--configfile", "short.yaml",
-                                  "results/runs/train/single/seed=0/run.json", "--forcerun", "train"))
+    counts = job_counts(snakemake(project, "-n", "results/runs/train/single/seed=0/run.json",
+                                  "--configfile", "short.yaml", "--forcerun", "train"))
     assert counts == {"train": 1, "total": 1}
