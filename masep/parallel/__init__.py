@@ -10,6 +10,7 @@ STRATEGY_CLASSES = {
     "tp_pp": "masep.parallel.tp_pp:TensorPipelineParallel",
     "tp": "masep.parallel.tp:TensorParallel",
     "ep_dp": "masep.parallel.ep_dp:ExpertDataParallel",
+    "ma_sep": "masep.parallel.ma_sep:MASeparation",
 }
 
 

@@ -217,3 +217,111 @@ def copy_many_to_group(tensors: list[torch.Tensor], group, kind: str) -> tuple[t
     backward. Separate copies would be independent branches of the graph, whose backward
     order the autograd engine may not keep alike on every rank; one collective has no order."""
     return _CopyManyToGroup.apply(group, kind, *tensors)
+
+
+# ---------------------------------------------------------------- non-blocking point-to-point
+# (ma_sep: attention ranks and MoE ranks exchange routed rows while both keep computing)
+
+
+class PendingP2P:
+    """Transfers posted by `post_p2p`; `wait()` blocks until all are done. Until then the send
+    tensors must not change and the receive buffers hold no data yet."""
+
+    def __init__(self, works: list, what: str, peers: list[int], kind: str, timeout_s: Optional[float]):
+        self.works, self.what, self.peers, self.kind, self.timeout_s = works, what, peers, kind, timeout_s
+
+    def wait(self) -> None:
+        if not self.works:
+            return
+        from datetime import timedelta
+
+        # Only the time spent blocked here is recorded: a transfer that completed behind
+        # computation costs nothing, which is what the overlap is meant to achieve.
+        with comm_timer().time(self.kind):
+            try:
+                for work in self.works:
+                    if self.timeout_s:
+                        work.wait(timedelta(seconds=self.timeout_s))
+                    else:
+                        work.wait()
+            except RuntimeError as e:  # DistBackendError and gloo's IO errors derive from it
+                raise PeerCommError(
+                    f"rank {dist.get_rank()}: {self.what} with rank(s) {self.peers} failed (peer gone, "
+                    f"or no answer within {self.timeout_s}s): {str(e).splitlines()[0]}") from e
+        self.works = []
+
+
+def post_p2p(sends: list[tuple[torch.Tensor, int]], recvs: list[tuple[torch.Tensor, int]],
+             group=None, kind: str = "p2p", tag: int = 0, what: str = "point-to-point transfer",
+             timeout_s: Optional[float] = None) -> PendingP2P:
+    """Post sends `(tensor, dst)` and receives `(buffer, src)` (global ranks) as one
+    `dist.batch_isend_irecv` and return at once; wait on the result only when the data is needed.
+
+    Tensors without elements are skipped: both sides derive the sizes from the same counts, so
+    both skip the same transfers. All tensors of one call must live on one device. Between two
+    ranks, transfers in one direction within `group` match in the order they are posted.
+    """
+    ops = ([dist.P2POp(dist.isend, t, dst, group, tag) for t, dst in sends if t.numel()]
+           + [dist.P2POp(dist.irecv, buf, src, group, tag) for buf, src in recvs if buf.numel()])
+    peers = sorted({p for t, p in sends if t.numel()} | {p for b, p in recvs if b.numel()})
+    if not ops:
+        return PendingP2P([], what, peers, kind, timeout_s)
+    for op in ops:
+        if not op.tensor.is_contiguous():
+            raise ValueError("post_p2p: tensors must be contiguous")
+    with comm_timer().time(kind):
+        works = dist.batch_isend_irecv(ops)
+    return PendingP2P(works, what, peers, kind, timeout_s)
+
+
+def _all_gather_uneven(x: torch.Tensor, group, sizes: list[int], kind: str) -> torch.Tensor:
+    """Concatenate each rank's rows (`sizes[r]` rows from rank r). gloo's all_gather wants equal
+    shapes, so every part travels padded to the largest."""
+    longest = max(sizes)
+    padded = x.new_zeros((longest,) + x.shape[1:])
+    padded[: x.shape[0]] = x
+    parts = [torch.empty_like(padded) for _ in sizes]
+    with comm_timer().time(kind):
+        dist.all_gather(parts, padded, group=group)
+    return torch.cat([p[:n] for p, n in zip(parts, sizes)])
+
+
+class _ScatterRows(torch.autograd.Function):
+    """Keep this rank's block of rows of a tensor that every rank of `group` holds alike; the
+    backward all-gathers the blocks' gradients, so each rank again holds the complete gradient of
+    the replicated tensor (Megatron-LM's scatter to the sequence-parallel region)."""
+
+    @staticmethod
+    def forward(ctx, x, group, kind, sizes):
+        ctx.group, ctx.kind, ctx.sizes = group, kind, sizes
+        start = sum(sizes[: dist.get_rank(group)])
+        return x[start:start + sizes[dist.get_rank(group)]].clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_gather_uneven(grad.contiguous(), ctx.group, ctx.sizes, ctx.kind), None, None, None
+
+
+class _GatherRowsUneven(torch.autograd.Function):
+    """The inverse of `_ScatterRows`: concatenate the blocks; backward keeps this rank's block
+    (the consumers are replicated across the group, so its gradient is already complete)."""
+
+    @staticmethod
+    def forward(ctx, x, group, kind, sizes):
+        ctx.sizes, ctx.rank = sizes, dist.get_rank(group)
+        return _all_gather_uneven(x.contiguous(), group, sizes, kind)
+
+    @staticmethod
+    def backward(ctx, grad):
+        start = sum(ctx.sizes[: ctx.rank])
+        return grad[start:start + ctx.sizes[ctx.rank]].contiguous(), None, None, None
+
+
+def scatter_rows(x: torch.Tensor, group, sizes: list[int], kind: str) -> torch.Tensor:
+    """This rank's `sizes[rank]` rows of the replicated `x` (blocks in rank order; sizes may differ)."""
+    return _ScatterRows.apply(x, group, kind, sizes)
+
+
+def gather_uneven_rows(x: torch.Tensor, group, sizes: list[int], kind: str) -> torch.Tensor:
+    """Like `gather_rows` but for blocks of different sizes, also over gloo."""
+    return _GatherRowsUneven.apply(x, group, kind, sizes)
