@@ -35,12 +35,21 @@ def _worker(rank, world, port, fn, args, out_dir, timeout_s):
             dist.destroy_process_group()
 
 
+# Rank processes come from a fork server that has imported these once: spawning fresh
+# interpreters that each import torch costs seconds per rank on a small machine.
+_PRELOAD = ["torch", "torch._dynamo", "torch.distributed", "masep.model", "masep.parallel.base",
+            "masep.runtime.trainer"]
+
+
 def run_ranks(world: int, fn, *args, timeout_s: float = 120.0) -> list:
-    """Call fn(rank, world, *args) on `world` spawned processes; return each rank's result.
+    """Call fn(rank, world, *args) on `world` new processes; return each rank's result.
     `fn` must be importable (a module-level function)."""
+    import multiprocessing
+
+    multiprocessing.set_forkserver_preload(_PRELOAD)
     with tempfile.TemporaryDirectory() as out_dir:
-        ctx = mp.spawn(_worker, args=(world, _free_port(), fn, args, out_dir, timeout_s),
-                       nprocs=world, join=False)
+        ctx = mp.start_processes(_worker, args=(world, _free_port(), fn, args, out_dir, timeout_s),
+                                 nprocs=world, join=False, start_method="forkserver")
         while not ctx.join(timeout=timeout_s * 2):
             pass
         results = []

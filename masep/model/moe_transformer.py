@@ -295,9 +295,11 @@ class MoETransformer(nn.Module):
 
 @torch.no_grad()
 def init_weights(model: MoETransformer, seed: int) -> None:
-    """Deterministic init from `seed` alone: normal(0, init_std), output projections scaled by
-    1/sqrt(2 * layers) (GPT-2), norms at 1. Every strategy starts from these same weights."""
-    gen = torch.Generator().manual_seed(seed)
+    """Deterministic init from `seed` (and the device type the weights live on): normal(0,
+    init_std), output projections scaled by 1/sqrt(2 * layers) (GPT-2), norms at 1. Every
+    strategy starts from these same weights."""
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
     std = model.cfg.init_std
     out_std = std / math.sqrt(2 * model.cfg.layers)
     for name, p in model.named_parameters():
@@ -305,13 +307,15 @@ def init_weights(model: MoETransformer, seed: int) -> None:
             p.fill_(1.0)
             continue
         s = out_std if name.endswith(("attn.out.weight", "w_down")) else std
-        p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * s)
+        p.normal_(0.0, s, generator=gen)
 
 
 def build_model(cfg: ModelConfig, seed: int, device="cpu") -> MoETransformer:
-    model = MoETransformer(cfg)
+    """The full model, initialised directly on `device` (a GPU builds a large model in seconds)."""
+    with torch.device(device):
+        model = MoETransformer(cfg)
     init_weights(model, seed)
-    return model.to(device)
+    return model
 
 
 def analytic_parameter_count(cfg: ModelConfig) -> dict[str, int]:

@@ -73,7 +73,9 @@ class Trainer:
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
         torch.manual_seed(cfg.train.seed)
-        model = build_model(cfg.model, cfg.train.seed)
+        # Built where it will run: on GPU every rank initialises the full model in seconds, and
+        # each strategy keeps only its part (on CPU the same code path keeps tests exact).
+        model = build_model(cfg.model, cfg.train.seed, self.device)
         # Dropout streams differ per rank but are fixed by (seed, rank) and checkpointed.
         torch.manual_seed(cfg.train.seed * 1000 + rank)
         self.timer = CommTimer(self.device)
