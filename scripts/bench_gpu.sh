@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# One call on a machine with 2 GPUs: the single-GPU model and every 2-GPU strategy on the h200
+# preset, one after another in one job (same machine state), then one table.
+#   scripts/bench_gpu.sh OUT_DIR [label ...]      (labels: single tp2 pp2 tp_pp ep_dp2 ma_sep)
+# Writes OUT_DIR/<label>.json (rows for `python -m masep.bench_table`) and prints the table.
+set -uo pipefail
+out=${1:?usage: scripts/bench_gpu.sh OUT_DIR [label ...]}
+shift
+labels=${*:-single tp2 pp2 ep_dp2 ma_sep}
+mkdir -p "$out"
+# NVLink multicast stays off: it can take a shared host's GPUs out of service.
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+export PYTHONPATH="$(cd "$(dirname "$0")/.." && pwd)${PYTHONPATH:+:$PYTHONPATH}"
+common="train.deterministic=false train.global_batch=${GLOBAL_BATCH:-16} train.micro_batch=${MICRO_BATCH:-4}"
+steps=${STEPS:-6}
+declare -A sets=(
+  [single]="parallel.strategy=single"
+  [tp2]="parallel.strategy=tp parallel.tp=2"
+  [pp2]="parallel.strategy=pp parallel.pp=2 parallel.microbatches=4"
+  [ep_dp2]="parallel.strategy=ep_dp"
+  [ma_sep]="parallel.strategy=ma_sep parallel.attn_tp=1 parallel.attn_replicas=1 parallel.moe_ranks=1 parallel.microbatches=${MA_INFLIGHT:-2}"
+)
+declare -A ranks=([single]=1 [tp2]=2 [pp2]=2 [ep_dp2]=2 [ma_sep]=2)
+for label in $labels; do
+  echo "=== $label"
+  timeout "${RUN_TIMEOUT:-420}" torchrun --standalone --nproc_per_node "${ranks[$label]}" -m masep.bench \
+    --config h200 --set $common ${sets[$label]} ${EXTRA_SET:-} --warmup 2 --steps "$steps" --decode \
+    --label "$label" --out "$out/$label.json" ${PROFILE:+--profile "$out/profile"} 2>&1 \
+    | grep -vE "Warning|warnings.warn|^\s*$" | tail -40
+done
+python3 -m masep.bench_table "$out"/*.json | tee "$out/table.md"
