@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from test_parallel_tp import (CAPACITY, DROPLESS, TP, assert_parity, check_dying_rank, model_overrides,
-                              parity_rank, reference)
+from test_parallel_tp import (CAPACITY, DROPLESS, TP, assert_parity, check_dying_rank, check_trainer_run,
+                              model_overrides, parity_rank, reference)
 from masep.testing import run_ranks
 
 EP = "masep.parallel.ep_dp:ExpertDataParallel"
@@ -17,9 +17,13 @@ WORLD = 4
 EXPERTS = 16
 
 
+TRAINER = ["parallel.strategy=ep_dp", "model.expert_dropout=0.1"] + CAPACITY
+
+
 @pytest.fixture(scope="module")
-def world4():
-    return run_ranks(WORLD, parity_rank, [(EP, o, "steps") for o in CASES], timeout_s=120)
+def world4(tmp_path_factory):
+    cases = [(EP, o, "steps") for o in CASES] + [(EP, TRAINER, "trainer")]
+    return run_ranks(WORLD, parity_rank, cases, str(tmp_path_factory.mktemp("ep-checkpoints")), timeout_s=120)
 
 
 def expert_shard(rank: int):
@@ -45,6 +49,10 @@ def test_ep_dp_capacity_drops_tokens_like_one_rank(world4):
     """Capacity is applied per micro-batch on the routing rank: the test data must drop some,
     or the capacity case above would not test it."""
     assert world4[0][1]["dropped"] == reference(model_overrides(CASES[1]))["dropped"] > 0
+
+
+def test_ep_dp_under_the_trainer_resumes_exactly(world4):
+    check_trainer_run([per_case[len(CASES)] for per_case in world4], {"moe_dispatch", "grad_sync"})
 
 
 def test_rank_dying_mid_step_fails_the_others_within_timeout(tmp_path):

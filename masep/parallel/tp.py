@@ -118,12 +118,16 @@ def private_rng(device: torch.device, stream: int):
     private stream is a function of the shared one, so checkpointing the shared state suffices."""
     seed = int(torch.randint(0, 2 ** 62, (1,)).item())
     mixed = (seed ^ ((stream + 1) * 0x9E3779B97F4A7C15)) % (2 ** 63)
-    cuda = device.type == "cuda"
-    index = device.index if device.index is not None else (torch.cuda.current_device() if cuda else None)
-    with torch.random.fork_rng(devices=[index] if cuda else [], device_type="cuda" if cuda else None):
-        gen = torch.cuda.default_generators[index] if cuda else torch.default_generator
-        gen.manual_seed(mixed)
+    if device.type == "cuda":
+        gen = torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
+    else:
+        gen = torch.default_generator
+    shared = gen.get_state()
+    gen.manual_seed(mixed)
+    try:
         yield
+    finally:
+        gen.set_state(shared)
 
 
 # ------------------------------------------------------------------ sharded modules
