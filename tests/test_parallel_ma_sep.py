@@ -20,7 +20,8 @@ from masep.telemetry.timing import comm_timer
 from masep.testing import run_ranks
 
 SEED = 7
-BASE = ["model.vocab_size=1000", "data.seq_len=32", "train.global_batch=8", "train.micro_batch=2", "model.hidden=64", "model.heads=4",
+BASE = ["model.vocab_size=1000", "data.seq_len=32", "train.global_batch=8", "train.micro_batch=2",
+        "model.hidden=64", "model.heads=4",
         "model.experts=16", "model.expert_hidden=64", "model.dropout=0.0", "model.expert_dropout=0.0",
         "parallel.timeout_s=20"]
 DROPLESS = ["model.capacity_factor=null"]

@@ -9,7 +9,7 @@ The seed's Section 4.4 ("8 attention GPUs, 4 heads per GPU, 2x replication, 2-wa
 parallelism") cannot hold on 8 GPUs as written. This module takes the reading the project's
 spec settles on: 2 attention replicas x 4-way head parallelism (8 of the 32 heads per GPU), the
 two replicas splitting the token stream in two, plus 8 MoE GPUs with 2 experts each, i.e.
-`parallel.attn_tp=4, attn_replicas=2, moe_ranks=8` on 16 GPUs (`SEED_LAYOUT` below).
+`parallel.attn_tp=4, attn_replicas=2, moe_ranks=8` on 16 GPUs.
 
 What each rank holds
 - Attention rank (replica r, head shard t): the embedding, every layer's norms, router and its
@@ -21,7 +21,7 @@ What each rank holds
 - MoE rank j: its experts of every layer (`Experts(E/moe_ranks, ...)` with sliced weights), and
   nothing else.
 
-One layer for one micro-batch (the numbers per layer are the "segments" below)
+One layer for one micro-batch
     attention replica: x -> attention -> h -> moe_norm -> route (router on the attention side,
         capacity per micro-batch exactly as on one rank) -> the kept (token, expert) rows sorted
         by expert, as `masep.model.dispatch_combine` sorts them
@@ -39,7 +39,12 @@ One layer for one micro-batch (the numbers per layer are the "segments" below)
         experts' backward and return the gradient of the rows they received; `scatter_rows`'
         backward all-gathers those gradients inside the replica.
 All dispatch/combine traffic (counts, rows, their gradients, the replica's gathers) is timed
-under `moe_dispatch`.
+under `moe_dispatch`. Only time spent blocked is recorded (posting, then waiting for a handle),
+so a transfer hidden behind computation costs nothing; by the same token a rank's wait includes
+the time the other group needed to produce the data (on MoE ranks, mostly the attention side's
+compute): the figure is exposed communication plus imbalance between the groups, not wire time.
+Rows travel in the compute dtype (bf16 under GPU autocast, where the experts' matrix products
+would cast them anyway; fp32 on CPU).
 
 Transport: batched non-blocking point-to-point (`post_p2p` = `dist.batch_isend_irecv`) between
 each attention rank and each MoE rank rather than an all-to-all. Reasons: the two groups play
@@ -84,7 +89,9 @@ wave on the attention side and the last layer's backward of a wave on the MoE si
 fill and drain, as in any pipeline), the count exchange (the MoE rank must know the sizes
 before it can post the receive of the rows: a small blocking message per (layer, micro-batch,
 attention rank)), and the gradient sync at the end of the step. With m = 1 the groups take
-turns (no overlap): the baseline the pipelined runs are compared with.
+turns (no overlap): the baseline the pipelined runs are compared with. The transfers hide
+completely once m x T_max >= 2 (T_max + T_comm) (MegaScale-Infer), T_max the slower group's
+time per layer and micro-batch; the price is m micro-batches' activations held at once.
 
 Gradients: attention parameters are summed over the replicas (the same head shard of every
 replica, `sync_gradients`, kind `grad_sync`); inside a replica the replicated parameters' grads
@@ -122,9 +129,6 @@ from masep.parallel.comm import (PendingP2P, all_reduce_sum, gather_uneven_rows,
                                  scatter_rows, sync_gradients)
 from masep.parallel.single import sync
 from masep.parallel.tp import TPAttention, sync_rng_state, tp_shard
-
-# The seed's 16-GPU layout in the spec's consistent reading (see the module docstring).
-SEED_LAYOUT = {"attn_tp": 4, "attn_replicas": 2, "moe_ranks": 8}
 
 KIND = "moe_dispatch"
 # Tags keep the three kinds of message apart on gloo (NCCL ignores tags and relies on order).
@@ -167,6 +171,7 @@ class _Flight:
     ids: torch.Tensor
     targets: Optional[torch.Tensor] = None
     mask: Optional[torch.Tensor] = None
+    index: int = 0  # micro-batch index inside the replica's step (for error messages)
     routes: dict = field(default_factory=dict)  # layer -> _Route
     outputs: dict = field(default_factory=dict)  # segment -> (tensors, their gradients' sources)
     logits: Optional[torch.Tensor] = None
@@ -226,7 +231,8 @@ class MASeparation(Strategy):
         if self.is_attention:
             self.replica, self.head_shard = coords["replica"], coords["head_shard"]
             for block in model.blocks:
-                attn = TPAttention(mc.hidden, mc.heads // tp, mc.head_dim, self.replica_group, tp)
+                with torch.device(self.device):  # uninitialised: the slices are loaded next
+                    attn = TPAttention(mc.hidden, mc.heads // tp, mc.head_dim, self.replica_group, tp)
                 attn.load_state_dict({k: tp_shard("attn." + k, v, mc, self.head_shard, tp)
                                       for k, v in block.attn.state_dict().items()})
                 block.attn = attn
@@ -239,7 +245,8 @@ class MASeparation(Strategy):
             self.moe_index = coords["moe_index"]
             self.experts = nn.ModuleList()
             for block in model.blocks:
-                ex = Experts(self.n_local, mc.hidden, mc.expert_hidden, mc.expert_activation, mc.expert_dropout)
+                with torch.device(self.device):
+                    ex = Experts(self.n_local, mc.hidden, mc.expert_hidden, mc.expert_activation, mc.expert_dropout)
                 ex.load_state_dict({k: tp_shard("moe.experts." + k, v, mc, self.moe_index, self.M)
                                     for k, v in block.moe.experts.state_dict().items()})
                 self.experts.append(ex)
@@ -268,12 +275,6 @@ class MASeparation(Strategy):
             return f"{name}.heads{self.head_shard}of{self.tp}"
         return name
 
-    def shard_of(self, name: str, full: torch.Tensor) -> torch.Tensor:
-        """The part of the full model's tensor `name` that this rank holds (e.g. to compare)."""
-        if name.endswith(_EXPERT_PARAMS):
-            return tp_shard(name, full, self.cfg.model, self.moe_index, self.M)
-        return tp_shard(name, full, self.cfg.model, self.head_shard, self.tp)
-
     # ------------------------------------------------------------------ training
 
     def _my_microbatches(self, batch: GlobalBatch) -> list[GlobalBatch]:
@@ -294,7 +295,7 @@ class MASeparation(Strategy):
         pending: list[PendingP2P] = []
         for wave in waves:
             if self.is_attention:
-                flights = [_Flight(mine[i].inputs, mine[i].targets, mine[i].mask) for i in wave]
+                flights = [_Flight(mine[i].inputs, mine[i].targets, mine[i].mask, i) for i in wave]
                 for s in range(self.L + 1):
                     for f in flights:
                         self._forward_segment(f, s, stats=stats, n_valid=n_valid, n_micro=n_micro)
@@ -305,10 +306,12 @@ class MASeparation(Strategy):
                 served = {}
                 for layer in range(self.L):
                     for i in wave:
-                        served[layer, i] = self._serve_forward(layer, self.attn_ranks, f"layer {layer} micro-batch {i}")
+                        where = f"layer {layer} micro-batch {i}"
+                        served[layer, i] = self._serve_forward(layer, self.attn_ranks, where)
                 for layer in reversed(range(self.L)):
                     for i in wave:
-                        self._serve_backward(served.pop((layer, i)), pending, f"layer {layer} micro-batch {i}")
+                        where = f"layer {layer} micro-batch {i}"
+                        self._serve_backward(served.pop((layer, i)), pending, where)
         for p in pending:
             p.wait()
         params = [p for _, p in self.named_parameters()]
@@ -341,7 +344,7 @@ class MASeparation(Strategy):
                 rows = xn_flat[route.tok].to(self.wire_dtype)
                 if self.tp > 1:  # my share; its backward all-gathers the shares' gradients
                     rows = scatter_rows(rows, self.replica_group, route.share_sizes, KIND)
-                self._dispatch(route, rows, f"layer {s}")
+                self._dispatch(route, rows, f"layer {s} micro-batch {f.index}")
                 f.routes[s] = route
         if s == self.L:
             if f.targets is not None:
@@ -439,7 +442,7 @@ class MASeparation(Strategy):
         prev = f.routes[s - 1]
         gy = prev.y_leaf.grad if prev.y_leaf.grad is not None else torch.zeros_like(prev.y_leaf)
         gy = gy.contiguous()
-        where = f"layer {s - 1}"
+        where = f"layer {s - 1} micro-batch {f.index}"
         pending.append(post_p2p([(gy[a:a + n], dst) for dst, a, n in prev.offsets()], [], self.to_moe, KIND,
                                 TAG_GRADS, f"sending output gradients of {where}", self.timeout_s))
         prev.gx_buf = torch.empty_like(gy)
@@ -521,7 +524,7 @@ class MASeparation(Strategy):
         mine = self._my_microbatches(batch)
         if self.is_attention:
             for wave in _waves(len(mine), self.cfg.parallel.microbatches):
-                flights = [_Flight(mine[i].inputs) for i in wave]
+                flights = [_Flight(mine[i].inputs, index=i) for i in wave]
                 for s in range(self.L + 1):
                     for f in flights:
                         self._forward_segment(f, s)
