@@ -181,9 +181,13 @@ def route(logits: torch.Tensor, top_k: int, capacity_factor: Optional[float]) ->
     if cap is None:
         keep = torch.ones_like(top_e, dtype=torch.bool)
     else:
-        # Position of each assignment in its expert's queue, choice-major then token order.
-        onehot = F.one_hot(top_e.T.reshape(-1), E)  # [k*N, E]
-        position = (onehot.cumsum(0) * onehot).sum(-1) - 1
+        # Position of each assignment in its expert's queue, choice-major then token order:
+        # a stable sort by expert keeps that order inside each expert's group.
+        flat = top_e.T.reshape(-1)  # [k*N]
+        order = torch.argsort(flat, stable=True)
+        starts = torch.cumsum(torch.bincount(flat, minlength=E), 0) - torch.bincount(flat, minlength=E)
+        position = torch.empty_like(flat)
+        position[order] = torch.arange(flat.numel(), device=flat.device) - starts[flat[order]]
         keep = (position < cap).view(top_k, N).T
     kept_e = top_e[keep]
     tokens_per_expert = torch.bincount(kept_e, minlength=E)

@@ -167,10 +167,14 @@ class Strategy(ABC):
 
     def grad_norm(self) -> float:
         """Global L2 norm of all gradients, each parameter counted once over the world."""
+        named = [(n, p.grad) for n, p in self.named_parameters() if p.grad is not None]
         total = torch.zeros((), dtype=torch.float64, device=self.device)
-        for name, p in self.named_parameters():
-            if p.grad is not None:
-                total += p.grad.detach().double().pow(2).sum() / self.replication(name)
+        if named:
+            # One fused pass over all gradients (fp32 norms, summed in fp64 with their weights).
+            norms = torch._foreach_norm([g.detach() for _, g in named])
+            weights = torch.tensor([1.0 / self.replication(n) for n, _ in named], dtype=torch.float64,
+                                   device=self.device)
+            total = (torch.stack(norms).double().pow(2) * weights).sum()
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(total)
         return float(total.sqrt())
