@@ -5,6 +5,7 @@ Rank functions live at module level: spawned ranks import them by this module's 
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
 
@@ -89,17 +90,34 @@ def parity_run(rank, world, attn_tp, replicas, moe, in_flight, extra, prompt_bat
     return out
 
 
+@contextlib.contextmanager
+def _one_thread():
+    """These tensors are tiny: on 2 busy cores a second intra-op thread makes them ~10x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _single_rank(extra) -> SingleRank:
+    cfg = load_config("tiny", BASE + list(extra) + ["parallel.strategy=single", "parallel.world_size=1"])
+    return SingleRank(cfg, make_layout(cfg), 0, "cpu", build_model(cfg.model, SEED))
+
+
 @functools.lru_cache(maxsize=None)
 def _trained_reference(extra: tuple):
-    cfg = load_config("tiny", BASE + list(extra) + ["parallel.strategy=single", "parallel.world_size=1"])
-    strategy = SingleRank(cfg, make_layout(cfg), 0, "cpu", build_model(cfg.model, SEED))
-    return strategy, _train(strategy, cfg.model.vocab_size)
+    strategy = _single_rank(extra)
+    with _one_thread():
+        return strategy, _train(strategy, strategy.cfg.model.vocab_size)
 
 
 @functools.lru_cache(maxsize=None)
 def _reference(extra: tuple, prompt_batch: int) -> dict:
     strategy, trained = _trained_reference(extra)
-    return {**trained, **_decode_and_evaluate(strategy, strategy.cfg.model.vocab_size, prompt_batch)}
+    with _one_thread():
+        return {**trained, **_decode_and_evaluate(strategy, strategy.cfg.model.vocab_size, prompt_batch)}
 
 
 def _check_parity(results: list[dict], ref: dict, attn_tp: int, replicas: int, moe: int) -> None:
@@ -151,6 +169,7 @@ def world4_rank(rank, world):
     the parity cases, the dropout check, and last a MoE rank failing mid-step."""
     out = {name: parity_run(rank, world, *case) for name, case in WORLD4.items()}
     out["dropout"] = dropout_run(rank, world)
+    out["bf16"] = bf16_run(rank, world)
     out["overlap"] = overlap_run(rank, world)
     out["raise"] = failing_run(rank, world, "raise", 3, 4.0)
     return out
@@ -167,7 +186,7 @@ def test_parity_world4(world4, name):
     _check_parity([r[name] for r in world4], _reference(tuple(extra), prompt_batch), attn_tp, replicas, moe)
 
 
-@pytest.mark.slow  # 8 ranks on 2 cores: about half a minute, most of it 8 torch start-ups
+@pytest.mark.slow  # 8 ranks on 2 cores: 5-20 s depending on load, most of it 8 torch start-ups
 def test_parity_world8_pipelined():
     # 2 replicas x 2-way heads + 4 MoE ranks, 2 micro-batches per replica in flight, capacity 1.0,
     # a prompt batch the two replicas split.
@@ -189,6 +208,37 @@ def test_layout_rejects_what_does_not_divide():
         make_layout(_ma_cfg(4, 2, 2, 2, 1, DROPLESS))
     with pytest.raises(ConfigError, match="does not divide 4 heads"):
         make_layout(_ma_cfg(5, 3, 1, 2, 1, DROPLESS))
+
+
+# ------------------------------------------------------------------ bf16 autocast
+
+BF16 = DROPLESS + ["train.dtype=bf16"]
+
+
+def _bf16_step(strategy, vocab: int) -> dict:
+    stats = strategy.forward_backward(_batch(0, vocab))
+    return {"loss": stats.loss, "norm": strategy.grad_norm(),
+            "tokens": strategy.generate(_prompt(2, vocab), NEW_TOKENS).tokens}
+
+
+def bf16_run(rank, world):
+    """Rows travel in bf16 (the compute dtype) and come back as bf16 outputs and gradients."""
+    from masep.parallel.ma_sep import MASeparation
+
+    cfg = _ma_cfg(world, 2, 1, 2, 2, BF16)
+    strategy = MASeparation(cfg, make_layout(cfg), rank, "cpu", build_model(cfg.model, SEED))
+    assert strategy.wire_dtype == torch.bfloat16
+    return _bf16_step(strategy, cfg.model.vocab_size)
+
+
+def test_bf16_autocast_matches_single_rank(world4):
+    single = _single_rank(BF16)
+    with _one_thread():
+        ref = _bf16_step(single, single.cfg.model.vocab_size)
+    for res in (r["bf16"] for r in world4):
+        assert res["loss"] == pytest.approx(ref["loss"], rel=1e-4)
+        assert res["norm"] == pytest.approx(ref["norm"], rel=1e-3)
+        assert torch.equal(res["tokens"], ref["tokens"])
 
 
 # ------------------------------------------------------------------ dropout inside a replica
