@@ -178,9 +178,9 @@ def _runtime_missing() -> str | None:
 @pytest.mark.slow
 @pytest.mark.skipif(_runtime_missing() is not None, reason=str(_runtime_missing()))
 def test_end_to_end_embedded_default(project):
-    # The embedded default, shortened: few steps, two short contexts.
+    # The embedded default, shortened: part of the sample, few steps, two short contexts.
     (project / "short.yaml").write_text(yaml.safe_dump({
-        "set": ["train.steps=6", "train.eval_every=3", "train.checkpoint_every=3", "train.log_every=1",
+        "set": ["data.max_docs=200", "train.steps=6", "train.eval_every=3", "train.checkpoint_every=3", "train.log_every=1",
                 "train.warmup_steps=1", "infer.new_tokens=4", "infer.warmup_tokens=1"],
         "context_lengths": [32, 64]}))
     out = snakemake(project, "--configfile", "short.yaml", timeout=900)
