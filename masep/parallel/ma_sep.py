@@ -341,7 +341,7 @@ class MASeparation(Strategy):
                 xn_flat = xn.reshape(-1, xn.shape[-1])
                 routing = block.moe.route(xn_flat)
                 route = self._sort_and_share(routing, h, xn)
-                rows = xn_flat[route.tok].to(self.wire_dtype)
+                rows = xn_flat.index_select(0, route.tok).to(self.wire_dtype)
                 if self.tp > 1:  # my share; its backward all-gathers the shares' gradients
                     rows = scatter_rows(rows, self.replica_group, route.share_sizes, KIND)
                 self._dispatch(route, rows, f"layer {s} micro-batch {f.index}")
