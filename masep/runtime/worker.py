@@ -140,10 +140,9 @@ def train_rank(cfg: Config, out_dir: Path, info: DistInfo) -> dict:
 
 def _prompt(val_ds, context_len: int, batch: int) -> torch.Tensor:
     """`batch` prompts of `context_len` consecutive held-out tokens (wrapping if the split is short)."""
-    tokens = val_ds.tokens
     need = context_len * batch
-    reps = math.ceil(need / len(tokens))
-    flat = torch.from_numpy(tokens[: min(len(tokens), need)].astype("int64")).repeat(reps)[:need]
+    tokens = torch.cat([torch.from_numpy(t[:need].astype("int64")) for t in val_ds.tokens])[:need]
+    flat = tokens.repeat(math.ceil(need / len(tokens)))[:need]
     return flat.view(batch, context_len)
 
 
