@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Run the whole test suite. Where this machine can host one (Debian, root), a one-node SLURM
+# cluster is started first for tests/slurm and the daemons it started are stopped at the end;
+# elsewhere those tests skip and say why. MASEP_SLURM=off skips the cluster, =on requires it.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+mode=${MASEP_SLURM:-auto}
+started=0
+if [ "$mode" != off ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    if scripts/slurm_cluster.sh up; then
+      started=1
+    elif [ "$mode" = on ]; then
+      echo "run_tests: the SLURM cluster did not come up" >&2
+      exit 1
+    fi
+  elif [ "$mode" = on ]; then
+    echo "run_tests: MASEP_SLURM=on needs root and apt-get" >&2
+    exit 1
+  fi
+fi
+[ "$started" = 1 ] && trap 'scripts/slurm_cluster.sh down' EXIT
+python -m pytest "$@"
