@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib
 import re
 import subprocess
-import tomllib
 from pathlib import Path
 
 import duckdb
@@ -144,6 +143,7 @@ def test_config_defaults_come_from_the_schema():
 
 
 def test_environment_yml_matches_pyproject():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     wanted = {Requirement(r).name.lower(): Requirement(r).specifier for r in project["dependencies"]}
     env = yaml.safe_load((ROOT / "environment.yml").read_text())
