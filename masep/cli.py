@@ -31,10 +31,20 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
                    metavar="KEY=VALUE", help="dotted override, e.g. model.hidden=128 train.steps=3")
 
 
+def add_strategy_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--strategy", default=None, help="parallel.strategy (single, tp, pp, tp_pp, ep_dp, ma_sep)")
+    p.add_argument("--world-size", type=int, default=None, help="parallel.world_size (ranks)")
+
+
 def config_from_args(args: argparse.Namespace):
     from masep.config import load_config
 
-    overrides = [o for group in args.overrides for o in group]
+    flags = []
+    if getattr(args, "strategy", None):
+        flags.append(f"parallel.strategy={args.strategy}")
+    if getattr(args, "world_size", None):
+        flags.append(f"parallel.world_size={args.world_size}")
+    overrides = flags + [o for group in args.overrides for o in group]
     return load_config(args.config or ["tiny"], overrides)
 
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from masep.cli import add_config_arguments, config_from_args
+from masep.cli import add_config_arguments, add_strategy_arguments, config_from_args
 from masep.parallel.layout import make_layout
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_config_arguments(p)
+    add_strategy_arguments(p)
     p.add_argument("--out", required=True, help="run folder, e.g. results/runs/train/tp/seed=0")
 
 

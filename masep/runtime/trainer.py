@@ -23,7 +23,7 @@ from masep.parallel import build_strategy
 from masep.parallel.base import GlobalBatch, Strategy
 from masep.parallel.layout import Layout, make_layout
 from masep.runtime import checkpoint
-from masep.telemetry.memory import memory_row
+from masep.telemetry.memory import memory_row, peak_bytes
 from masep.telemetry.timing import CommTimer, set_comm_timer
 
 
@@ -130,6 +130,7 @@ class Trainer:
             "lr": lr, "grad_norm": grad_norm, "step_time_s": step_time,
             "tokens_per_s": stats.n_tokens / step_time, "dropped_tokens": stats.dropped,
             "compute_s": max(step_time - idle - sum(comm.values()), 0.0), "idle_s": idle,
+            "peak_mem_bytes": peak_bytes(self.device)[0],
             **{f"comm_{k}_s": v for k, v in comm.items()},
         }
         self.last_stats = stats

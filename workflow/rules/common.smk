@@ -82,6 +82,10 @@ STRATEGIES = list(config["strategies"])
 WORLD = {s: config["world_size"].get(s, 1) for s in STRATEGIES}
 SEEDS = list(config["seeds"])
 CONTEXTS = list(config["context_lengths"])
+# per_context: one inference job per strategy and context length (the study's DAG);
+# per_strategy: one job per strategy measuring every context length in turn (ctx=all), which
+# saves the rank start-up of all but one job on small machines.
+INFER_CTX = [str(c) for c in CONTEXTS] if config["infer_jobs"] == "per_context" else ["all"]
 INFER_SEED = config["infer_seed"]
 COMMON_SET = list(config["set"]) + [f"launch.executor={config['executor']}"] + [
     f"launch.{k}={json.dumps(v)}" for k, v in sorted(config["launch"].items())
@@ -118,11 +122,16 @@ SHARD_IDS = [f"{i:05d}" for i in SHARDS]
 TOKENS_DONE = f"{TOKENS}/shards-{hashlib.sha1(json.dumps(SHARDS).encode()).hexdigest()[:10]}.done"
 MANIFESTS = expand(f"{TOKENS}/shard-{{shard}}/manifest.json", shard=SHARD_IDS)
 TRAIN_RUNS = expand(f"{RUNS}/train/{{strategy}}/seed={{seed}}/run.json", strategy=STRATEGIES, seed=SEEDS)
-INFER_RUNS = expand(f"{RUNS}/infer/{{strategy}}/ctx={{ctx}}/run.json", strategy=STRATEGIES, ctx=CONTEXTS)
+INFER_RUNS = expand(f"{RUNS}/infer/{{strategy}}/ctx={{ctx}}/run.json", strategy=STRATEGIES, ctx=INFER_CTX)
+
+
+def infer_contexts(ctx):
+    """The context lengths an infer job measures: its own, or all of them for ctx=all."""
+    return CONTEXTS if ctx == "all" else [int(ctx)]
 
 
 wildcard_constraints:
     shard=r"\d{5}",
+    ctx=r"\d+|all",
     strategy="|".join(re.escape(s) for s in STRATEGIES),
     seed=r"\d+",
-    ctx=r"\d+",

@@ -1,5 +1,6 @@
 rule infer:
-    """Decode at one context length with the weights of the infer_seed training run."""
+    """Decode at one context length (or, for ctx=all, at each in turn) with the weights of the
+    infer_seed training run."""
     input:
         train=f"{RUNS}/train/{{strategy}}/seed={INFER_SEED}/run.json",
     output:
@@ -10,7 +11,7 @@ rule infer:
     params:
         args=lambda wc: masep_args(
             strategy_overrides(wc.strategy)
-            + [f"train.seed={INFER_SEED}", f"infer.context_lengths=[{int(wc.ctx)}]"]
+            + [f"train.seed={INFER_SEED}", f"infer.context_lengths={json.dumps(infer_contexts(wc.ctx))}"]
         ),
         checkpoint=lambda wc, input: os.path.dirname(input.train),
         outdir=lambda wc, output: os.path.dirname(output.run),
