@@ -26,6 +26,8 @@ from masep.runtime import checkpoint
 from masep.runtime.trainer import Trainer
 from masep.telemetry import writer as w
 from masep.telemetry.memory import peak_bytes
+from masep.telemetry.mfu import flops_record
+from masep.telemetry.nvml import RunTelemetry
 
 
 def _cpu_threads(info: DistInfo) -> None:
@@ -94,16 +96,18 @@ def train_rank(cfg: Config, out_dir: Path, info: DistInfo) -> dict:
     rows = {k: [r for r in w.read_parquet_rows(p) if r.get("step", -1) < start] for k, p in files.items()}
     if rank == 0 and start:
         print(f"resuming from step {start} ({ckpt_dir})", flush=True)
+    telemetry = RunTelemetry(out_dir, run_id, rank, info.device, t.steps)  # NVML / RAPL sampler thread
 
     def flush() -> None:
         for k, p in files.items():
             w.write_parquet(p, rows[k])
+        telemetry.write(rows["steps"])
 
     batches = train_ds.batches(t.global_batch, t.seed, start)
     t_begin = time.perf_counter()
     for step in range(start, t.steps):
         row = trainer.train_step(_as_batch(next(batches)))
-        rows["steps"].append({"run_id": run_id, **row})
+        rows["steps"].append({"run_id": run_id, **row, "t_end_unix_s": time.time()})  # aligns telemetry
         stats = trainer.last_stats
         if rank == 0:
             tpe = stats.tokens_per_expert
@@ -126,12 +130,14 @@ def train_rank(cfg: Config, out_dir: Path, info: DistInfo) -> dict:
         if (step + 1) % t.checkpoint_every == 0 or last:
             flush()  # rows first: a checkpoint never runs ahead of the rows it covers
             trainer.save(ckpt_dir)
+    telemetry.stop()
     flush()
     _barrier()
     if rank == 0:
         w.atomic_write_json(out_dir / "run.json", run_record(
             cfg, out_dir, "train", info, started_at, "completed",
-            {"resumed_from_step": start or None, "steps_completed": t.steps}))
+            {"resumed_from_step": start or None, "steps_completed": t.steps,
+             "flops": flops_record(cfg, info.device)}))
     return {"rank": rank, "final_loss": rows["steps"][-1]["loss"] if rows["steps"] else None}
 
 
