@@ -26,7 +26,8 @@ throughput AS (
            avg(tokens_per_s) FILTER (WHERE rank = 0 AND step_index > ceil(0.1 * n_steps)) AS tokens_per_s,
            avg(step_time_s)  FILTER (WHERE rank = 0 AND step_index > ceil(0.1 * n_steps)) AS step_time_s,
            max(peak_mem_bytes)                        AS peak_mem_bytes_max_rank,
-           sum(dropped_tokens)                        AS dropped_tokens
+           -- every rank reports the step's global count: take rank 0's
+           sum(dropped_tokens) FILTER (WHERE rank = 0)  AS dropped_tokens
     FROM ranked GROUP BY run_id
 ),
 final_loss AS (
