@@ -45,18 +45,28 @@ def shell_commands(out: subprocess.CompletedProcess) -> list[str]:
 
 def test_dry_run_of_the_embedded_default(project):
     out = snakemake(project, "-n", "-p")
-    assert job_counts(out) == {"tokenize": 1, "tokenize_all": 1, "train": 1, "infer": 4, "collect": 1,
-                               "report": 1, "all": 1, "total": 10}
+    # every strategy trains once and decodes once (infer_jobs: per_strategy -> ctx=all)
+    assert job_counts(out) == {"tokenize": 1, "tokenize_all": 1, "train": 6, "infer": 6, "collect": 1,
+                               "report": 1, "all": 1, "total": 17}
     cmds = shell_commands(out)
-    train = [c for c in cmds if c.startswith("OMP_NUM_THREADS=1 masep train ")]
-    assert train == ["OMP_NUM_THREADS=1 masep train --config tiny --set launch.executor=local 'data.shards=[0]' "
-                     "parallel.strategy=single parallel.world_size=1 train.seed=0 "
-                     "--out results/runs/train/single/seed=0 > logs/train/single/seed=0.log 2>&1"]
+    train = sorted(c for c in cmds if " masep train " in c)
+    assert len(train) == 6
+    single = [c for c in train if "parallel.strategy=single" in c]
+    assert single and single[0].startswith("OMP_NUM_THREADS=1 masep train --config tiny --set ")
+    assert "parallel.world_size=1 train.seed=0 --out results/runs/train/single/seed=0 " \
+           "> logs/train/single/seed=0.log 2>&1" in single[0]
+    assert any("parallel.strategy=ma_sep parallel.world_size=4 " in c for c in train)
     infer = sorted(c for c in cmds if " masep infer " in c)
-    assert len(infer) == 4 and "'infer.context_lengths=[1024]'" in infer[0]
-    assert "--checkpoint results/runs/train/single/seed=0 --out results/runs/infer/single/ctx=1024" in infer[0]
+    assert len(infer) == 6 and all("'infer.context_lengths=[512, 1024, 2048, 4096]'" in c for c in infer)
+    assert any("--checkpoint results/runs/train/single/seed=0 --out results/runs/infer/single/ctx=all" in c
+               for c in infer)
     assert "masep collect --runs results/runs --db results/masep.duckdb > logs/collect.log 2>&1" in cmds
     assert "masep report --db results/masep.duckdb --out reports > logs/report.log 2>&1" in cmds
+
+
+def test_infer_jobs_per_context(project):
+    counts = job_counts(snakemake(project, "-n", "--config", "infer_jobs=per_context", "strategies=[single]"))
+    assert counts["infer"] == 4 and counts["train"] == 1
 
 
 def test_dry_run_at_paper_scale(project):
@@ -67,8 +77,9 @@ def test_dry_run_at_paper_scale(project):
 
 def test_named_targets_and_cli_config(project):
     counts = job_counts(snakemake(project, "-n", "train_all", "--config", "seeds=[0,1,2]"))
-    assert counts == {"tokenize": 1, "tokenize_all": 1, "train": 3, "train_all": 1, "total": 6}
-    counts = job_counts(snakemake(project, "-n", "collect", "--config", "context_lengths=[512]"))
+    assert counts == {"tokenize": 1, "tokenize_all": 1, "train": 18, "train_all": 1, "total": 21}
+    counts = job_counts(snakemake(project, "-n", "collect", "--config", "context_lengths=[512]",
+                                  "strategies=[single]"))
     assert counts == {"tokenize": 1, "tokenize_all": 1, "train": 1, "infer": 1, "collect": 1, "total": 5}
     # one experiment, by its file; fresh=true empties its run folder first
     out = snakemake(project, "-n", "-p", "results/runs/infer/single/ctx=2048/run.json", "--config", "fresh=true")
@@ -82,11 +93,12 @@ def test_slurm_profile(project):
     assert "Using profiles slurm and workflow specific profile profiles/default" in out.stderr
     train = [c for c in shell_commands(out) if "masep train" in c]
     # jobs wait on SLURM, they do not compute here: no thread pinning, one core each
-    assert train and train[0].startswith("masep train --config tiny --set launch.executor=slurm ")
+    assert train and all(c.startswith("masep train --config tiny --set ") and " launch.executor=slurm " in c
+                         for c in train)
     block = re.search(r"rule train:(.*?)Shell command", out.stdout + out.stderr, flags=re.S)[1]
     assert "threads:" not in block  # Snakemake prints threads only when more than one
     # the same profile by path
-    assert job_counts(snakemake(project, "-n", "--profile", "profiles/slurm"))["train"] == 1
+    assert job_counts(snakemake(project, "-n", "--profile", "profiles/slurm"))["train"] == 6
 
 
 def test_lint_is_clean(project):
@@ -178,22 +190,32 @@ def _runtime_missing() -> str | None:
 @pytest.mark.slow
 @pytest.mark.skipif(_runtime_missing() is not None, reason=str(_runtime_missing()))
 def test_end_to_end_embedded_default(project):
-    # The embedded default, shortened: part of the sample, few steps, two short contexts.
+    # The embedded default, shortened: part of the sample, few steps, two short contexts, and two
+    # strategies (the reference and a 4-rank one; tests/slurm runs all of them on SLURM).
     (project / "short.yaml").write_text(yaml.safe_dump({
         "set": ["data.max_docs=200", "train.steps=6", "train.eval_every=3", "train.checkpoint_every=3", "train.log_every=1",
                 "train.warmup_steps=1", "infer.new_tokens=4", "infer.warmup_tokens=1"],
-        "context_lengths": [32, 64]}))
+        "strategies": ["single", "ma_sep"], "context_lengths": [32, 64]}))
     out = snakemake(project, "--configfile", "short.yaml", timeout=900)
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
     with duckdb.connect(str(project / "results" / "masep.duckdb"), read_only=True) as con:
-        assert con.execute("SELECT experiment, strategy, seed, status FROM runs ORDER BY run_dir").fetchall() == [
-            ("infer", "single", 0, "completed"), ("infer", "single", 0, "completed"),
-            ("train", "single", 0, "completed")]
-        assert con.execute("SELECT count(*), count(DISTINCT step), min(loss) > 0 FROM steps").fetchone() == (6, 6, True)
+        assert con.execute("SELECT experiment, strategy, world_size, status FROM runs ORDER BY run_dir").fetchall() == [
+            ("infer", "ma_sep", 4, "completed"), ("infer", "single", 1, "completed"),
+            ("train", "ma_sep", 4, "completed"), ("train", "single", 1, "completed")]
+        assert con.execute("SELECT strategy, count(*), count(DISTINCT step), count(DISTINCT rank), min(loss) > 0 "
+                           "FROM steps JOIN runs USING (run_id) GROUP BY 1 ORDER BY 1").fetchall() == [
+            ("ma_sep", 24, 6, 4, True), ("single", 6, 6, 1, True)]
+        # every rank of a run reports the same global loss
+        assert con.execute("SELECT count(*) FROM (SELECT run_id, step FROM steps GROUP BY ALL "
+                           "HAVING max(loss) - min(loss) > 1e-9)").fetchone() == (0,)
         assert con.execute("SELECT count(*) > 0 FROM eval WHERE val_loss > 0").fetchone() == (True,)
-        assert con.execute("SELECT context_len FROM inference WHERE tpot_ms > 0 ORDER BY 1").fetchall() == [(32,), (64,)]
-        [(tokens_per_s, final_loss)] = con.execute("SELECT tokens_per_s, final_loss FROM run_summary").fetchall()
-        assert tokens_per_s > 0 and final_loss > 0
+        assert con.execute("SELECT DISTINCT strategy, context_len FROM inference JOIN runs USING (run_id) "
+                           "WHERE tpot_ms > 0 ORDER BY 1, 2").fetchall() == [
+            ("ma_sep", 32), ("ma_sep", 64), ("single", 32), ("single", 64)]
+        summary = con.execute("SELECT strategy, tokens_per_s, final_loss FROM run_summary "
+                              "WHERE experiment = 'train' ORDER BY 1").fetchall()
+        assert [s for s, _, _ in summary] == ["ma_sep", "single"]
+        assert all(tps > 0 and loss > 0 for _, tps, loss in summary)
     for f in ("index.html", "figures/loss_curves.png", "figures/loss_curves.svg", "figures/throughput.svg",
               "figures/tpot.svg"):
         assert (project / "reports" / f).stat().st_size > 0, f
