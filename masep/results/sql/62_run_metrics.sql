@@ -243,6 +243,15 @@ quality_rows AS (
 -- Telemetry over each rank's steady-state windows (energy_window rows, one per rank and
 -- process attempt). Energy per token of the run = sum over ranks of (rank energy / window
 -- tokens); CPU (RAPL) energy counts one rank per host (the package counters are the host's).
+window_rows AS (  -- typed as the writer types them (an all-NULL column can load as INTEGER)
+    SELECT run_id, rank, CAST(host AS VARCHAR) AS host, CAST(tokens AS BIGINT) AS tokens,
+           CAST(window_s AS DOUBLE) AS window_s, CAST(gpu_util_mean AS DOUBLE) AS gpu_util_mean,
+           CAST(mem_util_mean AS DOUBLE) AS mem_util_mean, CAST(power_mean_w AS DOUBLE) AS power_mean_w,
+           CAST(gpu_energy_j AS DOUBLE) AS gpu_energy_j, CAST(cpu_energy_j AS DOUBLE) AS cpu_energy_j,
+           CAST(gpu_reason AS VARCHAR) AS gpu_reason, CAST(energy_reason AS VARCHAR) AS energy_reason,
+           CAST(cpu_energy_reason AS VARCHAR) AS cpu_energy_reason
+    FROM energy_window
+),
 rank_energy AS (
     SELECT run_id, rank, any_value(host) AS host,
            sum(gpu_energy_j) / nullif(sum(tokens) FILTER (WHERE gpu_energy_j IS NOT NULL), 0) AS gpu_j_per_token,
@@ -253,7 +262,7 @@ rank_energy AS (
            sum(window_s) AS window_s,
            any_value(gpu_reason) AS gpu_reason, any_value(energy_reason) AS energy_reason,
            any_value(cpu_energy_reason) AS cpu_energy_reason
-    FROM energy_window GROUP BY run_id, rank
+    FROM window_rows GROUP BY run_id, rank
 ),
 run_energy AS (
     SELECT run_id, count(*) AS ranks, count(gpu_j_per_token) AS ranks_with_energy,

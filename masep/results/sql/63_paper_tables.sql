@@ -72,7 +72,11 @@ SELECT coalesce(m.metric, c.metric) AS metric,
        m.measured / nullif(c.value, 0) AS ratio,
        coalesce(m.runs, 0) AS runs,
        CASE WHEN m.measured IS NOT NULL THEN NULL
-            WHEN m.metric IS NULL THEN coalesce(c.not_measured, 'no run of this strategy in the study')
+            WHEN m.metric IS NULL THEN coalesce(
+                c.not_measured,
+                CASE WHEN EXISTS (SELECT 1 FROM run_info ri WHERE ri.strategy = c.strategy)
+                     THEN 'not measured by this study''s runs of this strategy'
+                     ELSE 'no run of this strategy in the study' END)
             ELSE coalesce(m.reason, 'not measured') END AS reason,
        m.method,
        c.note
@@ -80,7 +84,7 @@ FROM m FULL JOIN c ON c.metric = m.metric AND c.strategy = m.strategy AND c.x IS
 LEFT JOIN metric_rank r ON r.metric = coalesce(m.metric, c.metric)
 ORDER BY coalesce(r.o, 100000 + list_position(extra, coalesce(m.metric, c.metric))),
          strategy_order(coalesce(m.strategy, c.strategy)), coalesce(m.strategy, c.strategy),
-         m.world_size NULLS FIRST, coalesce(m.x, c.x);
+         coalesce(m.x, c.x), m.world_size NULLS FIRST;
 
 -- Table 1: TPOT (inference, context 2048), TPS per GPU and throughput (training, after
 -- warm-up), GPU and memory-controller utilisation (NVML), the improvements of ma_sep over
@@ -207,7 +211,7 @@ SELECT coalesce(m.strategy, c.strategy) AS strategy, m.world_size, coalesce(m.st
        CASE WHEN m.strategy IS NULL THEN 'no run of this strategy reached this step' END AS reason,
        c.note
 FROM m FULL JOIN c ON c.strategy = m.strategy AND c.step = m.step
-ORDER BY strategy_order(coalesce(m.strategy, c.strategy)), m.world_size NULLS FIRST, 3;
+ORDER BY strategy_order(coalesce(m.strategy, c.strategy)), 3, m.world_size NULLS FIRST;
 
 -- Per-rank detail of Table 3 and of the energy windows.
 CREATE VIEW memory_by_rank AS
@@ -242,9 +246,10 @@ SELECT r.strategy, r.seed, w.run_id, w.rank, w.host,
        sum(w.power_mean_w * w.window_s) / nullif(sum(w.window_s) FILTER (WHERE w.power_mean_w IS NOT NULL), 0) AS power_mean_w,
        sum(w.gpu_util_mean * w.window_s) / nullif(sum(w.window_s) FILTER (WHERE w.gpu_util_mean IS NOT NULL), 0) AS gpu_util_pct,
        sum(w.mem_util_mean * w.window_s) / nullif(sum(w.window_s) FILTER (WHERE w.mem_util_mean IS NOT NULL), 0) AS mem_util_pct,
-       sum(w.cpu_energy_j) AS cpu_energy_j,
-       any_value(w.gpu_reason) AS gpu_reason, any_value(w.energy_reason) AS energy_reason,
-       any_value(w.cpu_energy_reason) AS cpu_energy_reason
+       sum(CAST(w.cpu_energy_j AS DOUBLE)) AS cpu_energy_j,
+       any_value(CAST(w.gpu_reason AS VARCHAR)) AS gpu_reason,
+       any_value(CAST(w.energy_reason AS VARCHAR)) AS energy_reason,
+       any_value(CAST(w.cpu_energy_reason AS VARCHAR)) AS cpu_energy_reason
 FROM energy_window w JOIN run_info r USING (run_id)
 GROUP BY ALL
 ORDER BY w.run_id, w.rank;
