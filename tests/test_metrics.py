@@ -190,6 +190,16 @@ def test_steady_window_energy_per_segment_of_a_resumed_run():
     assert w1["cpu_energy_j"] is None and w1["cpu_energy_reason"] == "no RAPL: test"
 
 
+def test_a_failed_read_inside_the_window_is_stepped_over():
+    samples = samples_at([1000 + 0.1 * i for i in range(40)], 100.0, 1000.0)
+    for s in samples[10:12]:
+        s.update(gpu_util=None, mem_util=None, power_w=None, energy_mj=None, mem_used_bytes=None,
+                 gpu_reason="NVML read failed: test", energy_reason="NVML read failed: test")
+    (w,) = segment_windows(samples, step_rows(0, 10, 1000.05, 0.3), total_steps=10)
+    assert w["gpu_energy_j"] == pytest.approx(100.0 * 2.7, abs=1e-3) and w["energy_reason"] is None
+    assert w["gpu_util_mean"] == 50.0 and w["gpu_reason"] is None
+
+
 def test_short_or_warmup_only_windows_are_null_with_reason():
     samples = samples_at([1000 + 0.1 * i for i in range(10)], 100.0, 1000.0)
     (short,) = segment_windows(samples, step_rows(0, 4, 1000.0, 0.2), total_steps=4)

@@ -149,20 +149,24 @@ def segment_windows(samples: list[dict], step_rows: list[dict], total_steps: int
                    power_mean_w=_mean(s["power_w"] for s in inside))
         short = f"steady window {t1 - t0:.2f} s < {MIN_WINDOW_S:g} s (energy counters advance every 20-100 ms)"
         times = [s["t_s"] for s in seg_samples]
+        # A reason stands only where the value is missing (a failed read now and then leaves a
+        # NULL sample that interpolation steps over).
         for key, column, scale, reason_key in (("gpu_energy_j", "energy_mj", 1e-3, "energy_reason"),
                                                ("cpu_energy_j", "cpu_energy_j", 1.0, "cpu_energy_reason")):
-            if row[reason_key] is not None:
+            values = [s[column] for s in seg_samples]
+            if all(v is None for v in values):
+                row[reason_key] = row[reason_key] or "not sampled"
                 continue
+            e0, e1 = interpolate(times, values, t0), interpolate(times, values, t1)
             if t1 - t0 < MIN_WINDOW_S:
                 row[reason_key] = short
-                continue
-            values = [s[column] for s in seg_samples]
-            e0, e1 = interpolate(times, values, t0), interpolate(times, values, t1)
-            if e0 is None or e1 is None:
+            elif e0 is None or e1 is None:
                 row[reason_key] = "no energy sample around the window's ends"
             else:
-                row[key] = (e1 - e0) * scale
-        if row["gpu_reason"] is None and not inside:
-            row["gpu_reason"] = "no telemetry sample inside the steady window"
+                row[key], row[reason_key] = (e1 - e0) * scale, None
+        if row["gpu_util_mean"] is None:
+            row["gpu_reason"] = row["gpu_reason"] or "no telemetry sample inside the steady window"
+        else:
+            row["gpu_reason"] = None
         out.append(row)
     return out

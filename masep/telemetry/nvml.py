@@ -133,10 +133,18 @@ class TelemetrySampler:
         row = {"run_id": self.run_id, "rank": self.rank, "host": self.host,
                "segment_start_s": self.segment_start_s, "t_s": time.time(),
                "gpu_util": None, "mem_util": None, "power_w": None, "energy_mj": None,
-               "mem_used_bytes": None, "cpu_energy_j": self.rapl.read_j(),
+               "mem_used_bytes": None, "cpu_energy_j": None,
                "gpu_reason": self.gpu.reason, "energy_reason": self.gpu.energy_reason,
                "cpu_energy_reason": self.rapl.reason}
-        row.update(self.gpu.read())
+        # A failed read leaves this sample NULL with the error; sampling goes on.
+        try:
+            row.update(self.gpu.read())
+        except Exception as e:  # noqa: BLE001
+            row["gpu_reason"] = row["energy_reason"] = f"NVML read failed: {_nvml_error(e)}"
+        try:
+            row["cpu_energy_j"] = self.rapl.read_j()
+        except (OSError, ValueError) as e:
+            row["cpu_energy_reason"] = f"RAPL read failed: {type(e).__name__}: {e}"
         with self._lock:
             self._rows.append(row)
         return row
