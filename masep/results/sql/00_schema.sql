@@ -43,6 +43,7 @@ CREATE TABLE steps (
     comm_param_bcast_s    DOUBLE,
     comm_p2p_s            DOUBLE,
     idle_s                DOUBLE,
+    t_end_unix_s          DOUBLE,
     source                VARCHAR  -- file the row came from, relative to the runs root
 );
 
