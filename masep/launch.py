@@ -263,6 +263,12 @@ def init_distributed(timeout_s: float) -> DistInfo:
     job_id, slurm_job_id = current_job()
     if job_id is not None:
         job_env = submitit.JobEnvironment()
+        if job_env.cluster in ("slurm", "local"):
+            # A requeued job runs its tasks again under the same result files. Drop this task's
+            # result of the interrupted run (the error of a rank whose rank 0 left to requeue),
+            # or the waiting process, seeing every task's file, may collect it as this run's.
+            with contextlib.suppress(FileNotFoundError):
+                job_env.paths.result_pickle.unlink()
         tde = submitit.helpers.TorchDistributedEnvironment()
         if job_env.cluster in ("local", "debug"):
             tde.master_addr = os.environ.get("MASTER_ADDR", "127.0.0.1")

@@ -1,0 +1,441 @@
+"""`snakemake --profile slurm` on a real one-node SLURM cluster: the embedded default end to end,
+and its faults.
+
+One module-scoped run of the whole DAG serves several tests (each SLURM job costs seconds of
+rank start-up on a small machine):
+
+* first run: every strategy of the embedded default trains as one multi-task SLURM job (4 tasks
+  over gloo, `single` 1 task) and infers; while it runs, the `pp` training job is scancelled as
+  soon as its tasks start: that rule fails naming CANCELLED, the rest of the DAG goes on (the
+  profile keeps going) -> test (c);
+* second run: completes the DAG, running only the cancelled job and what depends on it -> (d);
+* the final state: DuckDB rows carry the SLURM job ids that sacct knows, the report exists -> (1).
+
+Two further tests start from that run's files in folders of their own: an inference job that
+fails inside its ranks on a corrupt checkpoint (a), and a training job that outlives the warning
+before its time limit, is requeued by submitit and resumes from its checkpoint (b).
+
+Every run happens in a scratch folder that links to this checkout's workflow/, config/ and
+profiles/; the test config overrides only the partition, the resources and the `set:` entries
+that make the study short. A Snakemake run that is interrupted (timeout) has its SLURM jobs
+cancelled.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import duckdb
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+DEFAULT = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+STRATEGIES = list(DEFAULT["strategies"])
+WORLD = {s: DEFAULT["world_size"].get(s, 1) for s in STRATEGIES}
+SEED = DEFAULT["seeds"][0]
+CONFIGFILE = "slurm-test.yaml"
+CONTEXTS = [32, 64]
+STEPS = 4
+# The tiny preset shortened: part of the sample, short sequences, 2 layers, 4 sequences a step.
+SHORT_SET = [
+    "data.max_docs=200", "data.seq_len=32", "model.layers=2", "train.global_batch=4",
+    "train.micro_batch=1", "train.eval_batches=1", f"train.steps={STEPS}", "train.warmup_steps=1",
+    f"train.decay_steps={STEPS}", "train.eval_every=2", "train.checkpoint_every=2", "train.log_every=1",
+    "infer.new_tokens=4", "infer.warmup_tokens=1",
+]
+CANCELLED_STRATEGY = "pp"
+RUN_TIMEOUT_S = 1200
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def make_project(path: Path, partition: str, extra_set: tuple[str, ...] = (),
+                 launch: Optional[dict] = None) -> Path:
+    """A scratch project: links to the workflow and profiles, and the test config."""
+    path.mkdir(parents=True, exist_ok=True)
+    for name in ("workflow", "config", "profiles"):
+        (path / name).symlink_to(ROOT / name)
+    (path / "slurm").symlink_to("profiles/slurm")
+    # executor=slurm comes from the profile itself; one inference job per strategy (ctx=all).
+    config = {"launch": {"partition": partition, "time_min": 10, "cpus_per_task": 1, **(launch or {})},
+              "set": SHORT_SET + list(extra_set), "context_lengths": CONTEXTS, "infer_jobs": "per_strategy"}
+    (path / CONFIGFILE).write_text(yaml.safe_dump(config))
+    return path
+
+
+@dataclass
+class Run:
+    returncode: int
+    output: str  # stdout and stderr, interleaved as Snakemake wrote them
+    seconds: float
+
+
+def snakemake(project: Path, *args: str, timeout_s: float = RUN_TIMEOUT_S) -> Run:
+    """`snakemake --profile slurm ARGS --configfile slurm-test.yaml` in `project`.
+
+    Targets go before --configfile, which takes every argument after it. When Snakemake returns,
+    every masep job has seen its SLURM job end; when it is interrupted instead, the whole process
+    group (Snakemake and its masep jobs) is stopped and the project's SLURM jobs are cancelled.
+    """
+    cmd = ["snakemake", "--profile", "slurm", *args, "--configfile", CONFIGFILE]
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd, cwd=project, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout_s)
+    except BaseException as e:  # this timeout, pytest's, Ctrl-C: stop Snakemake, its jobs and theirs
+        os.killpg(proc.pid, signal.SIGTERM)
+        out, _ = proc.communicate()
+        cancel_project_jobs(project)
+        if isinstance(e, subprocess.TimeoutExpired):
+            pytest.fail(f"{' '.join(cmd)} did not finish within {timeout_s:g} s:\n{out[-4000:]}")
+        raise
+    return Run(proc.returncode, out, time.monotonic() - t0)
+
+
+def job_counts(run: Run) -> dict[str, int]:
+    """The first 'Job stats' table of a run: rule -> jobs to run."""
+    counts: dict[str, int] = {}
+    for m in re.finditer(r"^(\w+)\s+(\d+)$", run.output.split("Job stats:", 1)[1], flags=re.M):
+        counts[m[1]] = int(m[2])
+        if m[1] == "total":
+            return counts
+    raise AssertionError(f"no job stats in:\n{run.output[-3000:]}")
+
+
+def project_jobs(project: Path) -> list[tuple[str, str, str]]:
+    """(job id, name, state) of the queued or running SLURM jobs submitted from `project`."""
+    out = subprocess.run(["squeue", "-h", "-o", "%i|%j|%T|%Z"], capture_output=True, text=True,
+                         timeout=30, check=True).stdout
+    rows = [line.split("|") for line in out.splitlines() if line.strip()]
+    root = project.resolve()
+    return [(r[0], r[1], r[2]) for r in rows if Path(r[3]).resolve() == root]
+
+
+def cancel_project_jobs(project: Path) -> None:
+    """Cancel what a test leaves queued or running (a job already COMPLETING keeps its end state)."""
+    ids = [job_id for job_id, _, state in project_jobs(project) if state != "COMPLETING"]
+    if ids:
+        subprocess.run(["scancel", *ids], capture_output=True, timeout=30, check=False)
+
+
+def sacct(job_ids: list[str], fields: str, *, steps: bool = False, requeues: bool = False) -> list[list[str]]:
+    cmd = ["sacct", "-n", "-P", "-j", ",".join(job_ids), "-o", fields]
+    cmd += [] if steps else ["-X"]
+    cmd += ["-D"] if requeues else []
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=True).stdout
+    return [line.split("|") for line in out.splitlines() if line]
+
+
+def sacct_states(job_ids: list[str], done: Callable[[dict[str, str]], bool],
+                 timeout_s: float = 30) -> dict[str, str]:
+    """Job id -> accounting state; waits up to `timeout_s` for `done(states)` (slurmdbd receives
+    records asynchronously, so sacct may lag a job by a moment)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        states = {row[0]: row[1] for row in sacct(job_ids, "JobID,State")}
+        if done(states) or time.monotonic() > deadline:
+            return states
+        time.sleep(0.5)
+
+
+def run_job_ids(project: Path) -> dict[str, Optional[str]]:
+    """run id (e.g. train/tp/seed=0) -> slurm_job_id of every complete run folder."""
+    runs = project / "results" / "runs"
+    return {str(p.parent.relative_to(runs)): json.loads(p.read_text())["slurm_job_id"]
+            for p in runs.glob("*/*/*/run.json")}
+
+
+def submitted_job_ids(log: Path) -> list[str]:
+    """SLURM job ids in a masep job's log (masep launch prints one line per submission)."""
+    return re.findall(r"submitted job (\d+) \(SLURM\)", log.read_text())
+
+
+def read_rows(folder: Path, kind: str) -> list[dict]:
+    rows: list[dict] = []
+    for path in sorted(folder.glob(f"{kind}-rank*.parquet")):
+        rows += pq.read_table(path).to_pylist()
+    return rows
+
+
+def copy_tokens(src: Path, dst: Path) -> None:
+    # copy2 keeps the modification times, so the tokens stay older than any run made from them.
+    shutil.copytree(src / "data", dst / "data")
+
+
+# ------------------------------------------------------------------ the shared end-to-end run
+
+
+@dataclass
+class EndToEnd:
+    project: Path
+    dry_run: Run
+    first: Run
+    cancelled_job: Optional[str]
+    cancel_error: Optional[str]
+    ids_after_first: dict[str, Optional[str]]
+    second_dry_run: Run
+    second: Run
+    final_dry_run: Run
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def cancel_once_started(project: Path, job_name: str, stop: threading.Event, result: dict) -> None:
+    """scancel the job `job_name` of `project` as soon as its first task has started."""
+    try:
+        while not stop.is_set():
+            for job_id, name, state in project_jobs(project):
+                log = project / "logs" / "submitit" / job_name / f"{job_id}_0_log.out"
+                if name == job_name and state == "RUNNING" and log.exists() \
+                        and "Starting with JobEnvironment" in log.read_text():
+                    subprocess.run(["scancel", job_id], check=True, timeout=30)
+                    result["job_id"] = job_id
+                    return
+            time.sleep(0.5)
+        result["error"] = f"{job_name} was never seen running"
+    except Exception as e:  # reported by the test that needs the cancellation
+        result["error"] = f"{type(e).__name__}: {e}"
+
+
+@pytest.fixture(scope="module")
+def e2e(slurm_cluster, tmp_path_factory) -> EndToEnd:
+    if slurm_cluster.cpus < max(WORLD.values()):
+        pytest.skip(f"node {slurm_cluster.node} declares {slurm_cluster.cpus} CPUs; "
+                    f"{max(WORLD.values())} needed")
+    project = make_project(tmp_path_factory.mktemp("slurm-e2e"), slurm_cluster.partition)
+    seconds = {}
+    dry_run = snakemake(project, "-n")
+    assert dry_run.returncode == 0, dry_run.output[-4000:]
+
+    stop, cancel = threading.Event(), {}
+    canceller = threading.Thread(target=cancel_once_started,
+                                 args=(project, f"train-{CANCELLED_STRATEGY}-seed{SEED}", stop, cancel))
+    canceller.start()
+    try:
+        first = snakemake(project)
+    finally:
+        stop.set()
+        canceller.join()
+    seconds["first run"] = first.seconds
+    ids_after_first = run_job_ids(project)
+
+    second_dry_run = snakemake(project, "-n")
+    second = snakemake(project)
+    seconds["second run"] = second.seconds
+    final_dry_run = snakemake(project, "-n")
+    print(f"slurm e2e in {project}: " + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()))
+    return EndToEnd(project, dry_run, first, cancel.get("job_id"), cancel.get("error"), ids_after_first,
+                    second_dry_run, second, final_dry_run, seconds)
+
+
+def expected_run_ids() -> set[str]:
+    return ({f"train/{s}/seed={SEED}" for s in STRATEGIES}
+            | {f"infer/{s}/ctx=all" for s in STRATEGIES})
+
+
+# ------------------------------------------------------------------ (c) scancel, (d) re-run, (1) results
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+def test_scancel_of_a_running_job_fails_its_rule_and_only_its_descendants(e2e):
+    assert e2e.cancel_error is None, e2e.cancel_error
+    out = e2e.first.output
+    assert e2e.first.returncode != 0, out[-4000:]
+    # Exactly one rule failed: the cancelled training, with SLURM's verdict in its log.
+    errors = re.findall(r"^Error in rule (\w+):", out, flags=re.M)
+    assert errors == ["train"], errors
+    block = out.split("Error in rule train:", 1)[1]
+    assert f"output: results/runs/train/{CANCELLED_STRATEGY}/seed={SEED}/run.json" in block
+    assert f"job {e2e.cancelled_job} (SLURM) task 0 of {WORLD[CANCELLED_STRATEGY]} failed" in block
+    assert "state: CANCELLED" in block
+    states = sacct_states([e2e.cancelled_job], lambda s: s.get(e2e.cancelled_job, "").startswith("CANCELLED"))
+    assert states[e2e.cancelled_job].startswith("CANCELLED"), states
+    # Snakemake kept going: everything that does not need the cancelled run finished.
+    assert set(e2e.ids_after_first) == expected_run_ids() - {
+        f"train/{CANCELLED_STRATEGY}/seed={SEED}", f"infer/{CANCELLED_STRATEGY}/ctx=all"}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+def test_second_run_completes_the_dag_without_redoing_finished_jobs(e2e):
+    left = {"train": 1, "infer": 1, "collect": 1, "report": 1, "all": 1, "total": 5}
+    assert e2e.second_dry_run.returncode == 0, e2e.second_dry_run.output[-4000:]
+    assert job_counts(e2e.second_dry_run) == left
+    assert e2e.second.returncode == 0, e2e.second.output[-4000:]
+    assert job_counts(e2e.second) == left
+    assert f"output: results/runs/train/{CANCELLED_STRATEGY}/seed={SEED}/run.json" in e2e.second.output
+    # The runs of the first Snakemake run kept their SLURM jobs: none ran again.
+    after = run_job_ids(e2e.project)
+    assert {k: after[k] for k in e2e.ids_after_first} == e2e.ids_after_first
+    assert "Nothing to be done" in e2e.final_dry_run.output
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+def test_end_to_end_rows_carry_the_slurm_job_ids(e2e):
+    assert job_counts(e2e.dry_run) == {"tokenize": 1, "tokenize_all": 1, "train": len(STRATEGIES),
+                                       "infer": len(STRATEGIES), "collect": 1, "report": 1, "all": 1,
+                                       "total": 5 + 2 * len(STRATEGIES)}
+    assert e2e.second.returncode == 0, e2e.second.output[-4000:]
+    with duckdb.connect(str(e2e.project / "results" / "masep.duckdb"), read_only=True) as con:
+        runs = con.execute("SELECT run_id, experiment, strategy, world_size, status, slurm_job_id "
+                           "FROM runs ORDER BY run_id").fetchall()
+        steps = dict(con.execute(
+            "SELECT run_id, list(DISTINCT rank ORDER BY rank) = range(max(rank) + 1) "
+            "AND count(*) = count(DISTINCT (rank, step)) AND min(step) = 0 AND max(step) = ? - 1 "
+            "AND count(*) = ? * count(DISTINCT rank) AND bool_and(loss > 0) "
+            "FROM steps GROUP BY run_id", [STEPS, STEPS]).fetchall())
+        step_rows = dict(con.execute("SELECT run_id, count(*) FROM steps GROUP BY 1").fetchall())
+        eval_rows = dict(con.execute("SELECT run_id, count(*) FROM eval WHERE val_loss > 0 GROUP BY 1").fetchall())
+        inference = dict(con.execute(
+            "SELECT run_id, list(DISTINCT context_len ORDER BY context_len) FROM inference "
+            "WHERE tpot_ms > 0 GROUP BY 1").fetchall())
+        inference_rows = dict(con.execute("SELECT run_id, count(*) FROM inference GROUP BY 1").fetchall())
+
+    assert {r[0] for r in runs} == expected_run_ids()
+    for run_id, experiment, strategy, world_size, status, job_id in runs:
+        assert (experiment, world_size, status) == (run_id.split("/")[0], WORLD[strategy], "completed"), run_id
+        assert job_id is not None and job_id.isdigit(), (run_id, job_id)
+    job_ids = {r[0]: r[5] for r in runs}
+    assert len(set(job_ids.values())) == len(runs)  # one SLURM job per run
+
+    # sacct knows each job: its name, its end state, and the srun step that ran its tasks.
+    acct = sacct(list(job_ids.values()), "JobID,JobName,State,NTasks", steps=True)
+    print("\n".join("|".join(row) for row in acct))
+    jobs = {row[0]: row for row in acct}
+    for run_id, job_id in job_ids.items():
+        experiment, strategy, _ = run_id.split("/")
+        name = f"train-{strategy}-seed{SEED}" if experiment == "train" else \
+            f"infer-{strategy}-" + "-".join(map(str, CONTEXTS))
+        assert jobs[job_id][1:3] == [name, "COMPLETED"], (run_id, jobs[job_id])
+        assert jobs[f"{job_id}.0"][3] == str(WORLD[strategy]), (run_id, jobs.get(f"{job_id}.0"))
+
+    for s in STRATEGIES:
+        train, infer = f"train/{s}/seed={SEED}", f"infer/{s}/ctx=all"
+        assert steps[train] is True, train
+        assert step_rows[train] == STEPS * WORLD[s], train
+        assert eval_rows[train] == STEPS // 2, train  # eval every 2 steps, on rank 0
+        assert inference[infer] == CONTEXTS, infer
+        assert inference_rows[infer] == len(CONTEXTS) * WORLD[s], infer
+
+    for f in ("index.html", "figures/loss_curves.svg", "figures/throughput.svg", "figures/tpot.svg"):
+        assert (e2e.project / "reports" / f).stat().st_size > 0, f
+
+
+# ------------------------------------------------------------------ (a) a job that fails inside
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+def test_job_failing_inside_its_ranks_fails_the_rule_with_the_job_error(e2e, slurm_cluster, tmp_path):
+    strategy = "tp"
+    project = make_project(tmp_path / "project", slurm_cluster.partition)
+    copy_tokens(e2e.project, project)
+    train = Path("results/runs/train") / strategy / f"seed={SEED}"
+    # Hard links: the e2e run's files are shared, never changed (corrupt files are new inodes).
+    shutil.copytree(e2e.project / train, project / train, copy_function=os.link)
+    checkpoint = project / train / "checkpoint"
+    latest = checkpoint / (checkpoint / "latest").read_text().strip()
+    shards = sorted(latest.glob("*.distcp"))
+    assert shards, f"no checkpoint shard files in {latest}"
+    for shard in shards:  # cut to its first KiB: the ranks' reads run past the end
+        tmp = shard.with_name(shard.name + ".tmp")
+        tmp.write_bytes(shard.read_bytes()[:1024])
+        os.replace(tmp, shard)
+
+    run = snakemake(project, f"results/runs/infer/{strategy}/ctx=all/run.json")
+    out = run.output
+    assert run.returncode != 0, out[-4000:]
+    assert job_counts(run) == {"infer": 1, "total": 1}  # the training run was taken as it is
+    assert re.findall(r"^Error in rule (\w+):", out, flags=re.M) == ["infer"]
+    [job_id] = submitted_job_ids(project / f"logs/infer/{strategy}/ctx=all.log")
+    # The job's own error, from its ranks' stderr, in Snakemake's log.
+    assert f"job {job_id} (SLURM) task 0 of {WORLD[strategy]} failed" in out
+    assert "CheckpointException" in out and "EOFError" in out
+    assert not (project / f"results/runs/infer/{strategy}/ctx=all/run.json").exists()
+    states = sacct_states([job_id], lambda s: s.get(job_id) == "FAILED")
+    assert states[job_id] == "FAILED", states
+
+
+# ------------------------------------------------------------------ (b) time limit, requeue, resume
+
+
+# submitit asks SLURM for its USR2 warning 90 s before the limit (signal_delay_s), and slurmctld
+# checks limits every 30 s, sending a warning up to one check early. With a 3-minute limit the
+# warning therefore reaches the job between 60 and 90 s after it starts: late enough that the
+# ranks have installed submitit's handler (a shorter limit can signal a task still importing,
+# which kills it), early enough for a short test.
+REQUEUE_TIME_MIN = 3
+REQUEUE_WARNING_BY_S = 90
+# Training of this many seconds, estimated from the e2e run's step times, outlasts the warning.
+REQUEUE_TRAIN_S = 120
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+def test_time_limit_requeues_the_job_and_training_resumes_from_its_checkpoint(e2e, slurm_cluster, tmp_path):
+    strategy = "tp"
+    measured = read_rows(e2e.project / "results/runs/train" / strategy / f"seed={SEED}", "steps")
+    step_s = statistics.median(r["step_time_s"] for r in measured if r["rank"] == 0 and r["step"] > 0)
+    steps = max(40, math.ceil(REQUEUE_TRAIN_S / step_s))
+    every = max(2, steps // 20)  # about 20 checkpoints: at most `every` steps are lost at a requeue
+    project = make_project(tmp_path / "project", slurm_cluster.partition,
+                           extra_set=(f"train.steps={steps}", f"train.decay_steps={steps}",
+                                      f"train.checkpoint_every={every}", f"train.eval_every={steps}",
+                                      f"train.log_every={every}"),
+                           launch={"time_min": REQUEUE_TIME_MIN})
+    copy_tokens(e2e.project, project)
+    run = snakemake(project, f"results/runs/train/{strategy}/seed={SEED}/run.json")
+    out = run.output
+    assert run.returncode == 0, out[-4000:]
+    [job_id] = submitted_job_ids(project / f"logs/train/{strategy}/seed={SEED}.log")  # never resubmitted
+    folder = project / "results/runs/train" / strategy / f"seed={SEED}"
+    record = json.loads((folder / "run.json").read_text())
+    deadline = time.monotonic() + 30  # slurmdbd may record the end a moment after Snakemake saw it
+    while (history := sacct([job_id], "JobID,State,Start,End", requeues=True))[-1][1] in ("RUNNING", "COMPLETING") \
+            and time.monotonic() < deadline:
+        time.sleep(0.5)
+    print(f"{steps} steps ({step_s:.2f} s each in the e2e run), checkpoint every {every}; "
+          f"sacct:\n" + "\n".join("|".join(row) for row in history))
+    stderr = (project / "logs/submitit" / f"train-{strategy}-seed{SEED}" / f"{job_id}_0_log.err").read_text()
+    assert "Caught signal SIGUSR2" in stderr, (
+        f"the job finished before its time-limit warning ({run.seconds:.0f} s in all): "
+        f"its steps ran faster than the e2e run's {step_s:.2f} s; sacct: {history}")
+
+    # SLURM requeued the job at least once, then it completed under the same id.
+    states = [row[1] for row in history]
+    assert states[-1] == "COMPLETED" and states[:-1] and set(states[:-1]) == {"REQUEUED"}, history
+    assert record["slurm_job_id"] == job_id and record["status"] == "completed"
+    assert record["steps_completed"] == steps
+    resumed = record["resumed_from_step"]
+    assert resumed and resumed > 0 and resumed % every == 0, record.get("resumed_from_step")
+    stdout = (project / "logs/submitit" / f"train-{strategy}-seed{SEED}" / f"{job_id}_0_log.out").read_text()
+    assert f"resuming from step {resumed} " in stdout
+
+    # Every rank has each step exactly once: rows after the checkpoint were dropped on resume.
+    rows = read_rows(folder, "steps")
+    for rank in range(WORLD[strategy]):
+        assert sorted(r["step"] for r in rows if r["rank"] == rank) == list(range(steps)), rank
+    # The resumed run's losses continue the interrupted ones instead of starting over. One step's
+    # loss (4 short sequences) scatters by about 0.5, so compare means of up to 10 steps: they
+    # differ by a few tenths, while weights back at their start would put it ~4 higher.
+    loss = {r["step"]: r["loss"] for r in rows if r["rank"] == 0}
+    k = min(10, resumed, steps - resumed)
+    before = statistics.fmean(loss[s] for s in range(resumed - k, resumed))
+    after = statistics.fmean(loss[s] for s in range(resumed, resumed + k))
+    assert abs(after - before) < 1.0 and after < loss[0] - 1.0, (loss[0], before, after)
