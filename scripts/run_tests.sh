@@ -8,7 +8,9 @@ mode=${MASEP_SLURM:-auto}
 started=0
 if [ "$mode" != off ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    if scripts/slurm_cluster.sh up; then
+    if scripts/slurm_cluster.sh status >/dev/null 2>&1; then
+      : # already up (another run's cluster): use it, and leave it running afterwards
+    elif scripts/slurm_cluster.sh up; then
       started=1
     elif [ "$mode" = on ]; then
       echo "run_tests: the SLURM cluster did not come up" >&2
