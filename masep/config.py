@@ -99,6 +99,10 @@ class InferConfig:
     new_tokens: int = 32
     warmup_tokens: int = 4
     seed: int = 0
+    cuda_graph: bool = True  # single-rank decode on a GPU replays one captured graph per token
+    # torch.compile of that decode step (fused small kernels): eager (not compiled) | default | max-autotune
+    # (max-autotune also tunes the expert matrix-vector kernels; compiling takes minutes, not seconds)
+    compile: str = "default"
 
 
 @dataclass
@@ -323,6 +327,8 @@ def validate(cfg: Config) -> None:
     _require(t.lr > 0, "train.lr", "must be positive")
     _require(0 <= t.warmup_steps <= t.decay_steps, "train.warmup_steps", "must lie in [0, train.decay_steps]")
     _require(t.dtype in ("auto", "fp32", "bf16"), "train.dtype", "must be auto, fp32 or bf16")
+    _require(cfg.infer.compile in ("eager", "default", "max-autotune"), "infer.compile",
+             "must be eager, default or max-autotune")
     _require(0.0 <= t.min_lr_ratio <= 1.0, "train.min_lr_ratio", "must be in [0, 1]")
     _require(len(i.context_lengths) > 0 and all(c > 0 for c in i.context_lengths),
              "infer.context_lengths", "must be positive")

@@ -11,7 +11,8 @@ mkdir -p "$out"
 # NVLink multicast stays off: it can take a shared host's GPUs out of service.
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 export PYTHONPATH="$(cd "$(dirname "$0")/.." && pwd)${PYTHONPATH:+:$PYTHONPATH}"
-common="train.deterministic=false train.global_batch=${GLOBAL_BATCH:-16} train.micro_batch=${MICRO_BATCH:-4}"
+# Batch sizes are the preset's unless GLOBAL_BATCH / MICRO_BATCH say otherwise.
+common="train.deterministic=false${GLOBAL_BATCH:+ train.global_batch=$GLOBAL_BATCH}${MICRO_BATCH:+ train.micro_batch=$MICRO_BATCH}"
 steps=${STEPS:-6}
 declare -A sets=(
   [single]="parallel.strategy=single"

@@ -120,6 +120,80 @@ def test_kv_cache_decoding_equals_recomputation():
     assert torch.allclose(chunked[..., :cfg.vocab_size], full[:, 8:, :cfg.vocab_size], atol=1e-4)
 
 
+@pytest.mark.parametrize("capacity", ["null", "0.5"])
+def test_static_decode_step_equals_cached_forward(capacity):
+    """The fixed-shape decode step (what the CUDA graph replays) gives the logits of the eager
+    cached forward, including capacity drops among the batch's tokens (capacity 0.5: one
+    assignment per expert among 3 tokens x top-2)."""
+    cfg = tiny(**{"model.expert_dropout": 0.0, "model.capacity_factor": capacity})
+    model = build_model(cfg, seed=2).eval()
+    ids = torch.randint(0, cfg.vocab_size, (3, 16), generator=torch.Generator().manual_seed(1))
+    dropped = 0
+    with torch.no_grad():
+        eager, static = model.new_caches(3, 16), model.new_caches(3, 16)
+        model(ids[:, :10], 0, eager)
+        model(ids[:, :10], 0, static)
+        for t in range(10, 16):
+            want, routings = model(ids[:, t:t + 1], t, eager, last_only=True)
+            got = model.decode_logits(ids[:, t:t + 1], torch.tensor([t]), static)
+            dropped += sum(int(r.dropped) for r in routings)
+            assert torch.allclose(got[:, :cfg.vocab_size], want[:, -1, :cfg.vocab_size], atol=1e-5, rtol=1e-5)
+        for e, s in zip(eager, static):
+            assert torch.allclose(e.k, s.k, atol=1e-6) and torch.allclose(e.v, s.v, atol=1e-6)
+    assert (dropped > 0) == (capacity == "0.5")  # the drop path was exercised where it exists
+
+
+def test_cast_once_weights_give_autocast_gradients():
+    """Under bf16 autocast each weight is cast once per version and its gradient lands in the
+    fp32 `.grad`: the same loss and (to bf16 rounding) the same gradients as plain autocast
+    casts, over two micro-batches of accumulation."""
+    from masep.model import lm_loss_sum
+    from masep.model import moe_transformer as mt
+
+    cfg = tiny(**{"model.expert_dropout": 0.0, "model.capacity_factor": "null"})
+    ids = torch.randint(0, cfg.vocab_size, (4, 17), generator=torch.Generator().manual_seed(3))
+
+    def grads(cast_once: bool):
+        model = build_model(cfg, seed=4)
+        original = mt.compute_weight
+        if not cast_once:  # reference: a fresh cast per use, gradients through the cast
+            mt.compute_weight = lambda p, dtype=None: p.to(dtype or torch.get_autocast_dtype("cpu")) \
+                if torch.is_autocast_enabled("cpu") or dtype is not None else p
+        try:
+            losses = []
+            for mb in (ids[:2], ids[2:]):
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    logits, _ = model(mb[:, :-1])
+                loss = lm_loss_sum(logits, mb[:, 1:], torch.ones(2, 16)) / 64
+                loss.backward()
+                losses.append(float(loss.detach()))
+        finally:
+            mt.compute_weight = original
+        return losses, {n: p.grad for n, p in model.named_parameters()}
+
+    ref_loss, ref = grads(False)
+    got_loss, got = grads(True)
+    assert got_loss == pytest.approx(ref_loss, rel=1e-6)
+    assert all(g.dtype == torch.float32 for g in got.values())
+    for name, g in ref.items():
+        assert got[name] is not None, name
+        assert (got[name] - g).norm() <= 1e-2 * g.norm() + 1e-8, name
+
+
+def test_cast_once_copy_follows_optimizer_updates():
+    """The cached bf16 copy is remade after an in-place update of the weight."""
+    from masep.model import compute_weight
+
+    w = torch.nn.Parameter(torch.randn(8, 8))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a = compute_weight(w)
+        assert compute_weight(w) is a  # same version: reused
+        with torch.no_grad():
+            w.add_(1.0)
+        b = compute_weight(w)
+    assert b is not a and torch.equal(b, (w.detach()).to(torch.bfloat16))
+
+
 def test_padded_vocabulary_is_never_predicted():
     cfg = tiny()
     model = build_model(cfg, seed=0)
@@ -144,6 +218,8 @@ def test_same_seed_same_weights_and_different_seed_differs():
     ("train.steps=many", "train.steps"),
     ("train.micro_batch=3", "train.micro_batch"),
     ("model.capacity_factor=-1", "model.capacity_factor"),
+    ("infer.compile=fast", "infer.compile"),
+    ("infer.compile=off", "infer.compile"),  # YAML reads off as false: values are eager/default/max-autotune
 ])
 def test_bad_config_names_the_key(override, key):
     with pytest.raises(ConfigError) as err:

@@ -8,6 +8,7 @@ they call `Block.attention_residual` and `Block.moe_residual` with their own `ex
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -19,6 +20,57 @@ from masep.config import ModelConfig
 
 # expert_fn(x_sorted [M, H], counts [E] (tokens per expert, in expert order)) -> y_sorted [M, H]
 ExpertFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+# ------------------------------------------------------------------ low-precision weights
+
+_LOW_COPY = "_masep_low_copy"  # attribute of a weight: ((data_ptr, version), low-precision leaf)
+
+
+def compute_weight(p: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """`p` in the compute dtype (autocast's, unless `dtype` is given).
+
+    Under autocast every micro-batch would cast each fp32 weight again and send its gradient
+    back through a cast and a separate accumulation: ~24 bytes of memory traffic per parameter
+    per micro-batch. Here the copy is made once per weight version (the optimizer's in-place
+    update bumps it) and is a leaf of its own; a hook adds each micro-batch's bf16 gradient
+    straight into the fp32 `p.grad` (~10 bytes per parameter), so strategies and the optimizer
+    see fp32 gradients exactly where they did before.
+    """
+    if dtype is None:
+        if not torch.is_autocast_enabled(p.device.type):
+            return p
+        dtype = torch.get_autocast_dtype(p.device.type)
+    if p.dtype == dtype:
+        return p
+    if not (p.requires_grad and torch.is_grad_enabled()):
+        return p.to(dtype)
+    key = (p.data_ptr(), p._version, dtype)
+    hit = getattr(p, _LOW_COPY, None)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    low = p.detach().to(dtype).requires_grad_()
+    low.register_post_accumulate_grad_hook(_grad_into(weakref.ref(p)))
+    setattr(p, _LOW_COPY, (key, low))
+    return low
+
+
+def drop_weight_copy(p: torch.Tensor) -> None:
+    """Free the cached low-precision copy of `p` (e.g. once the weights themselves are bf16)."""
+    if hasattr(p, _LOW_COPY):
+        delattr(p, _LOW_COPY)
+
+
+def _grad_into(param_ref):
+    def hook(low: torch.Tensor) -> None:
+        p = param_ref()
+        if p is not None:
+            if p.grad is None:
+                p.grad = low.grad.to(p.dtype)
+            else:
+                p.grad.add_(low.grad)
+        low.grad = None
+    return hook
 
 
 # ------------------------------------------------------------------ positions
@@ -69,7 +121,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int = 0,
                 cache: Optional[KVCache] = None) -> torch.Tensor:
         B, T, _ = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = self._qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q = apply_rotary(q, cos[start_pos:start_pos + T], sin[start_pos:start_pos + T])
         k = apply_rotary(k, cos[start_pos:start_pos + T], sin[start_pos:start_pos + T])
         if cache is not None:
@@ -84,7 +136,28 @@ class Attention(nn.Module):
             total = start_pos + T
             mask = torch.ones(T, total, dtype=torch.bool, device=x.device).tril(diagonal=start_pos)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.out(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+        return self._out(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+    def _qkv(self, x):
+        return F.linear(x, compute_weight(self.qkv.weight))
+
+    def _out(self, y):
+        return F.linear(y, compute_weight(self.out.weight))
+
+    def decode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor,
+               cache: KVCache) -> torch.Tensor:
+        """One new token per sequence at position `pos` (a 1-element device tensor): static
+        shapes and no host synchronisation, so the step can be captured in a CUDA graph. The
+        token attends to the whole pre-allocated cache with the positions after `pos` masked."""
+        B = x.shape[0]
+        q, k, v = self._qkv(x).view(B, 1, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        c, s_ = cos.index_select(0, pos), sin.index_select(0, pos)
+        q, k = apply_rotary(q, c, s_), apply_rotary(k, c, s_)
+        cache.k.index_copy_(2, pos, k.to(cache.k.dtype))
+        cache.v.index_copy_(2, pos, v.to(cache.v.dtype))
+        visible = (torch.arange(cache.k.shape[2], device=x.device) <= pos).view(1, -1)  # [1, max_len]
+        y = F.scaled_dot_product_attention(q, cache.k.to(q.dtype), cache.v.to(q.dtype), attn_mask=visible)
+        return self._out(y.transpose(1, 2).reshape(B, 1, self.n_heads * self.head_dim))
 
 
 # ------------------------------------------------------------------ experts
@@ -120,11 +193,12 @@ class Experts(nn.Module):
             x_sorted = x_sorted.to(torch.get_autocast_dtype(x_sorted.device.type))
         if use_grouped_mm(x_sorted):
             offs = torch.cumsum(counts, 0).to(torch.int32)
-            w_up, w_down = self.w_up.to(x_sorted.dtype), self.w_down.to(x_sorted.dtype)
+            w_up, w_down = compute_weight(self.w_up, x_sorted.dtype), compute_weight(self.w_down, x_sorted.dtype)
             h = torch._grouped_mm(x_sorted, w_up, offs=offs)
             return torch._grouped_mm(self._act(h), w_down, offs=offs)
         # unbind (not w[e]) so backward stacks the expert gradients once instead of once per expert
-        w_up, w_down = self.w_up.to(x_sorted.dtype).unbind(0), self.w_down.to(x_sorted.dtype).unbind(0)
+        w_up = compute_weight(self.w_up, x_sorted.dtype).unbind(0)
+        w_down = compute_weight(self.w_down, x_sorted.dtype).unbind(0)
         outs = [self._act(xe @ w_up[e]) @ w_down[e]
                 for e, xe in enumerate(x_sorted.split(counts.tolist())) if xe.shape[0]]
         return torch.cat(outs)
@@ -182,17 +256,24 @@ def route(logits: torch.Tensor, top_k: int, capacity_factor: Optional[float]) ->
         keep = torch.ones_like(top_e, dtype=torch.bool)
     else:
         # Position of each assignment in its expert's queue, choice-major then token order:
-        # a stable sort by expert keeps that order inside each expert's group.
+        # a stable sort by expert keeps that order inside each expert's group. Counts come from
+        # scatter_add (bincount would read its maximum back to the host).
         flat = top_e.T.reshape(-1)  # [k*N]
         order = torch.argsort(flat, stable=True)
-        starts = torch.cumsum(torch.bincount(flat, minlength=E), 0) - torch.bincount(flat, minlength=E)
+        counts = _count(flat, E)
+        starts = torch.cumsum(counts, 0) - counts
         position = torch.empty_like(flat)
         position[order] = torch.arange(flat.numel(), device=flat.device) - starts[flat[order]]
         keep = (position < cap).view(top_k, N).T
-    kept_e = top_e[keep]
-    tokens_per_expert = torch.bincount(kept_e, minlength=E)
+    tokens_per_expert = _count(top_e.reshape(-1), E, keep.reshape(-1).long())
     dropped = (~keep).sum()
     return Routing(top_e, weight, keep, lb_loss, z_loss, tokens_per_expert, dropped)
+
+
+def _count(expert: torch.Tensor, n_experts: int, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Per-expert sum of `weight` (default 1) over the flat `expert` ids, without a host sync."""
+    ones = weight if weight is not None else torch.ones_like(expert)
+    return torch.zeros(n_experts, dtype=torch.long, device=expert.device).scatter_add_(0, expert, ones)
 
 
 def dispatch_combine(x: torch.Tensor, routing: Routing, expert_fn: ExpertFn, n_experts: int) -> torch.Tensor:
@@ -203,10 +284,26 @@ def dispatch_combine(x: torch.Tensor, routing: Routing, expert_fn: ExpertFn, n_e
     w = routing.weight[routing.keep]
     order = torch.argsort(exp, stable=True)
     tok, exp, w = tok[order], exp[order], w[order]
-    counts = torch.bincount(exp, minlength=n_experts)
+    counts = _count(exp, n_experts)
     y_sorted = expert_fn(x.index_select(0, tok), counts)
     out = torch.zeros_like(x)
     return out.index_add(0, tok, (y_sorted.float() * w.unsqueeze(1)).to(x.dtype))
+
+
+def dispatch_combine_static(x: torch.Tensor, routing: Routing, expert_fn: ExpertFn, n_experts: int) -> torch.Tensor:
+    """`dispatch_combine` with shapes fixed by the number of tokens (decode steps in a CUDA
+    graph): every assignment is sent, those dropped by capacity with weight 0. The per-token
+    sum adds the weighted outputs in the compute dtype, in expert order, as `index_add` does."""
+    N, k = routing.expert.shape
+    flat = routing.expert.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    y_sorted = expert_fn(x.index_select(0, order // k), _count(flat, n_experts))
+    y = torch.empty_like(y_sorted).index_copy_(0, order, y_sorted).view(N, k, -1)
+    w = torch.where(routing.keep, routing.weight, 0.0)
+    terms = (y.float() * w.unsqueeze(-1)).to(x.dtype)  # [N, k, H], choice order
+    # index_add visits a token's assignments in expert order; for k = 2 the sum is symmetric,
+    # so choice order gives the same bits.
+    return terms.sum(1) if k != 2 else terms[:, 0] + terms[:, 1]
 
 
 class MoE(nn.Module):
@@ -229,6 +326,11 @@ class MoE(nn.Module):
         routing = self.route(x_flat)
         y = dispatch_combine(x_flat, routing, expert_fn or self.experts, self.cfg.experts)
         return y.view(shape), routing
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x_flat = x.reshape(-1, shape[-1])
+        return dispatch_combine_static(x_flat, self.route(x_flat), self.experts, self.cfg.experts).view(shape)
 
 
 # ------------------------------------------------------------------ the model
@@ -255,6 +357,11 @@ class Block(nn.Module):
         x = self.attention_residual(x, cos, sin, start_pos, cache)
         return self.moe_residual(x)
 
+    def decode(self, x, cos, sin, pos: torch.Tensor, cache: KVCache):
+        """Inference-only step of one token (no dropout, routing statistics not kept)."""
+        x = x + self.attn.decode(self.attn_norm(x), cos, sin, pos, cache)
+        return x + self.moe.decode(self.moe_norm(x))
+
 
 class MoETransformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
@@ -271,7 +378,7 @@ class MoETransformer(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.head(self.norm(x)).float()
+        logits = F.linear(self.norm(x), compute_weight(self.head.weight)).float()
         # Padding rows of the vocabulary are never valid outputs.
         logits[..., self.cfg.vocab_size:] = float("-inf")
         return logits
@@ -287,6 +394,20 @@ class MoETransformer(nn.Module):
             x, routing = block.moe_residual(x)
             routings.append(routing)
         return self.logits(x[:, -1:] if last_only else x), routings
+
+    @torch.no_grad()
+    def decode_logits(self, ids: torch.Tensor, pos: torch.Tensor, caches: list[KVCache]) -> torch.Tensor:
+        """Logits [B, V] of the token after `ids` [B, 1] at position `pos` (a 1-element long
+        tensor on the model's device). Fixed shapes, no host synchronisation: capturable in a
+        CUDA graph. Computes what `forward(ids, pos, caches, last_only=True)` computes."""
+        x = self.embed(ids)
+        for block, cache in zip(self.blocks, caches):
+            x = block.decode(x, self.rope_cos, self.rope_sin, pos, cache)
+        return self.logits(x)[:, -1]
+
+    def decode_step(self, ids: torch.Tensor, pos: torch.Tensor, caches: list[KVCache]) -> torch.Tensor:
+        """Greedy next ids [B] (see `decode_logits`)."""
+        return self.decode_logits(ids, pos, caches).argmax(-1)
 
     def new_caches(self, batch: int, max_len: int, dtype=None, device=None) -> list[KVCache]:
         p = self.embed.weight

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from masep.config import Config
-from masep.model import MoETransformer, Routing
+from masep.model import MoETransformer, Routing, drop_weight_copy
 from masep.parallel.layout import Layout
 
 
@@ -106,6 +106,42 @@ class Generation:
     tokens: torch.Tensor  # [B, new_tokens] greedy ids
     prefill_s: float
     token_s: list[float]  # wall time of each decoded token (all ranks synchronised)
+
+
+class StaticDecoder:
+    """Greedy decoding with a fixed-shape step `step(ids [B, 1], pos [1]) -> next ids [B]`.
+
+    Each call advances one token: the step reads the ids and position from its own buffers and
+    writes the next ones back, so on a GPU the whole step is captured once in a CUDA graph and
+    a token costs one graph launch instead of hundreds of kernel launches. The warm-up needed
+    before capture writes the cache slot of the start position, which the first token rewrites.
+    """
+
+    def __init__(self, step, ids: torch.Tensor, pos: torch.Tensor, cuda_graph: bool):
+        self.step, self.ids, self.pos = step, ids.clone(), pos.clone()
+        self.graph = None
+        if cuda_graph and ids.is_cuda:
+            side = torch.cuda.Stream(ids.device)
+            side.wait_stream(torch.cuda.current_stream(ids.device))
+            with torch.cuda.stream(side):
+                for _ in range(2):  # warm-up (lazy initialisation) must precede capture
+                    self.step(self.ids, self.pos)
+            torch.cuda.current_stream(ids.device).wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self._advance()
+
+    def _advance(self) -> None:
+        self.ids.copy_(self.step(self.ids, self.pos)[:, None])
+        self.pos.add_(1)
+
+    def __call__(self) -> torch.Tensor:
+        """Decode one token; returns the new ids [B] (a view of the buffer: clone to keep)."""
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self._advance()
+        return self.ids[:, 0]
 
 
 class Strategy(ABC):
@@ -193,6 +229,7 @@ class Strategy(ABC):
         """Hold weights in `dtype` (inference in bf16 reads half the bytes of fp32 weights).
         Buffers such as the rotary tables keep their precision."""
         for _, p in self.named_parameters():
+            drop_weight_copy(p)
             p.data = p.data.to(dtype)
 
     def aux_coefficients(self) -> tuple[float, float]:

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import time
+import warnings
 
 import torch
 
 from masep.model import MoETransformer, lm_loss_sum
-from masep.parallel.base import Generation, GlobalBatch, LocalStats, Strategy, StepStats
+from masep.parallel.base import Generation, GlobalBatch, LocalStats, StaticDecoder, Strategy, StepStats
 
 
 def sync(device: torch.device) -> None:
@@ -20,6 +21,7 @@ class SingleRank(Strategy):
     def __init__(self, cfg, layout, rank, device, model: MoETransformer):
         super().__init__(cfg, layout, rank, device)
         self.model = model.to(self.device)
+        self._compiled_step, self._compile_failed = None, False
 
     def modules(self):
         return [self.model]
@@ -57,6 +59,21 @@ class SingleRank(Strategy):
         self.model.train(was_training)
         return ce, batch.n_valid()
 
+    def _decoder(self, ids: torch.Tensor, pos: torch.Tensor, caches) -> StaticDecoder:
+        infer, model = self.cfg.infer, self.model
+        graph = infer.cuda_graph and self.device.type == "cuda"
+        if infer.compile != "eager" and graph and not self._compile_failed:
+            if self._compiled_step is None:
+                mode = "max-autotune-no-cudagraphs" if infer.compile == "max-autotune" else None  # the graph is ours
+                self._compiled_step = torch.compile(model.decode_step, fullgraph=True, dynamic=False, mode=mode)
+            try:
+                return StaticDecoder(lambda i, p: self._compiled_step(i, p, caches), ids, pos, True)
+            except Exception as e:  # noqa: BLE001 - e.g. no C compiler for Triton: decode uncompiled
+                warnings.warn(f"torch.compile of the decode step failed ({type(e).__name__}: {e}); "
+                              "decoding without it")
+                self._compile_failed = True
+        return StaticDecoder(lambda i, p: model.decode_step(i, p, caches), ids, pos, graph)
+
     @torch.no_grad()
     def generate(self, prompt: torch.Tensor, new_tokens: int) -> Generation:
         model = self.model
@@ -64,7 +81,8 @@ class SingleRank(Strategy):
         model.eval()
         prompt = prompt.to(self.device)
         B, T0 = prompt.shape
-        caches = model.new_caches(B, T0 + new_tokens, dtype=self.compute_dtype())
+        # Cache length rounded up: runs of different lengths from one context share one compiled step.
+        caches = model.new_caches(B, -(-(T0 + new_tokens) // 64) * 64, dtype=self.compute_dtype())
         sync(self.device)
         t0 = time.perf_counter()
         with self.autocast():
@@ -72,14 +90,16 @@ class SingleRank(Strategy):
         next_ids = logits[:, -1].argmax(-1)
         sync(self.device)
         prefill_s = time.perf_counter() - t0
+        # Decoding proper: the fixed-shape step, on a GPU compiled and captured as one CUDA graph.
+        with self.autocast():
+            decoder = self._decoder(next_ids[:, None], torch.tensor([T0], device=self.device), caches)
         out, times = [next_ids], []
-        for i in range(new_tokens - 1):
+        for _ in range(new_tokens - 1):
             t = time.perf_counter()
             with self.autocast():
-                logits, _ = model(next_ids[:, None], T0 + i, caches, last_only=True)
-            next_ids = logits[:, -1].argmax(-1)
+                next_ids = decoder()
             sync(self.device)
             times.append(time.perf_counter() - t)
-            out.append(next_ids)
+            out.append(next_ids.clone())
         model.train(was_training)
         return Generation(torch.stack(out, 1).cpu(), prefill_s, times)
