@@ -24,6 +24,7 @@ from masep.config import load_config
 from masep.model import analytic_parameter_count
 from masep.parallel.base import GlobalBatch
 from masep.telemetry.flops import H200_DENSE_BF16, mfu
+from masep.telemetry.mfu import flops_record
 
 HBM_BYTES_PER_S = 4.24e12  # device-to-device copy rate measured on an H200 (bytes read + written)
 
@@ -99,6 +100,21 @@ def decode_bound_ms(cfg, context_len: int, batch: int) -> float:
     weights = c["attention"] + c["routers"] + c["head"] + c["norms"] + m.layers * experts_touched * per_expert
     kv = 2 * m.layers * context_len * m.hidden * batch
     return (2 * weights + 2 * kv) / HBM_BYTES_PER_S * 1e3
+
+
+def _versions() -> dict:
+    import platform
+    return {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda}
+
+
+def _git_commit():
+    import subprocess
+    try:
+        res = subprocess.run(["git", "-C", str(Path(__file__).resolve().parents[1]), "rev-parse", "HEAD"],
+                             capture_output=True, text=True, timeout=5)
+        return res.stdout.strip() or None
+    except OSError:
+        return None
 
 
 def main() -> None:
@@ -197,6 +213,10 @@ def main() -> None:
             "compute_median_s": statistics.median(r["compute_s"] for r in all_rows if r["rank"] == 0),
             "idle_median_s": statistics.median(r["idle_s"] for r in all_rows if r["rank"] == 0),
             "peak_mem_bytes_by_rank": {r["rank"]: r["peak_mem_bytes"] for r in all_rows},
+            "energy_j_by_rank": {e["rank"]: e["joules"] for e in energies},
+            "energy_reason_by_rank": {e["rank"]: e["reason"] for e in energies},
+            "timed_steps": args.steps, "timed_tokens": measured_tokens,
+            "flops": flops_record(cfg, device), "versions": _versions(), "git_commit": _git_commit(),
             "decode": decode, "steps": all_rows,
         }
         out = Path(args.out)

@@ -168,6 +168,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--skip-train", action="store_true")
     ap.add_argument("--skip-decode", action="store_true")
+    ap.add_argument("--accuracy-only", action="store_true", help="decode: only the fp32-reference check")
     ap.add_argument("--set", dest="overrides", nargs="*", default=[])
     ap.add_argument("--decode-modes", nargs="*", default=["eager", "static", "graph", "compiled", "graph", "compiled"])
     args = ap.parse_args()
@@ -198,6 +199,8 @@ def main() -> None:
         except Exception as e:  # noqa: BLE001
             results["accuracy"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
         print("accuracy", json.dumps(results["accuracy"]), flush=True)
+        if args.accuracy_only:
+            args.decode_modes = []
         for ctx in cfg.infer.context_lengths[::max(len(cfg.infer.context_lengths) - 1, 1)]:
             bound = decode_bound_ms(cfg, ctx, 1)
             toks = {}

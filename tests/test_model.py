@@ -226,3 +226,25 @@ def test_bad_config_names_the_key(override, key):
         load_config("tiny", [override])
     assert str(err.value).startswith(key + ":")
     assert "\n" not in str(err.value)
+
+
+def test_single_rank_generate_equals_eager_greedy_loop():
+    """`SingleRank.generate` (the fixed-shape step behind `StaticDecoder`) decodes the tokens of
+    the plain cached-forward greedy loop, capacity drops among the batch included."""
+    from masep.parallel.layout import make_layout
+    from masep.parallel.single import SingleRank
+
+    cfg = load_config("tiny", ["model.expert_dropout=0.0", "model.capacity_factor=0.5"])
+    model = build_model(cfg.model, seed=5)
+    prompt = torch.randint(0, cfg.model.vocab_size, (3, 12), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        caches = model.new_caches(3, 20)
+        logits, _ = model(prompt, 0, caches, last_only=True)
+        ids, want = logits[:, -1].argmax(-1), []
+        for t in range(12, 20):
+            want.append(ids)
+            logits, _ = model(ids[:, None], t, caches, last_only=True)
+            ids = logits[:, -1].argmax(-1)
+    gen = SingleRank(cfg, make_layout(cfg), 0, "cpu", model).generate(prompt, 8)
+    assert torch.equal(gen.tokens, torch.stack(want, 1))
+    assert len(gen.token_s) == 7 and all(t > 0 for t in gen.token_s)
