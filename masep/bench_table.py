@@ -1,13 +1,26 @@
 """`python -m masep.bench_table OUT/*.json`: one table from GPU benchmark files, with ratios
-measured in the same run (strategy / single GPU, achieved / ceiling)."""
+measured in the same run (strategy / single GPU, achieved / ceiling).
+
+`build` gives the table as cells (the report renders them as HTML); `table` as markdown."""
 from __future__ import annotations
 
 import json
 import statistics
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from masep.telemetry.timing import COMM_KINDS
+
+
+# Keys every benchmark summary has; a JSON file with none of them is another kind of file
+# (e.g. the A/B results of scripts/bench_variants.py, kept in the same folder).
+SUMMARY_KEYS = ("label", "strategy", "world_size", "steps")
+
+
+def is_summary(d) -> bool:
+    """Whether a JSON document claims to be a benchmark summary (it may still be a broken one)."""
+    return isinstance(d, dict) and any(k in d for k in SUMMARY_KEYS)
 
 
 def per_rank_medians(d: dict) -> dict[int, dict]:
@@ -19,13 +32,21 @@ def per_rank_medians(d: dict) -> dict[int, dict]:
     return out
 
 
-def table(files: list[Path]) -> str:
-    runs = [json.loads(Path(f).read_text()) for f in files]
+@dataclass
+class BenchTable:
+    header: str               # device, torch, date and peak of the first run
+    columns: list[str]
+    rows: list[list[str]]     # one per run, cells formatted
+    notes: list[str]          # ratios against the goals
+
+
+def build(runs: list[dict]) -> BenchTable:
+    """The table of benchmark summaries (the JSON files `masep.bench` writes), as cells."""
     single = next((r for r in runs if r["strategy"] == "single"), None)
-    lines = ["| run | GPUs | step ms | tok/s/GPU | tok/s all | vs 1 GPU | MFU | compute ms (per rank) | "
-             "comm ms by kind (rank 0) | idle ms | peak GiB (per rank) | energy mJ/token | "
-             + " | ".join(f"TPOT ms @{d['context_len']} (x bound)" for d in (runs[0]["decode"] or [])) + " |",
-             "|" + "---|" * (12 + len(runs[0]["decode"] or []))]
+    columns = ["run", "GPUs", "step ms", "tok/s/GPU", "tok/s all", "vs 1 GPU", "MFU", "compute ms (per rank)",
+               "comm ms by kind (rank 0)", "idle ms", "peak GiB (per rank)", "energy mJ/token"] \
+        + [f"TPOT ms @{d['context_len']} (x bound)" for d in (runs[0]["decode"] or [])]
+    rows = []
     for r in runs:
         ranks = per_rank_medians(r)
         comm = ", ".join(f"{k} {v * 1e3:.0f}" for k, v in r["comm_median_s"].items() if v > 0) or "none"
@@ -39,7 +60,7 @@ def table(files: list[Path]) -> str:
                  " / ".join(f"{v['idle_s'] * 1e3:.0f}" for v in ranks.values()),
                  " / ".join(f"{b / 2**30:.1f}" for b in r["peak_mem_bytes_by_rank"].values()), energy]
         cells += [f"{d['tpot_ms']:.2f} ({d['tpot_over_bound']:.1f}x)" for d in r["decode"]]
-        lines.append("| " + " | ".join(cells) + " |")
+        rows.append(cells)
     ma = next((r for r in runs if r["strategy"] == "ma_sep"), None)
     notes = []
     if single:
@@ -64,7 +85,17 @@ def table(files: list[Path]) -> str:
                      f"{ma['step_time_median_s'] / bound:.2f}x (goal <= 1.15x)")
     meta = runs[0]
     header = f"{meta['device']}, torch {meta['torch']}, {meta['date']}; peak {meta['peak_flops'] / 1e12:.0f} TFLOP/s per GPU"
-    return "\n".join([header, ""] + lines + [""] + [f"- {n}" for n in notes]) + "\n"
+    return BenchTable(header, columns, rows, notes)
+
+
+def markdown(t: BenchTable) -> str:
+    lines = ["| " + " | ".join(t.columns) + " |", "|" + "---|" * len(t.columns)]
+    lines += ["| " + " | ".join(cells) + " |" for cells in t.rows]
+    return "\n".join([t.header, ""] + lines + [""] + [f"- {n}" for n in t.notes]) + "\n"
+
+
+def table(files: list[Path]) -> str:
+    return markdown(build([json.loads(Path(f).read_text()) for f in files]))
 
 
 if __name__ == "__main__":

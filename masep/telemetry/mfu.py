@@ -43,24 +43,40 @@ def group_train_flops_per_token(cfg: ModelConfig, seq_len: int, causal: bool = T
     return {"attention": attention, "moe": moe}
 
 
+def peak_for_name(name: Optional[str]) -> tuple[Optional[float], Optional[str], Optional[str]]:
+    """(peak FLOP/s, its source, reason when there is none) for a GPU model name
+    (as `torch.cuda.get_device_name` gives it; None or "cpu" for a CPU)."""
+    if not name or name.lower() == "cpu":
+        return None, None, "no GPU peak for CPU"
+    for key, (peak, source) in PEAKS.items():
+        if key in name:
+            return peak, source, None
+    return None, None, f"no peak FLOP/s known for {name}"
+
+
 def peak_for(device: torch.device | str) -> tuple[Optional[float], Optional[str], Optional[str], Optional[str]]:
     """(peak FLOP/s, its source, GPU name, reason when there is none) for this device."""
     device = torch.device(device)
     if device.type != "cuda":
         return None, None, None, "no GPU peak for CPU"
     name = torch.cuda.get_device_name(device)
-    for key, (peak, source) in PEAKS.items():
-        if key in name:
-            return peak, source, name, None
-    return None, None, name, f"no peak FLOP/s known for {name}"
+    peak, source, reason = peak_for_name(name)
+    return peak, source, name, reason
 
 
-def flops_record(cfg: Config, device: torch.device | str) -> dict:
-    """What the results database needs to turn measured tokens/s into MFU."""
+def flops_record(cfg: Config, device: torch.device | str, gpu_name: Optional[str] = None) -> dict:
+    """What the results database needs to turn measured tokens/s into MFU.
+
+    `gpu_name` (a CUDA device name, or "cpu") takes the peak from that name instead of asking
+    the device, for a run measured on another machine (e.g. an imported benchmark summary)."""
     layout = make_layout(cfg)
     seq = cfg.data.seq_len
     groups = group_train_flops_per_token(cfg.model, seq)
-    peak, source, gpu, reason = peak_for(device)
+    if gpu_name is None:
+        peak, source, gpu, reason = peak_for(device)
+    else:
+        peak, source, reason = peak_for_name(gpu_name)
+        gpu = None if gpu_name.lower() == "cpu" else gpu_name
     ma_sep = layout.strategy == "ma_sep"
     return {
         "seq_len": seq,

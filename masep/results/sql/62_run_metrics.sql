@@ -68,7 +68,9 @@ FROM t;
 
 CREATE VIEW run_metrics AS
 WITH
-train AS (SELECT * FROM run_info WHERE experiment = 'train'),
+-- Training figures come from training runs and from imported GPU benchmark runs (`masep
+-- bench-import`: timed steps of synthetic batches, so no quality figures for them).
+train AS (SELECT * FROM run_info WHERE experiment IN ('train', 'bench')),
 -- Speed: rank 0's steady steps (rank 0 waits for every rank at the end of a step, and `tokens`
 -- is the global batch's), tokens over time.
 speed AS (
@@ -212,7 +214,7 @@ expert_rows AS (
 -- Quality: last training loss and last validation figures; wall-clock training time until
 -- the loss first reaches the study's common target, the highest of the runs' lowest losses
 -- (a loss every training run reaches).
-curve AS (SELECT run_id, step, loss FROM loss_curve WHERE loss IS NOT NULL),
+curve AS (SELECT run_id, step, loss FROM loss_curve WHERE loss IS NOT NULL AND experiment = 'train'),
 final AS (SELECT run_id, arg_max(loss, step) AS loss FROM curve GROUP BY run_id),
 val AS (SELECT run_id, arg_max(val_loss, step) AS val_loss, arg_max(val_ppl, step) AS val_ppl
         FROM eval GROUP BY run_id),
@@ -228,8 +230,8 @@ time_to AS (
 quality_rows AS (
     SELECT t.run_id, m.metric, m.value, m.unit, CASE WHEN m.value IS NULL THEN m.missing END AS reason,
            m.method
-    FROM train t LEFT JOIN final f USING (run_id) LEFT JOIN val v USING (run_id)
-         LEFT JOIN time_to tt USING (run_id), target,
+    FROM (SELECT * FROM train WHERE experiment = 'train') t LEFT JOIN final f USING (run_id)
+         LEFT JOIN val v USING (run_id) LEFT JOIN time_to tt USING (run_id), target,
     LATERAL (VALUES
         ('final_train_loss', f.loss, 'nats', 'no loss recorded', NULL),
         ('final_train_ppl', exp(least(f.loss, 700)), 'ppl', 'no loss recorded', 'exp(final training loss)'),
@@ -343,7 +345,7 @@ infer_rows AS (
         ('prefill_ms', i.prefill_ms, 'ms', NULL),
         ('decode_tok_s', i.tokens_per_s, 'tokens/s', 'batch / TPOT')
     ) AS m(metric, value, unit, method)
-    WHERE i.rank = 0 AND r.experiment = 'infer'
+    WHERE i.rank = 0 AND r.experiment IN ('infer', 'bench')
 )
 SELECT run_id, metric, CAST(NULL AS BIGINT) AS x, CAST(value AS DOUBLE) AS value, unit, reason,
        CAST(NULL AS VARCHAR) AS method FROM speed_rows
