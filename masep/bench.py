@@ -23,7 +23,7 @@ import torch.distributed as dist
 from masep.config import load_config
 from masep.model import analytic_parameter_count
 from masep.parallel.base import GlobalBatch
-from masep.telemetry.flops import H200_DENSE_BF16, mfu
+from masep.telemetry.flops import mfu
 from masep.telemetry.mfu import flops_record
 
 HBM_BYTES_PER_S = 4.24e12  # device-to-device copy rate measured on an H200 (bytes read + written)
@@ -102,6 +102,10 @@ def decode_bound_ms(cfg, context_len: int, batch: int) -> float:
     return (2 * weights + 2 * kv) / HBM_BYTES_PER_S * 1e3
 
 
+def _pct(x) -> str:
+    return "-" if x is None else f"{x * 100:.1f}%"
+
+
 def _versions() -> dict:
     import platform
     return {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda}
@@ -120,7 +124,7 @@ def _git_commit():
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default="h200")
-    ap.add_argument("--set", dest="overrides", nargs="*", default=[])
+    ap.add_argument("--set", dest="overrides", nargs="*", action="extend", default=[])
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--decode", action="store_true")
@@ -200,13 +204,17 @@ def main() -> None:
         total_j = sum(e["joules"] for e in energies) if all(e["joules"] is not None for e in energies) else None
         measured_tokens = sum(r["tokens"] for r in all_rows if r["rank"] == 0)
         comm = {k: statistics.median(r[f"comm_{k}_s"] for r in all_rows if r["rank"] == 0) for k in COMM_KINDS}
+        flops = flops_record(cfg, device)
         summary = {
             "label": args.label or cfg.parallel.strategy, "strategy": cfg.parallel.strategy, "world_size": world,
             "config": cfg.to_dict(), "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "torch": torch.__version__, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "step_time_median_s": med, "step_time_min_s": min(step_times), "step_time_max_s": max(step_times),
             "tokens_per_step": tokens, "tokens_per_s": tps, "tokens_per_s_per_gpu": tps / world,
-            "mfu": mfu(tps, cfg.model, cfg.data.seq_len, world, H200_DENSE_BF16), "peak_flops": H200_DENSE_BF16,
+            # The peak of this GPU model (None, and MFU None, where masep knows none: a CPU run).
+            "mfu": mfu(tps, cfg.model, cfg.data.seq_len, world, flops["peak_flops_per_gpu"])
+            if flops["peak_flops_per_gpu"] else None,
+            "peak_flops": flops["peak_flops_per_gpu"], "peak_reason": flops["peak_reason"],
             "energy_j": total_j, "energy_per_token_j": total_j / measured_tokens if total_j else None,
             "energy_reason": None if total_j else "; ".join(sorted({str(e["reason"]) for e in energies})),
             "timed_wall_s": wall, "comm_median_s": comm,
@@ -216,14 +224,14 @@ def main() -> None:
             "energy_j_by_rank": {e["rank"]: e["joules"] for e in energies},
             "energy_reason_by_rank": {e["rank"]: e["reason"] for e in energies},
             "timed_steps": args.steps, "timed_tokens": measured_tokens,
-            "flops": flops_record(cfg, device), "versions": _versions(), "git_commit": _git_commit(),
+            "flops": flops, "versions": _versions(), "git_commit": _git_commit(),
             "decode": decode, "steps": all_rows,
         }
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(summary, indent=1, default=str))
         print(f"[{summary['label']}] step {med * 1e3:.1f} ms  tok/s/GPU {tps / world:.0f}  "
-              f"MFU {summary['mfu'] * 100:.1f}%  peak {max(summary['peak_mem_bytes_by_rank'].values()) / 2**30:.1f} GiB"
+              f"MFU {_pct(summary['mfu'])}  peak {max(summary['peak_mem_bytes_by_rank'].values()) / 2**30:.1f} GiB"
               + "".join(f"  ctx{d['context_len']}: {d['tpot_ms']:.2f} ms ({d['tpot_over_bound']:.2f}x bound)"
                         for d in decode), flush=True)
     if world > 1:

@@ -23,6 +23,10 @@ def is_summary(d) -> bool:
     return isinstance(d, dict) and any(k in d for k in SUMMARY_KEYS)
 
 
+def _mfu(r: dict) -> str:
+    return "not measured" if r.get("mfu") is None else f"{r['mfu'] * 100:.1f}%"
+
+
 def per_rank_medians(d: dict) -> dict[int, dict]:
     out: dict[int, dict] = {}
     for rank in sorted({r["rank"] for r in d["steps"]}):
@@ -55,7 +59,7 @@ def build(runs: list[dict]) -> BenchTable:
             f"not measured ({r.get('energy_reason')})"
         cells = [r["label"], str(r["world_size"]), f"{r['step_time_median_s'] * 1e3:.0f}",
                  f"{r['tokens_per_s_per_gpu']:.0f}", f"{r['tokens_per_s']:.0f}",
-                 f"{vs:.2f}x" if vs else "-", f"{r['mfu'] * 100:.1f}%",
+                 f"{vs:.2f}x" if vs else "-", _mfu(r),
                  " / ".join(f"{v['compute_s'] * 1e3:.0f}" for v in ranks.values()), comm,
                  " / ".join(f"{v['idle_s'] * 1e3:.0f}" for v in ranks.values()),
                  " / ".join(f"{b / 2**30:.1f}" for b in r["peak_mem_bytes_by_rank"].values()), energy]
@@ -68,7 +72,7 @@ def build(runs: list[dict]) -> BenchTable:
         if best:
             notes.append(f"best 2-GPU run: {best['label']}, {best['tokens_per_s'] / single['tokens_per_s']:.2f}x "
                          f"the single-GPU throughput (goal 1.8x)")
-        notes.append(f"single-GPU MFU {single['mfu'] * 100:.1f}% (goal 45%)")
+        notes.append(f"single-GPU MFU {_mfu(single)} (goal 45%)")
     if ma:
         ranks = per_rank_medians(ma)
         layout = ma["config"]["parallel"]
@@ -84,7 +88,9 @@ def build(runs: list[dict]) -> BenchTable:
                      f"MoE {moe * 1e3:.0f} + transfer {comm * 1e3:.0f}) = {bound * 1e3:.0f} ms: "
                      f"{ma['step_time_median_s'] / bound:.2f}x (goal <= 1.15x)")
     meta = runs[0]
-    header = f"{meta['device']}, torch {meta['torch']}, {meta['date']}; peak {meta['peak_flops'] / 1e12:.0f} TFLOP/s per GPU"
+    peak = (f"peak {meta['peak_flops'] / 1e12:.0f} TFLOP/s per GPU" if meta.get("peak_flops")
+            else f"no peak FLOP/s ({meta.get('peak_reason') or 'unknown GPU'}): MFU not measured")
+    header = f"{meta['device']}, torch {meta['torch']}, {meta['date']}; {peak}"
     return BenchTable(header, columns, rows, notes)
 
 

@@ -169,7 +169,7 @@ def main() -> None:
     ap.add_argument("--skip-train", action="store_true")
     ap.add_argument("--skip-decode", action="store_true")
     ap.add_argument("--accuracy-only", action="store_true", help="decode: only the fp32-reference check")
-    ap.add_argument("--set", dest="overrides", nargs="*", default=[])
+    ap.add_argument("--set", dest="overrides", nargs="*", action="extend", default=[])
     ap.add_argument("--decode-modes", nargs="*", default=["eager", "static", "graph", "compiled", "graph", "compiled"])
     args = ap.parse_args()
     out = Path(args.out)

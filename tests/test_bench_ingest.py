@@ -1,7 +1,7 @@
 """masep bench-import: GPU benchmark summaries as run folders that masep collect loads like any run.
 
 Uses a tiny CPU benchmark run made here (current summary format) and the committed H200 summary
-bench/h200-single-v2.json (older format: no FLOP record, no per-rank energy).
+bench/history/h200-single-v2.json (older format: no FLOP record, no per-rank energy).
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from masep.cli import main as cli
 from masep.results.collect import collect
 
 ROOT = Path(__file__).resolve().parent.parent
-V2 = ROOT / "bench" / "h200-single-v2.json"
+V2 = ROOT / "bench" / "history" / "h200-single-v2.json"
 
 
 @pytest.fixture(scope="module")

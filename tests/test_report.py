@@ -96,7 +96,7 @@ def test_missing_database(tmp_path):
     assert out.returncode == 1 and out.stderr.startswith("masep report: --db: no database")
 
 
-BENCH_V2 = Path(__file__).resolve().parent.parent / "bench" / "h200-single-v2.json"
+BENCH_V2 = Path(__file__).resolve().parent.parent / "bench" / "history" / "h200-single-v2.json"
 
 
 def _bench_section(page: str) -> str:
