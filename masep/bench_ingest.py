@@ -310,7 +310,9 @@ def import_summaries(paths: list[str | Path], runs_root: str | Path,
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("summaries", nargs="+", metavar="SUMMARY.json",
                    help="benchmark summaries written by `python -m masep.bench` (e.g. bench/*.json)")
-    p.add_argument("--runs", default="results/runs", help="root of the run folders (default: %(default)s)")
+    # Its own root by default: the views average runs by strategy and world size, and a GPU
+    # benchmark averaged with a study's (CPU or other-preset) runs would mean nothing.
+    p.add_argument("--runs", default="results/bench-runs", help="root of the run folders (default: %(default)s)")
 
 
 def run(args: argparse.Namespace) -> int:
