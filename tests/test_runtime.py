@@ -68,3 +68,26 @@ def test_step_rows_account_for_the_step_time():
     assert parts == pytest.approx(row["step_time_s"], rel=1e-6)
     assert row["comm_grad_sync_s"] == 0.0  # one rank: nothing to synchronise
     assert row["tokens_per_s"] == pytest.approx(row["tokens"] / row["step_time_s"])
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete_metadata"])
+def test_a_damaged_checkpoint_fails_with_its_path_and_is_left_in_place(tmp_path, damage):
+    """Resuming from a checkpoint that cannot be read raises an ordinary error (DCP's own is a
+    BaseException, which a job launcher reports as a crash without a message) naming the
+    folder; nothing is deleted."""
+    from masep.runtime.checkpoint import CheckpointError
+
+    cfg = load_config("tiny", SETS)
+    tr = Trainer(cfg)
+    tr.train_step(batch_for(0, cfg))
+    tr.save(tmp_path / "ckpt")
+    folder = tmp_path / "ckpt" / "step-1"
+    if damage == "truncate":
+        for f in folder.glob("*.distcp"):
+            f.write_bytes(f.read_bytes()[:100])
+    else:
+        (folder / ".metadata").unlink()
+    before = sorted(p.name for p in folder.iterdir())
+    with pytest.raises(CheckpointError, match="step-1"):
+        Trainer(cfg).resume(tmp_path / "ckpt")
+    assert sorted(p.name for p in folder.iterdir()) == before

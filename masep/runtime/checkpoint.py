@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 
 from masep.telemetry.writer import atomic_write_bytes
 
@@ -42,6 +43,10 @@ def _state(strategy, opt: Optional[torch.optim.Optimizer]) -> dict:
                 for k, v in st.items():
                     optim[f"{key}.{k}"] = v
     return {"model": model, "optim": optim}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint exists but cannot be loaded (truncated, corrupt, from another layout)."""
 
 
 def latest_checkpoint(ckpt_dir: Path) -> Optional[Path]:
@@ -88,7 +93,12 @@ def load(path: Path, strategy, opt: Optional[torch.optim.Optimizer], rank: int) 
         state = _state(strategy, opt)
         state["meta"] = {"step": torch.tensor(0)}
         state[f"rng_rank{rank}"] = b""
-    dcp.load(state, checkpoint_id=str(path))
+    try:
+        dcp.load(state, checkpoint_id=str(path))
+    except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}: {first[:300]}); "
+                              f"move it away to start this run over") from e
     if opt is not None and state.get(f"rng_rank{rank}"):
         rng = torch.load(io.BytesIO(state[f"rng_rank{rank}"]), weights_only=False)
         torch.set_rng_state(rng["cpu"])
