@@ -168,7 +168,7 @@ def main() -> None:
                                                   else "self_cpu_time_total", row_limit=30)
             (Path(args.profile) / f"train-{args.label or cfg.parallel.strategy}.txt").write_text(table)
             print(table[:6000])
-    decode = []
+    decode, decode_path = [], None
     if args.decode:
         strategy = trainer.strategy
         del trainer.opt
@@ -195,6 +195,7 @@ def main() -> None:
             decode.append({"context_len": ctx, "batch": cfg.infer.batch, "prefill_ms": gen.prefill_s * 1e3,
                            "tpot_ms": tpot, "tpot_mean_ms": statistics.fmean(gen.token_s) * 1e3,
                            "hbm_bound_ms": bound, "tpot_over_bound": tpot / bound})
+        decode_path = strategy.decode_path()  # after decoding: a failed compile shows here
 
     if rank == 0:
         step_times = [r["step_time_s"] for r in all_rows if r["rank"] == 0]
@@ -225,7 +226,7 @@ def main() -> None:
             "energy_reason_by_rank": {e["rank"]: e["reason"] for e in energies},
             "timed_steps": args.steps, "timed_tokens": measured_tokens,
             "flops": flops, "versions": _versions(), "git_commit": _git_commit(),
-            "decode": decode, "steps": all_rows,
+            "decode": decode, "decode_path": decode_path, "steps": all_rows,
         }
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -87,6 +87,11 @@ def build(runs: list[dict]) -> BenchTable:
         notes.append(f"ma_sep step {ma['step_time_median_s'] * 1e3:.0f} ms vs max(attention {attn * 1e3:.0f}, "
                      f"MoE {moe * 1e3:.0f} + transfer {comm * 1e3:.0f}) = {bound * 1e3:.0f} ms: "
                      f"{ma['step_time_median_s'] / bound:.2f}x (goal <= 1.15x)")
+    paths = {r["label"]: r["decode_path"] for r in runs if r.get("decode_path")}
+    if paths:
+        notes.append("decode: " + "; ".join(f"{k}: {v}" for k, v in paths.items())
+                     + (" (TPOT of different decode paths compares implementations as much as layouts)"
+                        if len(set(paths.values())) > 1 else ""))
     meta = runs[0]
     peak = (f"peak {meta['peak_flops'] / 1e12:.0f} TFLOP/s per GPU" if meta.get("peak_flops")
             else f"no peak FLOP/s ({meta.get('peak_reason') or 'unknown GPU'}): MFU not measured")

@@ -173,6 +173,10 @@ class Strategy(ABC):
     def generate(self, prompt: torch.Tensor, new_tokens: int) -> Generation:
         """Greedy decoding with a KV cache; every rank returns the same tokens."""
 
+    def decode_path(self) -> str:
+        """How `generate` decodes, for benchmark tables (strategies decode differently so far)."""
+        return "eager cached forward (host synchronisation in routing and dispatch)"
+
     def replication(self, name: str) -> int:
         """How many ranks hold an identical copy of parameter `name` (for the global norm)."""
         return 1

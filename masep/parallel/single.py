@@ -59,6 +59,13 @@ class SingleRank(Strategy):
         self.model.train(was_training)
         return ce, batch.n_valid()
 
+    def decode_path(self) -> str:
+        infer = self.cfg.infer
+        if not (infer.cuda_graph and self.device.type == "cuda"):
+            return "fixed-shape step, no CUDA graph"
+        compiled = infer.compile != "eager" and not self._compile_failed
+        return "fixed-shape step in a CUDA graph" + (f", torch.compile {infer.compile}" if compiled else "")
+
     def _decoder(self, ids: torch.Tensor, pos: torch.Tensor, caches) -> StaticDecoder:
         infer, model = self.cfg.infer, self.model
         graph = infer.cuda_graph and self.device.type == "cuda"
