@@ -35,7 +35,9 @@ def init() -> tuple[int, int, torch.device]:
     device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if world > 1:
+    # Under torchrun a process group exists even for one rank: strategies other than `single`
+    # build their groups from it (tp with tp=1 or ep_dp on one GPU run their code paths alone).
+    if world > 1 or "MASTER_ADDR" in os.environ:
         backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=timedelta(seconds=300),
                                 device_id=device if device.type == "cuda" else None)
@@ -235,7 +237,7 @@ def main() -> None:
               f"MFU {_pct(summary['mfu'])}  peak {max(summary['peak_mem_bytes_by_rank'].values()) / 2**30:.1f} GiB"
               + "".join(f"  ctx{d['context_len']}: {d['tpot_ms']:.2f} ms ({d['tpot_over_bound']:.2f}x bound)"
                         for d in decode), flush=True)
-    if world > 1:
+    if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One call on a machine with 2 GPUs: the single-GPU model and every 2-GPU strategy on the h200
 # preset, one after another in one job (same machine state), then one table.
-#   scripts/bench_gpu.sh OUT_DIR [label ...]      (labels: single tp2 pp2 tp_pp ep_dp2 ma_sep)
+#   scripts/bench_gpu.sh OUT_DIR [label ...]      (labels: single tp2 pp2 ep_dp2 ma_sep; on one GPU
+#   also tp1 ep_dp1: those strategies' code paths with one rank, to set beside single)
 # Writes OUT_DIR/<label>.json (rows for `python -m masep.bench_table`) and prints the table.
 set -uo pipefail
 out=${1:?usage: scripts/bench_gpu.sh OUT_DIR [label ...]}
@@ -19,9 +20,11 @@ declare -A sets=(
   [tp2]="parallel.strategy=tp parallel.tp=2"
   [pp2]="parallel.strategy=pp parallel.pp=2 parallel.microbatches=4"
   [ep_dp2]="parallel.strategy=ep_dp"
+  [tp1]="parallel.strategy=tp parallel.tp=1"
+  [ep_dp1]="parallel.strategy=ep_dp"
   [ma_sep]="parallel.strategy=ma_sep parallel.attn_tp=1 parallel.attn_replicas=1 parallel.moe_ranks=1 parallel.microbatches=${MA_INFLIGHT:-2}"
 )
-declare -A ranks=([single]=1 [tp2]=2 [pp2]=2 [ep_dp2]=2 [ma_sep]=2)
+declare -A ranks=([single]=1 [tp2]=2 [pp2]=2 [ep_dp2]=2 [ma_sep]=2 [tp1]=1 [ep_dp1]=1)
 for label in $labels; do
   echo "=== $label"
   timeout "${RUN_TIMEOUT:-420}" torchrun --standalone --nproc_per_node "${ranks[$label]}" -m masep.bench \
