@@ -276,18 +276,32 @@ def _count(expert: torch.Tensor, n_experts: int, weight: Optional[torch.Tensor] 
     return torch.zeros(n_experts, dtype=torch.long, device=expert.device).scatter_add_(0, expert, ones)
 
 
+@dataclass
+class ExpertOrder:
+    """The kept assignments sorted by expert (stable: token order inside an expert's rows)."""
+    tok: torch.Tensor  # [M] token of each row
+    weight: torch.Tensor  # [M] its combine weight
+    counts: torch.Tensor  # [E] rows per expert
+
+
+def sort_by_expert(routing: Routing, n_experts: int) -> ExpertOrder:
+    N = routing.expert.shape[0]
+    tok = torch.arange(N, device=routing.expert.device).unsqueeze(1).expand_as(routing.expert)[routing.keep]
+    exp = routing.expert[routing.keep]
+    order = torch.argsort(exp, stable=True)
+    return ExpertOrder(tok[order], routing.weight[routing.keep][order], _count(exp[order], n_experts))
+
+
+def combine(y_sorted: torch.Tensor, tok: torch.Tensor, weight: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Per token (rows of `like`), the sum of its rows' expert outputs times their weights."""
+    out = torch.zeros_like(like)
+    return out.index_add(0, tok, (y_sorted.float() * weight.unsqueeze(1)).to(like.dtype))
+
+
 def dispatch_combine(x: torch.Tensor, routing: Routing, expert_fn: ExpertFn, n_experts: int) -> torch.Tensor:
     """Sort kept assignments by expert, run `expert_fn`, and sum weighted outputs per token."""
-    N = x.shape[0]
-    tok = torch.arange(N, device=x.device).unsqueeze(1).expand_as(routing.expert)[routing.keep]
-    exp = routing.expert[routing.keep]
-    w = routing.weight[routing.keep]
-    order = torch.argsort(exp, stable=True)
-    tok, exp, w = tok[order], exp[order], w[order]
-    counts = _count(exp, n_experts)
-    y_sorted = expert_fn(x.index_select(0, tok), counts)
-    out = torch.zeros_like(x)
-    return out.index_add(0, tok, (y_sorted.float() * w.unsqueeze(1)).to(x.dtype))
+    o = sort_by_expert(routing, n_experts)
+    return combine(expert_fn(x.index_select(0, o.tok), o.counts), o.tok, o.weight, x)
 
 
 def dispatch_combine_static(x: torch.Tensor, routing: Routing, expert_fn: ExpertFn, n_experts: int) -> torch.Tensor:

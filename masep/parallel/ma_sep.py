@@ -123,7 +123,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from masep.model import Experts, KVCache, MoETransformer, Routing, lm_loss_sum
+from masep.model import Experts, KVCache, MoETransformer, Routing, combine, lm_loss_sum, sort_by_expert
 from masep.parallel.base import Generation, GlobalBatch, LocalStats, StepStats, Strategy
 from masep.parallel.comm import (PendingP2P, all_reduce_sum, gather_uneven_rows, new_group_containing, post_p2p,
                                  scatter_rows, sync_gradients)
@@ -365,17 +365,13 @@ class MASeparation(Strategy):
             route.weight = route.weight.detach().requires_grad_()
 
     def _sort_and_share(self, routing: Routing, h: torch.Tensor, xn: torch.Tensor) -> _Route:
-        """Sort the kept assignments by expert exactly as `masep.model.dispatch_combine` does
-        (split out here so the rows can be in flight while other work runs), and cut the sorted
+        """Sort the kept assignments by expert as `masep.model.dispatch_combine` does (its
+        `sort_by_expert`; the rows are then in flight while other work runs), and cut the sorted
         block into the replica's per-head-shard shares."""
-        n_tokens = xn.numel() // xn.shape[-1]
-        tok = torch.arange(n_tokens, device=xn.device).unsqueeze(1).expand_as(routing.expert)[routing.keep]
-        exp = routing.expert[routing.keep]
-        weight = routing.weight[routing.keep]
-        order = torch.argsort(exp, stable=True)
-        tok, exp, weight = tok[order], exp[order], weight[order]
-        per_expert = torch.bincount(exp, minlength=self.E).tolist()
-        rows = len(exp)
+        o = sort_by_expert(routing, self.E)
+        tok, weight = o.tok, o.weight
+        per_expert = o.counts.tolist()
+        rows = len(tok)
         share_sizes = [rows * (t + 1) // self.tp - rows * t // self.tp for t in range(self.tp)]
         start = rows * self.head_shard // self.tp
         end = start + share_sizes[self.head_shard]
@@ -404,8 +400,8 @@ class MASeparation(Strategy):
                                   self.timeout_s)
 
     def _combine(self, f: _Flight, layer: int) -> torch.Tensor:
-        """Wait for the expert outputs of `layer`, weight and sum them per token (as
-        `dispatch_combine` does) and add the residual (as `Block.moe_residual` does)."""
+        """Wait for the expert outputs of `layer`, weight and sum them per token (the model's
+        `combine`) and add the residual (as `Block.moe_residual` does)."""
         route = f.routes[layer]
         route.returned.wait()
         for p in route.sent:
@@ -417,8 +413,8 @@ class MASeparation(Strategy):
         if self.tp > 1:
             y = gather_uneven_rows(y, self.replica_group, route.share_sizes, KIND)
         n_tokens = route.xn_shape.numel() // route.xn_shape[-1]
-        out = torch.zeros((n_tokens, route.xn_shape[-1]), dtype=route.xn_dtype, device=y.device)
-        out = out.index_add(0, route.tok, (y.float() * route.weight.unsqueeze(1)).to(route.xn_dtype))
+        like = torch.empty((n_tokens, route.xn_shape[-1]), dtype=route.xn_dtype, device=y.device)
+        out = combine(y, route.tok, route.weight, like)
         block = self.model.blocks[layer]
         return route.h + F.dropout(out.view(route.xn_shape), block.dropout, block.training)
 
