@@ -65,6 +65,22 @@ def test_capacity_drops_second_choices_first():
     assert dropless.dropped.item() == 0 and dropless.tokens_per_expert.tolist() == [4, 4, 0, 0]
 
 
+@pytest.mark.parametrize("seed", range(20))
+def test_capacity_shortcut_agrees_with_the_queue(seed):
+    """Where capacity >= tokens the queue computation is skipped; on random routings with
+    capacity just at and just under the token count the queue gives the same answer."""
+    g = torch.Generator().manual_seed(seed)
+    N, E, k = 6, 4, 2
+    logits = torch.randn(N, E, generator=g) * 3
+    at = route(logits, k, capacity_factor=N * E / (N * k))  # capacity == N: the shortcut
+    assert expert_capacity(N, E, k, N * E / (N * k)) == N
+    assert at.keep.all() and at.dropped.item() == 0
+    assert at.tokens_per_expert.tolist() == torch.bincount(at.expert.reshape(-1), minlength=E).tolist()
+    under = route(logits, k, capacity_factor=(N - 1) * E / (N * k))  # capacity N - 1: the queue
+    counts = torch.bincount(under.expert.reshape(-1), minlength=E)
+    assert under.dropped.item() == int((counts - (N - 1)).clamp(min=0).sum())
+
+
 def test_top_k_weights_are_renormalised_softmax():
     logits = torch.tensor([[1.0, 2.0, 3.0, 0.5]])
     r = route(logits, top_k=2, capacity_factor=None)

@@ -252,7 +252,9 @@ def route(logits: torch.Tensor, top_k: int, capacity_factor: Optional[float]) ->
     z_loss = torch.logsumexp(logits, dim=-1).pow(2).mean()
 
     cap = expert_capacity(N, E, top_k, capacity_factor)
-    if cap is None:
+    if cap is None or cap >= N:
+        # Top-k experts are distinct, so an expert gets at most one assignment per token: with
+        # room for N nothing can be dropped (a decode step of one sequence, for instance).
         keep = torch.ones_like(top_e, dtype=torch.bool)
     else:
         # Position of each assignment in its expert's queue, choice-major then token order:
