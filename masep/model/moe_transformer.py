@@ -186,22 +186,43 @@ class Experts(nn.Module):
         return F.dropout(h, self.dropout, self.training)
 
     def forward(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        return self._compute(x_sorted, counts)
+
+    def _compute(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         if x_sorted.shape[0] == 0:
             return x_sorted.clone()  # no rows: nothing to compute, graph stays connected to x
-        if torch.is_autocast_enabled(x_sorted.device.type):
-            # The grouped kernel is outside autocast's op list: cast as autocast would.
-            x_sorted = x_sorted.to(torch.get_autocast_dtype(x_sorted.device.type))
+        x_sorted = self._in_compute_dtype(x_sorted)
         if use_grouped_mm(x_sorted):
-            offs = torch.cumsum(counts, 0).to(torch.int32)
-            w_up, w_down = compute_weight(self.w_up, x_sorted.dtype), compute_weight(self.w_down, x_sorted.dtype)
-            h = torch._grouped_mm(x_sorted, w_up, offs=offs)
-            return torch._grouped_mm(self._act(h), w_down, offs=offs)
+            return self._grouped(x_sorted, counts)
         # unbind (not w[e]) so backward stacks the expert gradients once instead of once per expert
         w_up = compute_weight(self.w_up, x_sorted.dtype).unbind(0)
         w_down = compute_weight(self.w_down, x_sorted.dtype).unbind(0)
         outs = [self._act(xe @ w_up[e]) @ w_down[e]
                 for e, xe in enumerate(x_sorted.split(counts.tolist())) if xe.shape[0]]
         return torch.cat(outs)
+
+    def forward_leading(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Fixed shapes (decode steps): the experts' rows are the leading sum(counts) rows of
+        `x`, in expert order; the other rows come back as zeros."""
+        x = self._in_compute_dtype(x)
+        if use_grouped_mm(x):  # rows after the last offset are outside every group: masked
+            valid = torch.arange(x.shape[0], device=x.device) < counts.sum()
+            return torch.where(valid.unsqueeze(1), self._grouped(x, counts), 0.0)
+        n = int(counts.sum())
+        y = self._compute(x[:n], counts)
+        return torch.cat([y, y.new_zeros(x.shape[0] - n, y.shape[1])])
+
+    def _in_compute_dtype(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_autocast_enabled(x.device.type):
+            # The grouped kernel is outside autocast's op list: cast as autocast would.
+            return x.to(torch.get_autocast_dtype(x.device.type))
+        return x
+
+    def _grouped(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        offs = torch.cumsum(counts, 0).to(torch.int32)
+        w_up, w_down = compute_weight(self.w_up, x.dtype), compute_weight(self.w_down, x.dtype)
+        h = torch._grouped_mm(x, w_up, offs=offs)
+        return torch._grouped_mm(self._act(h), w_down, offs=offs)
 
 
 def use_grouped_mm(x: torch.Tensor) -> bool:

@@ -70,10 +70,11 @@ import torch.distributed as dist
 from torch import nn
 
 from masep.config import ModelConfig
-from masep.model import Attention, Block, Experts, KVCache, MoE, MoETransformer, dispatch_combine, lm_loss_sum
-from masep.parallel.base import Generation, GlobalBatch, LocalStats, StepStats, Strategy
-from masep.parallel.comm import (copy_many_to_group, copy_to_group, new_group_containing, reduce_from_group,
-                                 sync_gradients)
+from masep.model import (Attention, Block, Experts, KVCache, MoE, MoETransformer, dispatch_combine,
+                         dispatch_combine_static, lm_loss_sum)
+from masep.parallel.base import Generation, GlobalBatch, LocalStats, StaticDecoder, StepStats, Strategy
+from masep.parallel.comm import (all_reduce_sum, copy_many_to_group, copy_to_group, new_group_containing,
+                                 reduce_from_group, sync_gradients)
 from masep.parallel.single import sync
 
 _SHARDED_SUFFIXES = ("attn.qkv.weight", "attn.out.weight", "moe.experts.w_up", "moe.experts.w_down")
@@ -148,6 +149,11 @@ class TPAttention(Attention):
             y = reduce_from_group(y, self.group, "attn_allreduce")
         return y
 
+    def decode(self, x, cos, sin, pos, cache):
+        # Untimed collective: the comm timers' events must stay out of a fixed-shape step.
+        y = super().decode(x, cos, sin, pos, cache)
+        return all_reduce_sum(y, self.group) if self.tp_size > 1 else y
+
 
 class TPExperts(Experts):
     """Experts [first, first + n_local) of the layer. Receives every kept assignment sorted by
@@ -172,6 +178,15 @@ class TPExperts(Experts):
             y = super().forward(mine, my_counts)
         width = x_sorted.shape[1]
         return torch.cat([y.new_zeros(start, width), y, y.new_zeros(x_sorted.shape[0] - end, width)])
+
+    def forward_static(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """`forward` with fixed shapes and no host synchronisation (decode steps): the rows are
+        rotated so that this rank's block leads, computed, and rotated back."""
+        M = x_sorted.shape[0]
+        starts = torch.cumsum(counts, 0) - counts
+        idx = (torch.arange(M, device=x_sorted.device) + starts[self.first]) % M
+        y = self.forward_leading(x_sorted.index_select(0, idx), counts[self.first:self.first + self.n_experts])
+        return torch.zeros_like(y).index_copy_(0, idx, y)
 
 
 class TPMoE(MoE):
@@ -198,6 +213,12 @@ class TPMoE(MoE):
         if self.tp_size > 1:
             y = reduce_from_group(y, self.group, "moe_dispatch")
         return y.view(shape), routing
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x_flat = x.reshape(-1, shape[-1])
+        y = dispatch_combine_static(x_flat, self.route(x_flat), self.experts.forward_static, self.cfg.experts)
+        return (all_reduce_sum(y, self.group) if self.tp_size > 1 else y).view(shape)
 
 
 def shard_block(block: Block, cfg: ModelConfig, group, tp_rank: int, tp_size: int,
@@ -250,6 +271,18 @@ class TPStage(nn.Module):
         if self.head is not None:
             return MoETransformer.logits(self, x), routings  # the model's own head code
         return x, routings
+
+    @torch.no_grad()
+    def decode_logits(self, x: torch.Tensor, pos: torch.Tensor, caches: list[KVCache]) -> torch.Tensor:
+        """The fixed-shape step of `MoETransformer.decode_logits` over this stage's layers:
+        logits [B, V] with the head, else hidden states [B, 1, hidden]."""
+        if self.embed is not None:
+            x = self.embed(x)
+        for block, cache in zip(self.blocks.values(), caches):
+            x = block.decode(x, self.rope_cos, self.rope_sin, pos, cache)
+        if self.head is not None:
+            return MoETransformer.logits(self, x)[:, -1]
+        return x
 
     def new_caches(self, batch: int, max_len: int, dtype, device) -> list[KVCache]:
         heads = self.cfg.heads // self.tp_size
@@ -345,6 +378,16 @@ class TensorParallel(Strategy):
             dist.all_reduce(ce)
         return float(ce), batch.n_valid()
 
+    def _graph(self) -> bool:
+        # Capturing NCCL collectives in a CUDA graph has not been verified on GPUs here yet:
+        # only a TP group of one rank replays its step as a graph.
+        return self.cfg.infer.cuda_graph and self.device.type == "cuda" and self.layout.tp == 1
+
+    def decode_path(self) -> str:
+        return ("fixed-shape step in a CUDA graph" if self._graph() else
+                "fixed-shape step, no CUDA graph" + (" (collectives in a captured graph not verified yet)"
+                                                     if self.layout.tp > 1 and self.device.type == "cuda" else ""))
+
     @torch.no_grad()
     def generate(self, prompt: torch.Tensor, new_tokens: int) -> Generation:
         stage = self.stage
@@ -363,15 +406,18 @@ class TensorParallel(Strategy):
         next_ids = logits[:, -1].argmax(-1)
         sync(self.device)
         prefill_s = time.perf_counter() - t0
+        # The fixed-shape step, without a CUDA graph where it holds collectives (see decode_path).
+        with self.autocast():
+            decoder = StaticDecoder(lambda ids, pos: stage.decode_logits(ids, pos, caches).argmax(-1),
+                                    next_ids[:, None], torch.tensor([T0], device=self.device), self._graph())
         out, times = [next_ids], []
-        for i in range(new_tokens - 1):
+        for _ in range(new_tokens - 1):
             t = time.perf_counter()
             with self.autocast():
-                logits, _ = stage(next_ids[:, None], T0 + i, caches)
-            next_ids = logits[:, -1].argmax(-1)
+                next_ids = decoder()
             sync(self.device)
             times.append(time.perf_counter() - t)
-            out.append(next_ids)
+            out.append(next_ids.clone())
         stage.train(was_training)
         tokens = torch.stack(out, 1)
         if distributed:  # replicas decoded the same batch; rank 0's tokens are the answer
