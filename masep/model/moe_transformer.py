@@ -212,6 +212,16 @@ class Experts(nn.Module):
         y = self._compute(x[:n], counts)
         return torch.cat([y, y.new_zeros(x.shape[0] - n, y.shape[1])])
 
+    def forward_block(self, x_sorted: torch.Tensor, counts: torch.Tensor, first: int) -> torch.Tensor:
+        """Fixed shapes: `x_sorted` holds rows of all experts sorted by expert (`counts` [all
+        experts]); these experts are experts [first, first + n_experts) of the layer. Their
+        block is rotated to the front, computed, and rotated back; other rows come back as 0."""
+        M = x_sorted.shape[0]
+        starts = torch.cumsum(counts, 0) - counts
+        idx = (torch.arange(M, device=x_sorted.device) + starts[first]) % M
+        y = self.forward_leading(x_sorted.index_select(0, idx), counts[first:first + self.n_experts])
+        return torch.zeros_like(y).index_copy_(0, idx, y)
+
     def _in_compute_dtype(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_autocast_enabled(x.device.type):
             # The grouped kernel is outside autocast's op list: cast as autocast would.
@@ -364,10 +374,11 @@ class MoE(nn.Module):
         y = dispatch_combine(x_flat, routing, expert_fn or self.experts, self.cfg.experts)
         return y.view(shape), routing
 
-    def decode(self, x: torch.Tensor) -> torch.Tensor:
+    def decode(self, x: torch.Tensor, expert_fn: Optional[ExpertFn] = None) -> torch.Tensor:
         shape = x.shape
         x_flat = x.reshape(-1, shape[-1])
-        return dispatch_combine_static(x_flat, self.route(x_flat), self.experts, self.cfg.experts).view(shape)
+        y = dispatch_combine_static(x_flat, self.route(x_flat), expert_fn or self.experts, self.cfg.experts)
+        return y.view(shape)
 
 
 # ------------------------------------------------------------------ the model
@@ -394,10 +405,10 @@ class Block(nn.Module):
         x = self.attention_residual(x, cos, sin, start_pos, cache)
         return self.moe_residual(x)
 
-    def decode(self, x, cos, sin, pos: torch.Tensor, cache: KVCache):
+    def decode(self, x, cos, sin, pos: torch.Tensor, cache: KVCache, expert_fn: Optional[ExpertFn] = None):
         """Inference-only step of one token (no dropout, routing statistics not kept)."""
         x = x + self.attn.decode(self.attn_norm(x), cos, sin, pos, cache)
-        return x + self.moe.decode(self.moe_norm(x))
+        return x + self.moe.decode(self.moe_norm(x), expert_fn)
 
 
 class MoETransformer(nn.Module):

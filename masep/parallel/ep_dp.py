@@ -42,13 +42,15 @@ from __future__ import annotations
 
 import time
 from datetime import timedelta
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 
 from masep.model import Experts, MoETransformer, lm_loss_sum
-from masep.parallel.base import Generation, GlobalBatch, LocalStats, StepStats, Strategy
-from masep.parallel.comm import all_reduce_sum, all_to_all, exchange_counts, new_group_containing, sync_gradients
+from masep.parallel.base import Generation, GlobalBatch, LocalStats, StaticDecoder, StepStats, Strategy
+from masep.parallel.comm import (all_reduce_sum, all_to_all, exchange_counts, new_group_containing, post_p2p,
+                                 sync_gradients)
 from masep.parallel.single import sync
 
 
@@ -56,13 +58,17 @@ class EPExperts(Experts):
     """This rank's experts, serving the assignments of every rank through all-to-all."""
 
     def __init__(self, n_local: int, hidden: int, ffn: int, activation: str, dropout: float, *,
-                 world: int, group, wire_dtype: torch.dtype):
+                 world: int, rank: int, group, wire_dtype: torch.dtype):
         super().__init__(n_local, hidden, ffn, activation, dropout)
-        self.world, self.group, self.wire_dtype = world, group, wire_dtype
+        self.world, self.rank, self.group, self.wire_dtype = world, rank, group, wire_dtype
+        # Decode steps: rows each rank sends per layer (all its tokens' top-k), else None.
+        self.static_rows: Optional[list[int]] = None
 
     def forward(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x_sorted: every kept assignment of this rank's tokens, sorted by (global) expert;
         counts [E]: assignments per expert. Returns the expert outputs in the same order."""
+        if self.static_rows is not None:
+            return self._forward_static(x_sorted, counts)
         n_local = self.n_experts
         send = counts.view(self.world, n_local)
         recv = exchange_counts(counts, self.group, "moe_dispatch").view(self.world, n_local)
@@ -74,6 +80,31 @@ class EPExperts(Experts):
         y = super().forward(x_recv[order], recv.sum(0))
         y_recv = torch.empty_like(y).index_copy(0, order, y)  # back to arrival order
         return all_to_all(y_recv.to(self.wire_dtype), to_rank, from_rank, self.group, "moe_dispatch")
+
+
+    def _forward_static(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Fixed shapes (decode steps): every rank with rows sends all of them (sorted by expert,
+        with the counts) to every other rank; each rank computes its experts' block of every
+        source's rows (zeros elsewhere) and sends it back; a source sums the answers, one nonzero
+        term per row. A rank without rows serves with an empty `x_sorted`."""
+        rows, me, first = self.static_rows, self.rank, self.rank * self.n_experts
+        peers = [r for r in range(self.world) if r != me and rows[r]]
+        hidden = self.w_down.shape[-1]
+        x = x_sorted.to(self.wire_dtype).contiguous()
+        counts_in = {r: torch.empty_like(counts) for r in peers}
+        x_in = {r: torch.empty((rows[r], hidden), dtype=self.wire_dtype, device=x.device) for r in peers}
+        to = [r for r in range(self.world) if r != me] if rows[me] else []
+        post_p2p([(counts.contiguous(), r) for r in to] + [(x, r) for r in to],
+                 [(counts_in[r], r) for r in peers] + [(x_in[r], r) for r in peers],
+                 self.group, "moe_dispatch", 0, "exchanging rows of a decode step").wait()
+        served = {r: self.forward_block(x_in[r], counts_in[r], first).to(self.wire_dtype).contiguous()
+                  for r in peers}
+        answers = [torch.empty_like(x) for _ in to]
+        post_p2p(list((served[r], r) for r in peers), list(zip(answers, to)), self.group, "moe_dispatch", 0,
+                 "returning expert outputs of a decode step").wait()
+        if not rows[me]:
+            return x
+        return sum(answers, self.forward_block(x, counts, first).to(self.wire_dtype))
 
 
 class ExpertDataParallel(Strategy):
@@ -93,7 +124,8 @@ class ExpertDataParallel(Strategy):
             full = block.moe.experts
             with torch.device("meta"):
                 mine = EPExperts(n_local, m.hidden, m.expert_hidden, m.expert_activation, m.expert_dropout,
-                                 world=self.world, group=self.group, wire_dtype=self.compute_dtype())
+                                 world=self.world, rank=rank, group=self.group,
+                                 wire_dtype=self.compute_dtype())
             mine.to_empty(device=full.w_up.device)
             mine.load_state_dict({"w_up": full.w_up[first:first + n_local],
                                   "w_down": full.w_down[first:first + n_local]})
@@ -172,10 +204,14 @@ class ExpertDataParallel(Strategy):
             all_reduce_sum(ce, self.group)
         return float(ce), batch.n_valid()
 
-    def _decode_rows(self, batch: int) -> slice:
+    def _decode_rows(self, batch: int, rank: Optional[int] = None) -> slice:
+        rank = self.rank if rank is None else rank
         if self.cfg.model.capacity_factor is not None:
-            return slice(0, batch if self.rank == 0 else 0)
-        return slice(self.rank * batch // self.world, (self.rank + 1) * batch // self.world)
+            return slice(0, batch if rank == 0 else 0)
+        return slice(rank * batch // self.world, (rank + 1) * batch // self.world)
+
+    def decode_path(self) -> str:
+        return "fixed-shape step, no CUDA graph (prefill eager)"
 
     @torch.no_grad()
     def generate(self, prompt: torch.Tensor, new_tokens: int) -> Generation:
@@ -203,13 +239,30 @@ class ExpertDataParallel(Strategy):
         next_ids = step(mine, 0)
         sync(self.device)
         prefill_s = time.perf_counter() - t0
-        out, times = [next_ids], []
-        for i in range(new_tokens - 1):
-            t = time.perf_counter()
-            next_ids = step(next_ids[:, None] if active else None, T0 + i)
-            sync(self.device)
-            times.append(time.perf_counter() - t)
-            out.append(next_ids)
+        # Decoding proper: fixed-shape steps; every rank learns how many rows each rank sends.
+        k = self.cfg.model.top_k
+        static_rows = [(sl.stop - sl.start) * k for sl in (self._decode_rows(B, r) for r in range(self.world))]
+        for block in model.blocks:
+            block.moe.experts.static_rows = static_rows
+        try:
+            if active:
+                with self.autocast():
+                    decoder = StaticDecoder(lambda i, p: model.decode_step(i, p, caches), next_ids[:, None],
+                                            torch.tensor([T0], device=self.device), cuda_graph=False)
+            out, times = [next_ids], []
+            for _ in range(new_tokens - 1):
+                t = time.perf_counter()
+                if active:
+                    with self.autocast():
+                        next_ids = decoder().clone()
+                else:
+                    self._serve_experts()
+                sync(self.device)
+                times.append(time.perf_counter() - t)
+                out.append(next_ids)
+        finally:
+            for block in model.blocks:
+                block.moe.experts.static_rows = None
         model.train(was_training)
         tokens = torch.zeros(B, new_tokens, dtype=torch.long, device=self.device)
         if active:

@@ -124,7 +124,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from masep.model import Experts, KVCache, MoETransformer, Routing, combine, lm_loss_sum, sort_by_expert
-from masep.parallel.base import Generation, GlobalBatch, LocalStats, StepStats, Strategy
+from masep.parallel.base import Generation, GlobalBatch, LocalStats, StaticDecoder, StepStats, Strategy
 from masep.parallel.comm import (PendingP2P, all_reduce_sum, gather_uneven_rows, new_group_containing, post_p2p,
                                  scatter_rows, sync_gradients)
 from masep.parallel.single import sync
@@ -533,6 +533,60 @@ class MASeparation(Strategy):
         self._restore_training(was)
         return float(ce), batch.n_valid()
 
+    def decode_path(self) -> str:
+        return "fixed-shape step, no CUDA graph (prefill eager)"
+
+    def _decode_logits(self, ids: torch.Tensor, pos: torch.Tensor, caches: list[KVCache]) -> torch.Tensor:
+        """A decoding attention rank's fixed-shape step: `MoETransformer.decode_logits` with the
+        experts on the MoE ranks."""
+        model = self.model
+        x = model.embed(ids)
+        for block, cache in zip(model.blocks, caches):
+            x = block.decode(x, model.rope_cos, model.rope_sin, pos, cache, expert_fn=self._remote_experts_static)
+        return model.logits(x)[:, -1]
+
+    def _remote_experts_static(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Expert outputs of all rows (sorted by expert, `counts` per expert) with fixed shapes:
+        head shard 0 sends every MoE rank all rows and the counts, each MoE rank computes its
+        experts' block (zeros elsewhere), and the sum of the answers is every row's output;
+        the other head shards of the replica receive it by broadcast. Decode batches are small,
+        so sending all rows to every MoE rank costs little and keeps the sizes static."""
+        if self.head_shard == 0:
+            x = x_sorted.to(self.wire_dtype).contiguous()
+            outs = [torch.empty_like(x) for _ in self.moe_ranks]
+            sent = [post_p2p([(counts.contiguous(), d) for d in self.moe_ranks], [], self.to_moe, KIND, TAG_COUNTS,
+                             "sending counts of a decode step", self.timeout_s),
+                    post_p2p([(x, d) for d in self.moe_ranks], [], self.to_moe, KIND, TAG_ROWS,
+                             "sending rows of a decode step", self.timeout_s)]
+            post_p2p([], list(zip(outs, self.moe_ranks)), self.to_attn, KIND, TAG_ROWS,
+                     "receiving expert outputs of a decode step", self.timeout_s).wait()
+            for p in sent:
+                p.wait()
+            y = outs[0] if len(outs) == 1 else torch.stack(outs).sum(0)  # one nonzero term per row
+        else:
+            y = torch.empty(x_sorted.shape, dtype=self.wire_dtype, device=x_sorted.device)
+        if self.tp > 1:
+            dist.broadcast(y, src=self.replica * self.tp, group=self.replica_group)
+        return y
+
+    def _serve_decode_step(self, senders: list[tuple[int, int]], what: str) -> None:
+        """MoE rank, one decode step: for every layer, the rows of each (sender, rows) pair."""
+        first = self.moe_index * self.n_local
+        for layer in range(self.L):
+            counts = [torch.empty(self.E, dtype=torch.long, device=self.device) for _ in senders]
+            xs = [torch.empty((m, self.cfg.model.hidden), dtype=self.wire_dtype, device=self.device)
+                  for _, m in senders]
+            where = f"{what} layer {layer}"
+            post_p2p([], [(c, src) for c, (src, _) in zip(counts, senders)], self.to_moe, KIND, TAG_COUNTS,
+                     f"receiving counts of {where}", self.timeout_s).wait()
+            post_p2p([], [(x, src) for x, (src, _) in zip(xs, senders)], self.to_moe, KIND, TAG_ROWS,
+                     f"receiving rows of {where}", self.timeout_s).wait()
+            with self.autocast():
+                ys = [self.experts[layer].forward_block(x, c, first).to(self.wire_dtype).contiguous()
+                      for x, c in zip(xs, counts)]
+            post_p2p([(y, src) for y, (src, _) in zip(ys, senders)], [], self.to_attn, KIND, TAG_ROWS,
+                     f"sending expert outputs of {where}", self.timeout_s).wait()
+
     def _decoding_replicas(self, batch: int) -> int:
         """Replicas that decode: all when they can split the batch evenly, else replica 0 alone."""
         return self.R if batch % self.R == 0 else 1
@@ -572,11 +626,27 @@ class MASeparation(Strategy):
         next_ids = step(ids if decoding else None, 0, "prefill")
         sync(self.device)
         prefill_s = time.perf_counter() - t0
+        # Decoding proper: fixed-shape steps. Head shard 0 of each decoding replica exchanges
+        # all top-k rows of its tokens with every MoE rank (see `_remote_experts_static`).
+        exchanging = [(r * self.tp, per_replica * self.cfg.model.top_k) for r in range(active)]
+        if decoding:
+            with self.autocast():
+                decoder = StaticDecoder(lambda i, p: self._decode_logits(i, p, caches).argmax(-1),
+                                        next_ids[lo:lo + per_replica, None].to(self.device),
+                                        torch.tensor([T0], device=self.device), cuda_graph=False)
         out, times = [next_ids], []
         for i in range(new_tokens - 1):
             t = time.perf_counter()
-            mine = next_ids[lo:lo + per_replica, None].to(self.device) if decoding else None
-            next_ids = step(mine, T0 + i, f"token {i + 1}")
+            new = torch.zeros(B, dtype=torch.long)
+            if decoding:
+                with self.autocast():
+                    mine = decoder()
+                if self.head_shard == 0:
+                    new[lo:lo + per_replica] = mine.cpu()
+            elif not self.is_attention:
+                self._serve_decode_step(exchanging, f"token {i + 1}")
+            all_reduce_sum(new)  # every rank gets every token (and the clocks meet here)
+            next_ids = new
             sync(self.device)
             times.append(time.perf_counter() - t)
             out.append(next_ids)

@@ -62,7 +62,7 @@ import torch.distributed as dist
 from torch import nn
 
 from masep.model import KVCache, MoETransformer, Routing, lm_loss_sum
-from masep.parallel.base import Generation, GlobalBatch, LocalStats, StepStats, Strategy
+from masep.parallel.base import Generation, GlobalBatch, LocalStats, StaticDecoder, StepStats, Strategy
 from masep.parallel.comm import new_group_containing, p2p_exchange, sync_gradients
 from masep.telemetry.timing import comm_timer
 
@@ -396,6 +396,30 @@ class PipelineParallel(Strategy):
                 dist.broadcast(next_ids, src=self.last_rank, group=self.pipe_group)
         return next_ids
 
+    def _static_decode_step(self, ids: torch.Tensor, pos: torch.Tensor, caches) -> torch.Tensor:
+        """`_decode_step` for one new token with fixed shapes (`Block.decode`: tp_pp's blocks are
+        TP shards with their own fixed-shape step)."""
+        module = self.stage_module
+        B = ids.shape[0]
+        if self.is_first:
+            x = module.embed(ids)
+        else:
+            x = self._exchange(None, None, (B, 1, self.cfg.model.hidden), self.prev_rank)
+        for i in module.layer_ids:
+            x = module.blocks[str(i)].decode(x, module.rope_cos, module.rope_sin, pos, caches[i])
+        if self.is_last:
+            next_ids = module.logits(x)[:, -1].argmax(-1)
+        else:
+            self._exchange(x, self.next_rank, None, None)
+            next_ids = torch.empty(B, dtype=torch.long, device=self.device)
+        if self.n_stages > 1:
+            with comm_timer().time("p2p"):
+                dist.broadcast(next_ids, src=self.last_rank, group=self.pipe_group)
+        return next_ids
+
+    def decode_path(self) -> str:
+        return "fixed-shape step, no CUDA graph (prefill eager)"
+
     @torch.no_grad()
     def generate(self, prompt: torch.Tensor, new_tokens: int) -> Generation:
         module = self.stage_module
@@ -412,10 +436,14 @@ class PipelineParallel(Strategy):
         next_ids = self._decode_step(prompt, 0, caches)
         _sync(self.device)
         prefill_s = time.perf_counter() - t0
+        with self.autocast():
+            decoder = StaticDecoder(lambda i, p: self._static_decode_step(i, p, caches), next_ids[:, None],
+                                    torch.tensor([T0], device=self.device), cuda_graph=False)
         out, times = [next_ids], []
-        for i in range(new_tokens - 1):
+        for _ in range(new_tokens - 1):
             t = time.perf_counter()
-            next_ids = self._decode_step(next_ids[:, None], T0 + i, caches)
+            with self.autocast():
+                next_ids = decoder().clone()
             _sync(self.device)
             times.append(time.perf_counter() - t)
             out.append(next_ids)

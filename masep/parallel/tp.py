@@ -180,13 +180,8 @@ class TPExperts(Experts):
         return torch.cat([y.new_zeros(start, width), y, y.new_zeros(x_sorted.shape[0] - end, width)])
 
     def forward_static(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """`forward` with fixed shapes and no host synchronisation (decode steps): the rows are
-        rotated so that this rank's block leads, computed, and rotated back."""
-        M = x_sorted.shape[0]
-        starts = torch.cumsum(counts, 0) - counts
-        idx = (torch.arange(M, device=x_sorted.device) + starts[self.first]) % M
-        y = self.forward_leading(x_sorted.index_select(0, idx), counts[self.first:self.first + self.n_experts])
-        return torch.zeros_like(y).index_copy_(0, idx, y)
+        """`forward` with fixed shapes and no host synchronisation (decode steps)."""
+        return self.forward_block(x_sorted, counts, self.first)
 
 
 class TPMoE(MoE):
@@ -214,7 +209,7 @@ class TPMoE(MoE):
             y = reduce_from_group(y, self.group, "moe_dispatch")
         return y.view(shape), routing
 
-    def decode(self, x: torch.Tensor) -> torch.Tensor:
+    def decode(self, x: torch.Tensor, expert_fn=None) -> torch.Tensor:
         shape = x.shape
         x_flat = x.reshape(-1, shape[-1])
         y = dispatch_combine_static(x_flat, self.route(x_flat), self.experts.forward_static, self.cfg.experts)
