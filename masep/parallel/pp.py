@@ -386,11 +386,16 @@ class PipelineParallel(Strategy):
             if self.is_first:
                 x = module.embed(ids)
             x, _ = module.run_layers(x, start_pos, caches)
-            if self.is_last:
-                next_ids = module.logits(x[:, -1:])[:, -1].argmax(-1)
-        if not self.is_last:
+            return self._next_tokens(x)
+
+    def _next_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """The last stage picks the next tokens from `x` [B, T, hidden], the others pass `x`
+        on; every stage of the replica returns the tokens."""
+        if self.is_last:
+            next_ids = self.stage_module.logits(x[:, -1:])[:, -1].argmax(-1)
+        else:
             self._exchange(x, self.next_rank, None, None)
-            next_ids = torch.empty(B, dtype=torch.long, device=self.device)
+            next_ids = torch.empty(x.shape[0], dtype=torch.long, device=self.device)
         if self.n_stages > 1:
             with comm_timer().time("p2p"):
                 dist.broadcast(next_ids, src=self.last_rank, group=self.pipe_group)
@@ -407,15 +412,7 @@ class PipelineParallel(Strategy):
             x = self._exchange(None, None, (B, 1, self.cfg.model.hidden), self.prev_rank)
         for i in module.layer_ids:
             x = module.blocks[str(i)].decode(x, module.rope_cos, module.rope_sin, pos, caches[i])
-        if self.is_last:
-            next_ids = module.logits(x)[:, -1].argmax(-1)
-        else:
-            self._exchange(x, self.next_rank, None, None)
-            next_ids = torch.empty(B, dtype=torch.long, device=self.device)
-        if self.n_stages > 1:
-            with comm_timer().time("p2p"):
-                dist.broadcast(next_ids, src=self.last_rank, group=self.pipe_group)
-        return next_ids
+        return self._next_tokens(x)
 
     def decode_path(self) -> str:
         return "fixed-shape step, no CUDA graph (prefill eager)"
