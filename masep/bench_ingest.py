@@ -76,16 +76,18 @@ def stamp_of(date: str) -> str:
     return dt.astimezone(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
 
 
-def load_summary(path: Path) -> dict:
-    """The summary of `path`, checked for what the import needs."""
+def load_summary(path: Path) -> tuple[dict, bytes]:
+    """The summary of `path`, checked for what the import needs, and the file's bytes."""
     try:
-        text = Path(path).read_text()
+        raw = Path(path).read_bytes()
     except OSError as e:
         raise _fail(path, f"cannot read: {e.strerror or e}") from e
     try:
-        s = json.loads(text)
+        s = json.loads(raw)
     except json.JSONDecodeError as e:
         raise _fail(path, f"not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from e
+    except UnicodeDecodeError as e:
+        raise _fail(path, f"not valid JSON (not UTF-8 text: {e.reason} at byte {e.start})") from e
     if not isinstance(s, dict):
         raise _fail(path, "not a benchmark summary (expected a JSON object)")
     if not is_summary(s):
@@ -119,7 +121,7 @@ def load_summary(path: Path) -> dict:
     for key in ("energy_j_by_rank", "energy_reason_by_rank", "peak_mem_bytes_by_rank"):
         if s.get(key) is not None and not isinstance(s[key], dict):
             raise _fail(path, f"{key}: expected an object keyed by rank")
-    return s
+    return s, raw
 
 
 def _by_rank(d: Optional[dict], rank: int) -> Any:
@@ -197,7 +199,7 @@ def _measurement_tables(s: dict, cfg: Config, run_id: str, steps: list[dict],
 def plan(path: Path, runs_root: Path) -> dict:
     """Everything the run folder of one summary holds, computed before anything is written."""
     path = Path(path)
-    s = load_summary(path)
+    s, raw = load_summary(path)
     try:
         cfg = config_from_dict(s["config"])
         layout = make_layout(cfg).to_dict()
@@ -230,7 +232,6 @@ def plan(path: Path, runs_root: Path) -> dict:
     except (pa.ArrowException, TypeError, ValueError, KeyError) as e:
         raise _fail(path, f"decode or energy figures: {e}") from e
 
-    raw = path.read_bytes()
     run = {
         "run_id": run_id, "experiment": EXPERIMENT, "strategy": s["strategy"], "seed": cfg.train.seed,
         "world_size": world, "config": s["config"], "layout": layout,

@@ -99,8 +99,9 @@ class InferConfig:
     new_tokens: int = 32
     warmup_tokens: int = 4
     seed: int = 0
-    cuda_graph: bool = True  # single-rank decode on a GPU replays one captured graph per token
-    # torch.compile of that decode step (fused small kernels): eager (not compiled) | default | max-autotune
+    # On a GPU, decode steps without collectives (single; tp with tp=1) replay one captured graph per token
+    cuda_graph: bool = True
+    # torch.compile of single's decode step (fused small kernels): eager (not compiled) | default | max-autotune
     # (max-autotune also tunes the expert matrix-vector kernels; compiling takes minutes, not seconds)
     compile: str = "default"
 

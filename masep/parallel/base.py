@@ -174,8 +174,9 @@ class Strategy(ABC):
         """Greedy decoding with a KV cache; every rank returns the same tokens."""
 
     def decode_path(self) -> str:
-        """How `generate` decodes, for benchmark tables (strategies decode differently so far)."""
-        return "eager cached forward (host synchronisation in routing and dispatch)"
+        """How `generate` decodes, for benchmark tables. Multi-rank steps hold collectives or
+        point-to-point transfers, whose capture in a CUDA graph is not verified yet."""
+        return "fixed-shape step, no CUDA graph (prefill eager)"
 
     def replication(self, name: str) -> int:
         """How many ranks hold an identical copy of parameter `name` (for the global norm)."""

@@ -81,7 +81,6 @@ class EPExperts(Experts):
         y_recv = torch.empty_like(y).index_copy(0, order, y)  # back to arrival order
         return all_to_all(y_recv.to(self.wire_dtype), to_rank, from_rank, self.group, "moe_dispatch")
 
-
     def _forward_static(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Fixed shapes (decode steps): every rank with rows sends all of them (sorted by expert,
         with the counts) to every other rank; each rank computes its experts' block of every
@@ -209,9 +208,6 @@ class ExpertDataParallel(Strategy):
         if self.cfg.model.capacity_factor is not None:
             return slice(0, batch if rank == 0 else 0)
         return slice(rank * batch // self.world, (rank + 1) * batch // self.world)
-
-    def decode_path(self) -> str:
-        return "fixed-shape step, no CUDA graph (prefill eager)"
 
     @torch.no_grad()
     def generate(self, prompt: torch.Tensor, new_tokens: int) -> Generation:

@@ -533,9 +533,6 @@ class MASeparation(Strategy):
         self._restore_training(was)
         return float(ce), batch.n_valid()
 
-    def decode_path(self) -> str:
-        return "fixed-shape step, no CUDA graph (prefill eager)"
-
     def _decode_logits(self, ids: torch.Tensor, pos: torch.Tensor, caches: list[KVCache]) -> torch.Tensor:
         """A decoding attention rank's fixed-shape step: `MoETransformer.decode_logits` with the
         experts on the MoE ranks."""

@@ -414,9 +414,6 @@ class PipelineParallel(Strategy):
             x = module.blocks[str(i)].decode(x, module.rope_cos, module.rope_sin, pos, caches[i])
         return self._next_tokens(x)
 
-    def decode_path(self) -> str:
-        return "fixed-shape step, no CUDA graph (prefill eager)"
-
     @torch.no_grad()
     def generate(self, prompt: torch.Tensor, new_tokens: int) -> Generation:
         module = self.stage_module

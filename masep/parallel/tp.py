@@ -268,16 +268,12 @@ class TPStage(nn.Module):
         return x, routings
 
     @torch.no_grad()
-    def decode_logits(self, x: torch.Tensor, pos: torch.Tensor, caches: list[KVCache]) -> torch.Tensor:
-        """The fixed-shape step of `MoETransformer.decode_logits` over this stage's layers:
-        logits [B, V] with the head, else hidden states [B, 1, hidden]."""
-        if self.embed is not None:
-            x = self.embed(x)
+    def decode_logits(self, ids: torch.Tensor, pos: torch.Tensor, caches: list[KVCache]) -> torch.Tensor:
+        """`MoETransformer.decode_logits` on a stage holding the embedding and the head (`tp`'s)."""
+        x = self.embed(ids)
         for block, cache in zip(self.blocks.values(), caches):
             x = block.decode(x, self.rope_cos, self.rope_sin, pos, cache)
-        if self.head is not None:
-            return MoETransformer.logits(self, x)[:, -1]
-        return x
+        return MoETransformer.logits(self, x)[:, -1]
 
     def new_caches(self, batch: int, max_len: int, dtype, device) -> list[KVCache]:
         heads = self.cfg.heads // self.tp_size
@@ -379,9 +375,7 @@ class TensorParallel(Strategy):
         return self.cfg.infer.cuda_graph and self.device.type == "cuda" and self.layout.tp == 1
 
     def decode_path(self) -> str:
-        return ("fixed-shape step in a CUDA graph" if self._graph() else
-                "fixed-shape step, no CUDA graph" + (" (collectives in a captured graph not verified yet)"
-                                                     if self.layout.tp > 1 and self.device.type == "cuda" else ""))
+        return "fixed-shape step in a CUDA graph" if self._graph() else super().decode_path()
 
     @torch.no_grad()
     def generate(self, prompt: torch.Tensor, new_tokens: int) -> Generation:
