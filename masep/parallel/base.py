@@ -13,16 +13,23 @@ Global-batch semantics (identical on one rank and on many):
 """
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
 
 from masep.config import Config
-from masep.model import MoETransformer, Routing, drop_weight_copy
+from masep.model import Routing, drop_weight_copy
 from masep.parallel.layout import Layout
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 @dataclass
@@ -172,6 +179,19 @@ class Strategy(ABC):
     @abstractmethod
     def generate(self, prompt: torch.Tensor, new_tokens: int) -> Generation:
         """Greedy decoding with a KV cache; every rank returns the same tokens."""
+
+    def timed_tokens(self, next_token: Callable[[int], Optional[torch.Tensor]],
+                     n: int) -> tuple[list[Optional[torch.Tensor]], list[float]]:
+        """Call `next_token(i)` (under autocast) for i < n, each timed until the device is done:
+        (what each call returned, seconds per call)."""
+        out, times = [], []
+        for i in range(n):
+            t = time.perf_counter()
+            with self.autocast():
+                out.append(next_token(i))
+            sync(self.device)
+            times.append(time.perf_counter() - t)
+        return out, times
 
     def decode_path(self) -> str:
         """How `generate` decodes, for benchmark tables. Multi-rank steps hold collectives or

@@ -631,21 +631,17 @@ class MASeparation(Strategy):
                 decoder = StaticDecoder(lambda i, p: self._decode_logits(i, p, caches).argmax(-1),
                                         next_ids[lo:lo + per_replica, None].to(self.device),
                                         torch.tensor([T0], device=self.device), cuda_graph=False)
-        out, times = [next_ids], []
-        for i in range(new_tokens - 1):
-            t = time.perf_counter()
+
+        def next_token(i: int) -> torch.Tensor:
             new = torch.zeros(B, dtype=torch.long)
             if decoding:
-                with self.autocast():
-                    mine = decoder()
+                mine = decoder()
                 if self.head_shard == 0:
                     new[lo:lo + per_replica] = mine.cpu()
             elif not self.is_attention:
                 self._serve_decode_step(exchanging, f"token {i + 1}")
-            all_reduce_sum(new)  # every rank gets every token (and the clocks meet here)
-            next_ids = new
-            sync(self.device)
-            times.append(time.perf_counter() - t)
-            out.append(next_ids)
+            return all_reduce_sum(new)  # every rank gets every token (and the clocks meet here)
+
+        rest, times = self.timed_tokens(next_token, new_tokens - 1)
         self._restore_training(was)
-        return Generation(torch.stack(out, 1), prefill_s, times)
+        return Generation(torch.stack([next_ids] + rest, 1), prefill_s, times)

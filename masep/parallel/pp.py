@@ -62,14 +62,9 @@ import torch.distributed as dist
 from torch import nn
 
 from masep.model import KVCache, MoETransformer, Routing, lm_loss_sum
-from masep.parallel.base import Generation, GlobalBatch, LocalStats, StaticDecoder, StepStats, Strategy
+from masep.parallel.base import Generation, GlobalBatch, LocalStats, StaticDecoder, StepStats, Strategy, sync
 from masep.parallel.comm import new_group_containing, p2p_exchange, sync_gradients
 from masep.telemetry.timing import comm_timer
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class PipelineStageModule(nn.Module):
@@ -273,7 +268,7 @@ class PipelineParallel(Strategy):
         shape = self._act_shape(mine[0])
         compute = 0.0
         p2p_before = comm_timer().totals()["p2p"]
-        _sync(self.device)
+        sync(self.device)
         t_start = time.perf_counter()
         in_flight: list[tuple[Optional[torch.Tensor], torch.Tensor, torch.Tensor]] = []
         max_in_flight = 0
@@ -287,7 +282,7 @@ class PipelineParallel(Strategy):
             nonlocal compute, max_in_flight
             t = time.perf_counter()
             out, aux = self._forward_step(mine[i], x_in, n_valid, n_micro, stats)
-            _sync(self.device)
+            sync(self.device)
             compute += time.perf_counter() - t
             in_flight.append((x_in, out, aux))
             max_in_flight = max(max_in_flight, len(in_flight))
@@ -298,7 +293,7 @@ class PipelineParallel(Strategy):
             x_in, out, aux = in_flight.pop(0)
             t = time.perf_counter()
             grad_in = self._backward_step(x_in, out, aux, grad_out)
-            _sync(self.device)
+            sync(self.device)
             compute += time.perf_counter() - t
             return grad_in
 
@@ -425,24 +420,17 @@ class PipelineParallel(Strategy):
         distributed = dist.is_initialized() and dist.get_world_size() > 1
         if self.n_stages > 1:
             dist.barrier(group=self.pipe_group)  # the replica's stages start the clock together
-        _sync(self.device)
+        sync(self.device)
         t0 = time.perf_counter()
         next_ids = self._decode_step(prompt, 0, caches)
-        _sync(self.device)
+        sync(self.device)
         prefill_s = time.perf_counter() - t0
         with self.autocast():
             decoder = StaticDecoder(lambda i, p: self._static_decode_step(i, p, caches), next_ids[:, None],
                                     torch.tensor([T0], device=self.device), cuda_graph=False)
-        out, times = [next_ids], []
-        for _ in range(new_tokens - 1):
-            t = time.perf_counter()
-            with self.autocast():
-                next_ids = decoder().clone()
-            _sync(self.device)
-            times.append(time.perf_counter() - t)
-            out.append(next_ids)
+        rest, times = self.timed_tokens(lambda _: decoder().clone(), new_tokens - 1)
         module.train(was_training)
-        tokens = torch.stack(out, 1)
+        tokens = torch.stack([next_ids] + rest, 1)
         if distributed:
             # Replicas decoded the same batch with identical weights; rank 0's tokens are the
             # answer everywhere, whatever a non-deterministic kernel might have done elsewhere.

@@ -7,12 +7,8 @@ import warnings
 import torch
 
 from masep.model import MoETransformer, lm_loss_sum
-from masep.parallel.base import Generation, GlobalBatch, LocalStats, StaticDecoder, Strategy, StepStats
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from masep.parallel.base import (Generation, GlobalBatch, LocalStats, StaticDecoder, Strategy, StepStats,  # noqa: F401
+                                 sync)  # sync: the other strategies import it from here
 
 
 class SingleRank(Strategy):
@@ -100,13 +96,6 @@ class SingleRank(Strategy):
         # Decoding proper: the fixed-shape step, on a GPU compiled and captured as one CUDA graph.
         with self.autocast():
             decoder = self._decoder(next_ids[:, None], torch.tensor([T0], device=self.device), caches)
-        out, times = [next_ids], []
-        for _ in range(new_tokens - 1):
-            t = time.perf_counter()
-            with self.autocast():
-                next_ids = decoder()
-            sync(self.device)
-            times.append(time.perf_counter() - t)
-            out.append(next_ids.clone())
+        rest, times = self.timed_tokens(lambda _: decoder().clone(), new_tokens - 1)
         model.train(was_training)
-        return Generation(torch.stack(out, 1).cpu(), prefill_s, times)
+        return Generation(torch.stack([next_ids] + rest, 1).cpu(), prefill_s, times)

@@ -399,16 +399,9 @@ class TensorParallel(Strategy):
         with self.autocast():
             decoder = StaticDecoder(lambda ids, pos: stage.decode_logits(ids, pos, caches).argmax(-1),
                                     next_ids[:, None], torch.tensor([T0], device=self.device), self._graph())
-        out, times = [next_ids], []
-        for _ in range(new_tokens - 1):
-            t = time.perf_counter()
-            with self.autocast():
-                next_ids = decoder()
-            sync(self.device)
-            times.append(time.perf_counter() - t)
-            out.append(next_ids.clone())
+        rest, times = self.timed_tokens(lambda _: decoder().clone(), new_tokens - 1)
         stage.train(was_training)
-        tokens = torch.stack(out, 1)
+        tokens = torch.stack([next_ids] + rest, 1)
         if distributed:  # replicas decoded the same batch; rank 0's tokens are the answer
             dist.broadcast(tokens, src=0)
         return Generation(tokens.cpu(), prefill_s, times)

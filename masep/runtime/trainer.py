@@ -20,7 +20,7 @@ import torch.distributed as dist
 from masep.config import Config
 from masep.model import build_model
 from masep.parallel import build_strategy
-from masep.parallel.base import GlobalBatch, Strategy
+from masep.parallel.base import GlobalBatch, Strategy, sync
 from masep.parallel.layout import Layout, make_layout
 from masep.runtime import checkpoint
 from masep.telemetry.memory import memory_row, peak_bytes
@@ -62,11 +62,6 @@ class TrainResult:
     start_step: int = 0
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 class Trainer:
     def __init__(self, cfg: Config, rank: int = 0, device: torch.device | str = "cpu",
                  layout: Optional[Layout] = None):
@@ -104,7 +99,7 @@ class Trainer:
     # ---- one optimizer step
     def train_step(self, batch: GlobalBatch) -> dict:
         self.timer.reset()
-        _sync(self.device)
+        sync(self.device)
         t0 = time.perf_counter()
         stats = self.strategy.forward_backward(batch)
         grad_norm = self.strategy.clip_gradients(self.cfg.train.grad_clip)
@@ -115,7 +110,7 @@ class Trainer:
         if not self.memory_at_first_step:
             self.memory_at_first_step = self.memory()  # gradients and AdamW state are live now
         self.opt.zero_grad(set_to_none=True)
-        _sync(self.device)
+        sync(self.device)
         t_work = time.perf_counter()
         # Idle: how long this rank waits for the slowest one at the end of the step.
         if dist.is_initialized() and dist.get_world_size() > 1:

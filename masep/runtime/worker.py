@@ -7,7 +7,6 @@ and continues from there.
 """
 from __future__ import annotations
 
-import json
 import math
 import statistics
 import sys

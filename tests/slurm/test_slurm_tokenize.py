@@ -16,7 +16,7 @@ from masep.data.shards import MANIFEST, shard_dir
 @pytest.mark.timeout(400)
 def test_tokenize_runs_as_a_slurm_job_and_a_rerun_reuses_the_shard(slurm_cluster):
     folder = slurm_cluster.folder("tokenize")
-    sets = [f"launch.executor=slurm", f"launch.partition={slurm_cluster.partition}",
+    sets = ["launch.executor=slurm", f"launch.partition={slurm_cluster.partition}",
             f"data.tokens_dir={folder / 'tokens'}", f"launch.log_dir={folder / 'logs'}",
             "launch.time_min=5", "launch.wait_timeout_s=300"]
     cmd = [sys.executable, "-m", "masep.cli", "tokenize", "--config", "tiny", "--set", *sets,
