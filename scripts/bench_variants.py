@@ -5,8 +5,9 @@
 Training: the weight-cast versions (a fresh autocast-style cast per use, as before, versus one
 cast per weight version with fp32 gradient accumulation by hook) at the preset's micro-batch and
 at twice it, each run twice in alternation so the spread between repeats shows the noise. Decode
-at batch 1: the eager cached forward, the fixed-shape step without and with a CUDA graph; the
-three must produce the same greedy tokens. Prints a table and writes OUT_DIR/variants.json and
+at batch 1: the eager cached forward and the fixed-shape step (without and with a CUDA graph,
+compiled, max-autotuned; "-gather" variants read the one token's experts by index), each timed
+per token and streamed; all must produce the same greedy tokens. Prints a table and writes OUT_DIR/variants.json and
 profiler tables of one step of the cast-once version and of the graphed decode.
 """
 from __future__ import annotations
@@ -25,7 +26,7 @@ from masep.bench import decode_bound_ms, synthetic_batches
 from masep.config import load_config
 from masep.model import build_model
 from masep.model import moe_transformer as mt
-from masep.parallel.base import StaticDecoder
+from masep.parallel.base import StaticDecoder, stream_tokens
 from masep.runtime.trainer import Trainer
 from masep.telemetry.flops import H200_DENSE_BF16, mfu
 
@@ -83,14 +84,22 @@ def train_variant(cfg_name, overrides, cast, steps, profile_dir=None):
 
 
 def time_decode(cfg, model, ctx, new_tokens, mode, profile_dir=None):
+    """TPOT of one decode `mode` (median over tokens 3..): each token timed to completion (the
+    host reads it before queuing the next) and, for the fixed-shape modes, streamed
+    (`stream_tokens`: the next token queued before the host waits). A "-gather" suffix decodes
+    the one token's experts by index (`Experts.forward_gathered`); without it, sorted rows and
+    the grouped kernel. Returns (first new_tokens ids, TPOT ms, streamed TPOT ms or None)."""
     device = DEVICE
+    base, gather = mode.removesuffix("-gather"), mode.endswith("-gather")
+    mt.MoE.gather_one_token = gather  # read while tracing or capturing: set before both
     prompt = torch.randint(0, cfg.model.vocab_size, (1, ctx), generator=torch.Generator().manual_seed(ctx)).to(device)
-    caches = model.new_caches(1, ctx + new_tokens + 8, dtype=torch.bfloat16)  # + the profiled tokens
+    caches = model.new_caches(1, ctx + 2 * new_tokens + 8, dtype=torch.bfloat16)  # + streamed + profiled tokens
+    streamed = None
     with torch.no_grad(), torch.autocast(DEVICE.type, dtype=torch.bfloat16):
         logits, _ = model(prompt, 0, caches, last_only=True)
         ids = logits[:, -1].argmax(-1)
         toks, times = [ids.clone()], []
-        if mode == "eager":
+        if base == "eager":
             for i in range(new_tokens - 1):
                 sync()
                 t = time.perf_counter()
@@ -101,12 +110,12 @@ def time_decode(cfg, model, ctx, new_tokens, mode, profile_dir=None):
                 toks.append(ids.clone())
         else:
             step = model.decode_step
-            if mode.startswith("compiled"):  # inductor fuses the small kernels; the graph is ours
+            if base.startswith("compiled"):  # inductor fuses the small kernels; the graph is ours
                 step = torch.compile(model.decode_step, dynamic=False, fullgraph=True,
-                                     mode="max-autotune-no-cudagraphs" if mode == "compiled-autotune" else None)
+                                     mode="max-autotune-no-cudagraphs" if base == "compiled-autotune" else None)
             t_build = time.perf_counter()
             dec = StaticDecoder(lambda i, p: step(i, p, caches), ids[:, None],
-                                torch.tensor([ctx], device=device), mode != "static")
+                                torch.tensor([ctx], device=device), base != "static")
             print(f"decoder {mode} ready in {time.perf_counter() - t_build:.1f} s", flush=True)
             for i in range(new_tokens - 1):
                 sync()
@@ -115,7 +124,9 @@ def time_decode(cfg, model, ctx, new_tokens, mode, profile_dir=None):
                 sync()
                 times.append(time.perf_counter() - t)
                 toks.append(ids.clone())
-            if profile_dir is not None and mode != "static":
+            _, stream_times = stream_tokens(dec, new_tokens - 1)
+            streamed = statistics.median(stream_times[2:]) * 1e3
+            if profile_dir is not None and base != "static":
                 with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                         torch.profiler.ProfilerActivity.CUDA]) as prof:
                     for _ in range(4):
@@ -123,7 +134,7 @@ def time_decode(cfg, model, ctx, new_tokens, mode, profile_dir=None):
                     sync()
                 Path(profile_dir, f"decode-{mode}-{ctx}.txt").write_text(
                     prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40))
-    return torch.cat(toks).tolist(), statistics.median(times[2:]) * 1e3
+    return torch.cat(toks).tolist(), statistics.median(times[2:]) * 1e3, streamed
 
 
 def accuracy_check(cfg, model, modes, ctx=512):
@@ -143,6 +154,7 @@ def accuracy_check(cfg, model, modes, ctx=512):
         del ref_model, caches
         with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
             for mode in ["eager"] + list(modes):
+                mt.MoE.gather_one_token = mode.endswith("-gather")
                 caches = model.new_caches(1, ctx + 64, dtype=torch.bfloat16)
                 model(ids[:, :ctx], 0, caches)
                 if mode == "eager":
@@ -151,7 +163,8 @@ def accuracy_check(cfg, model, modes, ctx=512):
                     fn = model.decode_logits
                     if mode.startswith("compiled"):
                         fn = torch.compile(fn, dynamic=False, fullgraph=True,
-                                           mode="max-autotune-no-cudagraphs" if mode == "compiled-autotune" else None)
+                                           mode="max-autotune-no-cudagraphs" if mode.startswith("compiled-autotune")
+                                           else None)
                     got = fn(ids[:, ctx:], pos, caches)[0]
                 got = got[:V].double()
                 out[mode] = {"rel_err_vs_fp32": float((got - ref).norm() / ref.norm()),
@@ -171,6 +184,8 @@ def main() -> None:
     ap.add_argument("--accuracy-only", action="store_true", help="decode: only the fp32-reference check")
     ap.add_argument("--set", dest="overrides", nargs="*", action="extend", default=[])
     ap.add_argument("--decode-modes", nargs="*", default=["eager", "static", "graph", "compiled", "graph", "compiled"])
+    ap.add_argument("--accuracy-modes", nargs="*", default=None,
+                    help="modes of the fp32-reference check (default: the decode modes but eager and graph)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -194,8 +209,9 @@ def main() -> None:
         for p in model.parameters():  # bf16 weights, fp32 rotary tables: as the strategies serve
             p.data = p.data.to(torch.bfloat16)
         try:
-            results["accuracy"] = accuracy_check(cfg, model, [m for m in dict.fromkeys(args.decode_modes)
-                                                              if m not in ("eager", "graph")])
+            modes = args.accuracy_modes if args.accuracy_modes is not None else [
+                m for m in dict.fromkeys(args.decode_modes) if m not in ("eager", "graph")]
+            results["accuracy"] = accuracy_check(cfg, model, modes)
         except Exception as e:  # noqa: BLE001
             results["accuracy"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
         print("accuracy", json.dumps(results["accuracy"]), flush=True)
@@ -206,16 +222,18 @@ def main() -> None:
             toks = {}
             for mode in args.decode_modes:
                 try:
-                    t, tpot = time_decode(cfg, model, ctx, 64, mode, out if ctx == 512 else None)
+                    t, tpot, streamed = time_decode(cfg, model, ctx, 64, mode, out if ctx == 512 else None)
                 except Exception as e:  # noqa: BLE001 - one failing variant must not lose the others
                     print(f"{mode} at {ctx}: {type(e).__name__}: {str(e)[:300]}", flush=True)
                     continue
                 toks.setdefault(mode, t)
                 r = {"context": ctx, "mode": mode, "tpot_ms": tpot, "bound_ms": bound, "x_bound": tpot / bound,
+                     "tpot_streamed_ms": streamed, "x_bound_streamed": streamed / bound if streamed else None,
                      "same_tokens_as_eager": t == toks["eager"],
                      "first_mismatch": next((j for j, (a, b) in enumerate(zip(t, toks["eager"])) if a != b), None)}
                 results["decode"].append(r)
                 print(json.dumps(r), flush=True)
+                (out / "variants.json").write_text(json.dumps(results, indent=1))  # kept if a later mode hangs
     (out / "variants.json").write_text(json.dumps(results, indent=1))
     print("\n| variant | micro | step ms | spread | tok/s | MFU | peak GiB |")
     print("|---|---|---|---|---|---|---|")
@@ -225,10 +243,12 @@ def main() -> None:
         else:
             print(f"| {r['variant']} | {r['micro']} | {r['step_ms']:.0f} | {r['spread_ms']:.0f} | {r['tok_s']:.0f} | "
                   f"{r['mfu'] * 100:.1f}% | {r['peak_gib']:.1f} |")
-    print("\n| ctx | decode | TPOT ms | bound ms | x bound | same tokens |")
-    print("|---|---|---|---|---|---|")
+    print("\n| ctx | decode | TPOT ms | streamed ms | bound ms | x bound (streamed) | same tokens |")
+    print("|---|---|---|---|---|---|---|")
     for r in results["decode"]:
-        print(f"| {r['context']} | {r['mode']} | {r['tpot_ms']:.3f} | {r['bound_ms']:.3f} | {r['x_bound']:.2f} | "
+        st = f"{r['tpot_streamed_ms']:.3f}" if r["tpot_streamed_ms"] else "-"
+        xs = f" ({r['x_bound_streamed']:.2f})" if r["x_bound_streamed"] else ""
+        print(f"| {r['context']} | {r['mode']} | {r['tpot_ms']:.3f} | {st} | {r['bound_ms']:.3f} | {r['x_bound']:.2f}{xs} | "
               f"{r['same_tokens_as_eager']} ({r['first_mismatch']}) |")
     sys.stdout.flush()
 

@@ -151,6 +151,37 @@ class StaticDecoder:
         return self.ids[:, 0]
 
 
+def stream_tokens(decoder: StaticDecoder, n: int, context=nullcontext) -> tuple[list[torch.Tensor], list[float]]:
+    """Decode `n` tokens as a server streams them: token i + 1 is queued on the device before
+    the host waits for token i, whose ids reach pinned host memory behind its step, so the
+    device never idles while the host reads. Returns each token's ids (on the host) and the
+    seconds between consecutive arrivals (the first from the call): the inter-token latency a
+    client sees. `context()` wraps each step (autocast, for steps that are not a CUDA graph)."""
+    if not decoder.ids.is_cuda:  # each step runs to completion anyway
+        out, times = [], []
+        for _ in range(n):
+            t = time.perf_counter()
+            with context():
+                out.append(decoder().clone())
+            times.append(time.perf_counter() - t)
+        return out, times
+    host = torch.empty((n, decoder.ids.shape[0]), dtype=decoder.ids.dtype, pin_memory=True)
+    arrived, times = [], []
+    last = time.perf_counter()
+    for i in range(n + 1):
+        if i < n:
+            with context():
+                host[i].copy_(decoder(), non_blocking=True)
+            arrived.append(torch.cuda.Event())
+            arrived[-1].record()
+        if i > 0:  # token i is queued: now wait for token i - 1
+            arrived[i - 1].synchronize()
+            now = time.perf_counter()
+            times.append(now - last)
+            last = now
+    return list(host.unbind(0)), times
+
+
 class Strategy(ABC):
     """A parallel strategy holding its share of one `MoETransformer`.
 
@@ -192,6 +223,9 @@ class Strategy(ABC):
             sync(self.device)
             times.append(time.perf_counter() - t)
         return out, times
+
+    def stream_tokens(self, decoder: StaticDecoder, n: int) -> tuple[list[torch.Tensor], list[float]]:
+        return stream_tokens(decoder, n, self.autocast)
 
     def decode_path(self) -> str:
         """How `generate` decodes, for benchmark tables. Multi-rank steps hold collectives or

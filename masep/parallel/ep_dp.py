@@ -245,15 +245,17 @@ class ExpertDataParallel(Strategy):
                 with self.autocast():
                     decoder = StaticDecoder(lambda i, p: model.decode_step(i, p, caches), next_ids[:, None],
                                             torch.tensor([T0], device=self.device), cuda_graph=False)
-            rest, times = self.timed_tokens(
-                (lambda _: decoder().clone()) if active else (lambda _: self._serve_experts()), new_tokens - 1)
+            if active:
+                rest, times = self.stream_tokens(decoder, new_tokens - 1)
+            else:
+                _, times = self.timed_tokens(lambda _: self._serve_experts(), new_tokens - 1)
         finally:
             for block in model.blocks:
                 block.moe.experts.static_rows = None
         model.train(was_training)
         tokens = torch.zeros(B, new_tokens, dtype=torch.long, device=self.device)
         if active:
-            tokens[rows] = torch.stack([next_ids] + rest, 1)
+            tokens[rows] = torch.stack([next_ids.cpu()] + rest, 1).to(self.device)
         if self.group is not None:  # each sequence was decoded by one rank: the sum is all of them
             all_reduce_sum(tokens, self.group)
         return Generation(tokens.cpu(), prefill_s, times)

@@ -632,16 +632,20 @@ class MASeparation(Strategy):
                                         next_ids[lo:lo + per_replica, None].to(self.device),
                                         torch.tensor([T0], device=self.device), cuda_graph=False)
 
-        def next_token(i: int) -> torch.Tensor:
-            new = torch.zeros(B, dtype=torch.long)
-            if decoding:
-                mine = decoder()
-                if self.head_shard == 0:
-                    new[lo:lo + per_replica] = mine.cpu()
-            elif not self.is_attention:
+        n = new_tokens - 1
+        times = [0.0] * n
+        rest = torch.zeros(B, n, dtype=torch.long)
+        if decoding:
+            mine, times = self.stream_tokens(decoder, n)
+            if self.head_shard == 0 and n:
+                rest[lo:lo + per_replica] = torch.stack(mine, 1)
+        elif not self.is_attention:
+            for i in range(n):  # no wait between steps: the next step's receives are posted early
                 self._serve_decode_step(exchanging, f"token {i + 1}")
-            return all_reduce_sum(new)  # every rank gets every token (and the clocks meet here)
-
-        rest, times = self.timed_tokens(next_token, new_tokens - 1)
+        all_reduce_sum(rest)  # every rank gets every token
+        # Every rank reports the inter-token latency where the tokens reach a client: at rank 0,
+        # head shard 0 of replica 0 (MoE ranks serve without a clock of their own per token).
+        seen = torch.tensor(times, dtype=torch.float64)
+        dist.broadcast(seen, src=0)
         self._restore_training(was)
-        return Generation(torch.stack([next_ids] + rest, 1), prefill_s, times)
+        return Generation(torch.cat([next_ids[:, None], rest], 1), prefill_s, seen.tolist())

@@ -428,9 +428,9 @@ class PipelineParallel(Strategy):
         with self.autocast():
             decoder = StaticDecoder(lambda i, p: self._static_decode_step(i, p, caches), next_ids[:, None],
                                     torch.tensor([T0], device=self.device), cuda_graph=False)
-        rest, times = self.timed_tokens(lambda _: decoder().clone(), new_tokens - 1)
+        rest, times = self.stream_tokens(decoder, new_tokens - 1)
         module.train(was_training)
-        tokens = torch.stack([next_ids] + rest, 1)
+        tokens = torch.stack([next_ids.cpu()] + rest, 1).to(self.device)
         if distributed:
             # Replicas decoded the same batch with identical weights; rank 0's tokens are the
             # answer everywhere, whatever a non-deterministic kernel might have done elsewhere.

@@ -96,6 +96,6 @@ class SingleRank(Strategy):
         # Decoding proper: the fixed-shape step, on a GPU compiled and captured as one CUDA graph.
         with self.autocast():
             decoder = self._decoder(next_ids[:, None], torch.tensor([T0], device=self.device), caches)
-        rest, times = self.timed_tokens(lambda _: decoder().clone(), new_tokens - 1)
+        rest, times = self.stream_tokens(decoder, new_tokens - 1)
         model.train(was_training)
-        return Generation(torch.stack([next_ids] + rest, 1).cpu(), prefill_s, times)
+        return Generation(torch.stack([next_ids.cpu()] + rest, 1), prefill_s, times)

@@ -399,9 +399,9 @@ class TensorParallel(Strategy):
         with self.autocast():
             decoder = StaticDecoder(lambda ids, pos: stage.decode_logits(ids, pos, caches).argmax(-1),
                                     next_ids[:, None], torch.tensor([T0], device=self.device), self._graph())
-        rest, times = self.timed_tokens(lambda _: decoder().clone(), new_tokens - 1)
+        rest, times = self.stream_tokens(decoder, new_tokens - 1)
         stage.train(was_training)
-        tokens = torch.stack([next_ids] + rest, 1)
+        tokens = torch.stack([next_ids.cpu()] + rest, 1).to(self.device)
         if distributed:  # replicas decoded the same batch; rank 0's tokens are the answer
             dist.broadcast(tokens, src=0)
         return Generation(tokens.cpu(), prefill_s, times)
