@@ -6,7 +6,7 @@ Training: the weight-cast versions (a fresh autocast-style cast per use, as befo
 cast per weight version with fp32 gradient accumulation by hook) at the preset's micro-batch and
 at twice it, each run twice in alternation so the spread between repeats shows the noise. Decode
 at batch 1: the eager cached forward and the fixed-shape step (without and with a CUDA graph,
-compiled, max-autotuned; "-gather" variants read the one token's experts by index), each timed
+compiled, max-autotuned), each timed
 per token and streamed; all must produce the same greedy tokens. Prints a table and writes OUT_DIR/variants.json and
 profiler tables of one step of the cast-once version and of the graphed decode.
 """
@@ -86,12 +86,12 @@ def train_variant(cfg_name, overrides, cast, steps, profile_dir=None):
 def time_decode(cfg, model, ctx, new_tokens, mode, profile_dir=None):
     """TPOT of one decode `mode` (median over tokens 3..): each token timed to completion (the
     host reads it before queuing the next) and, for the fixed-shape modes, streamed
-    (`stream_tokens`: the next token queued before the host waits). A "-gather" suffix decodes
-    the one token's experts by index (`Experts.forward_gathered`); without it, sorted rows and
-    the grouped kernel. Returns (first new_tokens ids, TPOT ms, streamed TPOT ms or None)."""
+    (`stream_tokens`: the next token queued before the host waits). A "-sortk" suffix selects
+    the routers' top k by a stable sort instead of `topk`. Returns (first new_tokens ids, TPOT
+    ms, streamed TPOT ms or None)."""
     device = DEVICE
-    base, gather = mode.removesuffix("-gather"), mode.endswith("-gather")
-    mt.MoE.gather_one_token = gather  # read while tracing or capturing: set before both
+    base = mode.removesuffix("-sortk")
+    mt.TOP_K_BY_SORT = mode.endswith("-sortk")  # read while tracing: set before compiling
     prompt = torch.randint(0, cfg.model.vocab_size, (1, ctx), generator=torch.Generator().manual_seed(ctx)).to(device)
     caches = model.new_caches(1, ctx + 2 * new_tokens + 8, dtype=torch.bfloat16)  # + streamed + profiled tokens
     streamed = None
@@ -154,7 +154,6 @@ def accuracy_check(cfg, model, modes, ctx=512):
         del ref_model, caches
         with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
             for mode in ["eager"] + list(modes):
-                mt.MoE.gather_one_token = mode.endswith("-gather")
                 caches = model.new_caches(1, ctx + 64, dtype=torch.bfloat16)
                 model(ids[:, :ctx], 0, caches)
                 if mode == "eager":

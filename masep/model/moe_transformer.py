@@ -222,18 +222,6 @@ class Experts(nn.Module):
         y = self.forward_leading(x_sorted.index_select(0, idx), counts[first:first + self.n_experts])
         return torch.zeros_like(y).index_copy_(0, idx, y)
 
-    def forward_gathered(self, x: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
-        """Row i through expert `expert[i]`, its weights read by index: no sort, no offsets.
-        Decoding one token (whose top-k experts are distinct) it reads each weight it needs
-        once; compiled, the index fuses into the matrix-vector reductions, so no weight is
-        copied. Written as product-and-sum (fp32 accumulation) because a batched matmul would
-        make inductor materialise the gathered weights first."""
-        x = self._in_compute_dtype(x)
-        w_up = compute_weight(self.w_up, x.dtype).index_select(0, expert)  # [R, H, U]
-        h = (x.float().unsqueeze(-1) * w_up.float()).sum(1).to(x.dtype)
-        w_down = compute_weight(self.w_down, x.dtype).index_select(0, expert)  # [R, F, H]
-        return (self._act(h).float().unsqueeze(-1) * w_down.float()).sum(1).to(x.dtype)
-
     def _in_compute_dtype(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_autocast_enabled(x.device.type):
             # The grouped kernel is outside autocast's op list: cast as autocast would.
@@ -275,6 +263,16 @@ def expert_capacity(n_tokens: int, n_experts: int, top_k: int, factor: Optional[
     return max(1, math.ceil(factor * n_tokens * top_k / n_experts))
 
 
+TOP_K_BY_SORT = False  # A/B switch (benchmarks): select the top k with a stable sort
+
+
+def top_k_of(probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if TOP_K_BY_SORT:
+        p, e = probs.sort(dim=-1, descending=True, stable=True)
+        return p[:, :k], e[:, :k]
+    return probs.topk(k, dim=-1)
+
+
 def route(logits: torch.Tensor, top_k: int, capacity_factor: Optional[float]) -> Routing:
     """Top-k softmax routing with Switch and ST-MoE auxiliary losses over the N given tokens.
 
@@ -286,7 +284,7 @@ def route(logits: torch.Tensor, top_k: int, capacity_factor: Optional[float]) ->
     logits = logits.float()
     N, E = logits.shape
     probs = logits.softmax(dim=-1)
-    top_p, top_e = probs.topk(top_k, dim=-1)
+    top_p, top_e = top_k_of(probs, top_k)
     weight = top_p / top_p.sum(dim=-1, keepdim=True)
 
     assigned = F.one_hot(top_e, E).sum(dim=1).float()  # [N, E] 0/1
@@ -365,17 +363,6 @@ def dispatch_combine_static(x: torch.Tensor, routing: Routing, expert_fn: Expert
     return terms.sum(1) if k != 2 else terms[:, 0] + terms[:, 1]
 
 
-def combine_gathered(x: torch.Tensor, routing: Routing,
-                     gathered_fn: ExpertFn) -> torch.Tensor:
-    """`dispatch_combine_static` without the sort: every assignment's row goes through
-    `gathered_fn(rows, expert per row)` in choice order; dropped ones count with weight 0."""
-    N, k = routing.expert.shape
-    y = gathered_fn(x.repeat_interleave(k, 0), routing.expert.reshape(-1)).view(N, k, -1)
-    w = torch.where(routing.keep, routing.weight, 0.0)
-    terms = (y.float() * w.unsqueeze(-1)).to(x.dtype)
-    return terms.sum(1) if k != 2 else terms[:, 0] + terms[:, 1]
-
-
 class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -397,20 +384,10 @@ class MoE(nn.Module):
         y = dispatch_combine(x_flat, routing, expert_fn or self.experts, self.cfg.experts)
         return y.view(shape), routing
 
-    # Decode one token with `Experts.forward_gathered` (False: sorted rows and the grouped kernel,
-    # as for a batch). Class-wide so that benchmarks can compare the two.
-    gather_one_token = False
-
     def decode(self, x: torch.Tensor, expert_fn: Optional[ExpertFn] = None) -> torch.Tensor:
         shape = x.shape
         x_flat = x.reshape(-1, shape[-1])
-        routing = self.route(x_flat)
-        # Only this module's own experts, all of them, read by index (strategies that distribute
-        # experts subclass `Experts` or pass `expert_fn`).
-        if expert_fn is None and type(self.experts) is Experts and x_flat.shape[0] == 1 and self.gather_one_token:
-            y = combine_gathered(x_flat, routing, self.experts.forward_gathered)
-        else:
-            y = dispatch_combine_static(x_flat, routing, expert_fn or self.experts, self.cfg.experts)
+        y = dispatch_combine_static(x_flat, self.route(x_flat), expert_fn or self.experts, self.cfg.experts)
         return y.view(shape)
 
 
