@@ -27,6 +27,8 @@ from masep.config import load_config
 from masep.model import build_model
 from masep.model import moe_transformer as mt
 from masep.parallel.base import StaticDecoder, stream_tokens
+from masep.parallel.layout import make_layout
+from masep.parallel.single import SingleRank
 from masep.runtime.trainer import Trainer
 from masep.telemetry.flops import H200_DENSE_BF16, mfu
 
@@ -86,12 +88,15 @@ def train_variant(cfg_name, overrides, cast, steps, profile_dir=None):
 def time_decode(cfg, model, ctx, new_tokens, mode, profile_dir=None):
     """TPOT of one decode `mode` (median over tokens 3..): each token timed to completion (the
     host reads it before queuing the next) and, for the fixed-shape modes, streamed
-    (`stream_tokens`: the next token queued before the host waits). A "-sortk" suffix selects
-    the routers' top k by a stable sort instead of `topk`. Returns (first new_tokens ids, TPOT
-    ms, streamed TPOT ms or None)."""
+    (`stream_tokens`: the next token queued before the host waits). Returns (first new_tokens ids, TPOT ms,
+    streamed TPOT ms or None)."""
     device = DEVICE
-    base = mode.removesuffix("-sortk")
-    mt.TOP_K_BY_SORT = mode.endswith("-sortk")  # read while tracing: set before compiling
+    if mode == "generate":  # the strategies' own path (`SingleRank.generate`: streamed, graph per call)
+        prompt = torch.randint(0, cfg.model.vocab_size, (1, ctx), generator=torch.Generator().manual_seed(ctx))
+        strategy = SingleRank(cfg, make_layout(cfg), 0, device, model)
+        strategy.generate(prompt, cfg.infer.warmup_tokens)
+        gen = strategy.generate(prompt, new_tokens)
+        return gen.tokens[0].tolist(), statistics.median(gen.token_s[2:]) * 1e3, None
     prompt = torch.randint(0, cfg.model.vocab_size, (1, ctx), generator=torch.Generator().manual_seed(ctx)).to(device)
     caches = model.new_caches(1, ctx + 2 * new_tokens + 8, dtype=torch.bfloat16)  # + streamed + profiled tokens
     streamed = None
@@ -99,7 +104,7 @@ def time_decode(cfg, model, ctx, new_tokens, mode, profile_dir=None):
         logits, _ = model(prompt, 0, caches, last_only=True)
         ids = logits[:, -1].argmax(-1)
         toks, times = [ids.clone()], []
-        if base == "eager":
+        if mode == "eager":
             for i in range(new_tokens - 1):
                 sync()
                 t = time.perf_counter()
@@ -110,12 +115,12 @@ def time_decode(cfg, model, ctx, new_tokens, mode, profile_dir=None):
                 toks.append(ids.clone())
         else:
             step = model.decode_step
-            if base.startswith("compiled"):  # inductor fuses the small kernels; the graph is ours
+            if mode.startswith("compiled"):  # inductor fuses the small kernels; the graph is ours
                 step = torch.compile(model.decode_step, dynamic=False, fullgraph=True,
-                                     mode="max-autotune-no-cudagraphs" if base == "compiled-autotune" else None)
+                                     mode="max-autotune-no-cudagraphs" if mode == "compiled-autotune" else None)
             t_build = time.perf_counter()
             dec = StaticDecoder(lambda i, p: step(i, p, caches), ids[:, None],
-                                torch.tensor([ctx], device=device), base != "static")
+                                torch.tensor([ctx], device=device), mode != "static")
             print(f"decoder {mode} ready in {time.perf_counter() - t_build:.1f} s", flush=True)
             for i in range(new_tokens - 1):
                 sync()
@@ -126,7 +131,7 @@ def time_decode(cfg, model, ctx, new_tokens, mode, profile_dir=None):
                 toks.append(ids.clone())
             _, stream_times = stream_tokens(dec, new_tokens - 1)
             streamed = statistics.median(stream_times[2:]) * 1e3
-            if profile_dir is not None and base != "static":
+            if profile_dir is not None and mode != "static":
                 with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                         torch.profiler.ProfilerActivity.CUDA]) as prof:
                     for _ in range(4):

@@ -263,16 +263,6 @@ def expert_capacity(n_tokens: int, n_experts: int, top_k: int, factor: Optional[
     return max(1, math.ceil(factor * n_tokens * top_k / n_experts))
 
 
-TOP_K_BY_SORT = False  # A/B switch (benchmarks): select the top k with a stable sort
-
-
-def top_k_of(probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    if TOP_K_BY_SORT:
-        p, e = probs.sort(dim=-1, descending=True, stable=True)
-        return p[:, :k], e[:, :k]
-    return probs.topk(k, dim=-1)
-
-
 def route(logits: torch.Tensor, top_k: int, capacity_factor: Optional[float]) -> Routing:
     """Top-k softmax routing with Switch and ST-MoE auxiliary losses over the N given tokens.
 
@@ -284,7 +274,7 @@ def route(logits: torch.Tensor, top_k: int, capacity_factor: Optional[float]) ->
     logits = logits.float()
     N, E = logits.shape
     probs = logits.softmax(dim=-1)
-    top_p, top_e = top_k_of(probs, top_k)
+    top_p, top_e = probs.topk(top_k, dim=-1)
     weight = top_p / top_p.sum(dim=-1, keepdim=True)
 
     assigned = F.one_hot(top_e, E).sum(dim=1).float()  # [N, E] 0/1
