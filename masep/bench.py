@@ -23,6 +23,7 @@ import torch.distributed as dist
 from masep.config import load_config
 from masep.model import analytic_parameter_count
 from masep.parallel.base import GlobalBatch
+from masep.provenance import git_commit
 from masep.telemetry.flops import mfu
 from masep.telemetry.mfu import flops_record
 
@@ -111,16 +112,6 @@ def _pct(x) -> str:
 def _versions() -> dict:
     import platform
     return {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda}
-
-
-def _git_commit():
-    import subprocess
-    try:
-        res = subprocess.run(["git", "-C", str(Path(__file__).resolve().parents[1]), "rev-parse", "HEAD"],
-                             capture_output=True, text=True, timeout=5)
-        return res.stdout.strip() or None
-    except OSError:
-        return None
 
 
 def main() -> None:
@@ -227,7 +218,7 @@ def main() -> None:
             "energy_j_by_rank": {e["rank"]: e["joules"] for e in energies},
             "energy_reason_by_rank": {e["rank"]: e["reason"] for e in energies},
             "timed_steps": args.steps, "timed_tokens": measured_tokens,
-            "flops": flops, "versions": _versions(), "git_commit": _git_commit(),
+            "flops": flops, "versions": _versions(), "git_commit": git_commit(),
             "decode": decode, "decode_path": decode_path, "steps": all_rows,
         }
         out = Path(args.out)

@@ -252,8 +252,8 @@ def main() -> None:
     for r in results["decode"]:
         st = f"{r['tpot_streamed_ms']:.3f}" if r["tpot_streamed_ms"] else "-"
         xs = f" ({r['x_bound_streamed']:.2f})" if r["x_bound_streamed"] else ""
-        print(f"| {r['context']} | {r['mode']} | {r['tpot_ms']:.3f} | {st} | {r['bound_ms']:.3f} | {r['x_bound']:.2f}{xs} | "
-              f"{r['same_tokens_as_eager']} ({r['first_mismatch']}) |")
+        print(f"| {r['context']} | {r['mode']} | {r['tpot_ms']:.3f} | {st} | {r['bound_ms']:.3f} | "
+              f"{r['x_bound']:.2f}{xs} | {r['same_tokens_as_eager']} ({r['first_mismatch']}) |")
     sys.stdout.flush()
 
 

@@ -9,7 +9,6 @@ import json
 import os
 import platform
 import socket
-import subprocess
 import sys
 import tempfile
 from datetime import datetime, timezone
@@ -20,6 +19,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+
+from masep.provenance import git_commit  # noqa: F401 - run records use it as w.git_commit
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -78,19 +79,6 @@ def package_versions() -> dict[str, str]:
             out[name] = None
     out["cuda"] = torch.version.cuda
     return out
-
-
-def git_commit() -> str | None:
-    try:
-        root = Path(__file__).resolve().parents[2]
-        res = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
-        if res.returncode != 0:
-            return None
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=5).stdout.strip()
-        return res.stdout.strip() + ("-dirty" if dirty else "")
-    except (OSError, subprocess.TimeoutExpired):
-        return None
 
 
 def hardware() -> dict[str, Any]:
