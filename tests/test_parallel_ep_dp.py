@@ -26,8 +26,8 @@ def world4(tmp_path_factory):
     return run_ranks(WORLD, parity_rank, cases, str(tmp_path_factory.mktemp("ep-checkpoints")), timeout_s=120)
 
 
-def expert_shard(rank: int):
-    n = EXPERTS // WORLD
+def expert_shard(rank: int, world: int = WORLD):
+    n = EXPERTS // world
 
     def shard(name: str, full: torch.Tensor) -> torch.Tensor:
         return full[rank * n:(rank + 1) * n] if name.endswith(("w_up", "w_down")) else full
@@ -43,6 +43,15 @@ def test_ep_dp_matches_single_rank_on_4_ranks(world4, case):
         assert set(got["grads"]) == set(ref["grads"])  # everything is held, experts as a slice
         assert got["comm"]["moe_dispatch"] > 0 and got["comm"]["grad_sync"] > 0
         assert got["comm"]["attn_allreduce"] == 0
+
+
+def test_ep_dp_matches_single_rank_on_8_ranks():
+    """The 8-GPU layout (ep 8: two experts per rank) with capacity drops, decoding included."""
+    overrides = CASES[1] + ["train.global_batch=16"]  # a micro-batch per replica
+    results = run_ranks(8, parity_rank, [(EP, overrides, "steps")], timeout_s=180)
+    ref = reference(model_overrides(overrides))
+    for rank, per_case in enumerate(results):
+        assert_parity(per_case[0], ref, expert_shard(rank, 8))
 
 
 def test_ep_dp_capacity_drops_tokens_like_one_rank(world4):

@@ -68,7 +68,7 @@ def _train(strategy, vocab: int) -> dict:
 def _decode_and_evaluate(strategy, vocab: int, prompt_batch: int) -> dict:
     """Greedy decoding and evaluation with the trained weights."""
     gen = strategy.generate(_prompt(prompt_batch, vocab), NEW_TOKENS)
-    return {"tokens": gen.tokens, "n_token_times": len(gen.token_s),
+    return {"tokens": gen.tokens, "n_token_times": len(gen.token_s), "token_s": gen.token_s,
             "eval": strategy.evaluate(_batch(100, vocab))}
 
 
@@ -145,6 +145,8 @@ def _check_parity(results: list[dict], ref: dict, attn_tp: int, replicas: int, m
         # (4) greedy decoding, and evaluation
         assert torch.equal(res["tokens"], ref["tokens"])
         assert res["n_token_times"] == NEW_TOKENS - 1
+        # every rank reports the latencies measured where the tokens arrive (rank 0)
+        assert res["token_s"] == results[0]["token_s"] and all(t > 0 for t in res["token_s"])
         assert res["eval"][0] == pytest.approx(ref["eval"][0], rel=1e-5)
         assert res["eval"][1] == ref["eval"][1]
         # communication was timed under its kinds

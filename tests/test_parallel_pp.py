@@ -226,6 +226,14 @@ def test_pp_matches_single_rank(run, pp_results):
                 assert torch.equal(g, other["grads"][name])
 
 
+def test_pp2_dp4_matches_single_rank_on_8_ranks():
+    """The 8-GPU layout (pp 2 x dp 4), with capacity drops, decoding included."""
+    overrides = ["parallel.pp=2", "train.global_batch=32", "model.capacity_factor=1.0"]
+    results = run_ranks(8, parity_run, overrides, timeout_s=180)
+    check_parity(reference(overrides), results, full_names(overrides))
+    assert {r["coords"]["dp"] for r in results} == {0, 1, 2, 3}
+
+
 def test_pp_under_the_trainer_resumes_exactly(pp_results):
     results = [r["trainer"] for r in pp_results]
     want = [row["loss"] for row in results[0]["rows"]]
