@@ -211,3 +211,25 @@ def test_other_json_files_are_skipped(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"{other}: not a benchmark summary" in err
     assert [p.name for p in (runs / "bench").iterdir()] == ["single"]
+
+
+def test_benchmark_runs_any_world_size_under_torchrun(tmp_path):
+    """The benchmark takes the world size torchrun gives it: ma_sep on 4 CPU ranks (2 attention
+    replicas, 2 MoE ranks) writes one summary holding every rank, its transfers timed, decoding."""
+    out = tmp_path / "ma_sep4.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4",
+                          "-m", "masep.bench", "--config", "tiny", "--warmup", "1", "--steps", "2", "--decode",
+                          "--set", "parallel.strategy=ma_sep", "parallel.attn_tp=1", "parallel.attn_replicas=2",
+                          "parallel.moe_ranks=2", "train.global_batch=8", "train.micro_batch=2",
+                          "infer.context_lengths=[32]", "infer.new_tokens=4", "--label", "ma_sep4", "--out", str(out)],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    s = json.loads(out.read_text())
+    assert (s["label"], s["strategy"], s["world_size"]) == ("ma_sep4", "ma_sep", 4)
+    assert sorted(int(r) for r in s["peak_mem_bytes_by_rank"]) == [0, 1, 2, 3]
+    assert sorted(int(r) for r in s["energy_reason_by_rank"]) == [0, 1, 2, 3]
+    assert s["tokens_per_s_per_gpu"] == pytest.approx(s["tokens_per_s"] / 4)
+    assert s["comm_median_s"]["moe_dispatch"] > 0 and s["comm_median_s"]["attn_allreduce"] == 0
+    assert [d["context_len"] for d in s["decode"]] == [32] and s["decode"][0]["tpot_ms"] > 0
+    assert {r["rank"] for r in s["steps"]} == {0, 1, 2, 3}

@@ -112,7 +112,7 @@ class LocalStats:
 class Generation:
     tokens: torch.Tensor  # [B, new_tokens] greedy ids
     prefill_s: float
-    token_s: list[float]  # wall time of each decoded token (all ranks synchronised)
+    token_s: list[float]  # seconds between consecutive tokens reaching the host (see stream_tokens)
 
 
 class StaticDecoder:

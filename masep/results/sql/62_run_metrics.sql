@@ -341,7 +341,7 @@ infer_rows AS (
            CASE WHEN m.value IS NULL THEN 'not recorded' END AS reason, m.method
     FROM inference i JOIN run_info r USING (run_id),
     LATERAL (VALUES
-        ('tpot_ms', i.tpot_ms, 'ms/token', 'mean wall time per decoded token (all ranks synchronised)'),
+        ('tpot_ms', i.tpot_ms, 'ms/token', 'mean time between decoded tokens reaching the host (streamed: next step queued before the host reads)'),
         ('prefill_ms', i.prefill_ms, 'ms', NULL),
         ('decode_tok_s', i.tokens_per_s, 'tokens/s', 'batch / TPOT')
     ) AS m(metric, value, unit, method)
