@@ -23,7 +23,7 @@ import torch.distributed as dist
 from masep.config import load_config
 from masep.model import analytic_parameter_count
 from masep.parallel.base import GlobalBatch
-from masep.provenance import git_commit
+from masep.provenance import git_commit, package_versions
 from masep.telemetry.flops import mfu
 from masep.telemetry.mfu import flops_record
 
@@ -109,11 +109,6 @@ def _pct(x) -> str:
     return "-" if x is None else f"{x * 100:.1f}%"
 
 
-def _versions() -> dict:
-    import platform
-    return {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default="h200")
@@ -151,8 +146,8 @@ def main() -> None:
 
     if args.profile and rank == 0:
         Path(args.profile).mkdir(parents=True, exist_ok=True)
-    prof_ctx = (torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA])
-                if args.profile else None)
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    prof_ctx = torch.profiler.profile(activities=activities) if args.profile else None
     if prof_ctx is not None:
         with prof_ctx:
             trainer.train_step(next(batches))
@@ -218,7 +213,7 @@ def main() -> None:
             "energy_j_by_rank": {e["rank"]: e["joules"] for e in energies},
             "energy_reason_by_rank": {e["rank"]: e["reason"] for e in energies},
             "timed_steps": args.steps, "timed_tokens": measured_tokens,
-            "flops": flops, "versions": _versions(), "git_commit": git_commit(),
+            "flops": flops, "versions": package_versions(), "git_commit": git_commit(),
             "decode": decode, "decode_path": decode_path, "steps": all_rows,
         }
         out = Path(args.out)

@@ -444,18 +444,21 @@ class MoETransformer(nn.Module):
         return self.logits(x[:, -1:] if last_only else x), routings
 
     @torch.no_grad()
-    def decode_logits(self, ids: torch.Tensor, pos: torch.Tensor, caches: list[KVCache]) -> torch.Tensor:
+    def decode_logits(self, ids: torch.Tensor, pos: torch.Tensor, caches: list[KVCache],
+                      expert_fn: Optional[ExpertFn] = None) -> torch.Tensor:
         """Logits [B, V] of the token after `ids` [B, 1] at position `pos` (a 1-element long
         tensor on the model's device). Fixed shapes, no host synchronisation: capturable in a
-        CUDA graph. Computes what `forward(ids, pos, caches, last_only=True)` computes."""
+        CUDA graph. Computes what `forward(ids, pos, caches, last_only=True)` computes, with
+        the experts of `expert_fn` where given (fixed shapes too)."""
         x = self.embed(ids)
         for block, cache in zip(self.blocks, caches):
-            x = block.decode(x, self.rope_cos, self.rope_sin, pos, cache)
+            x = block.decode(x, self.rope_cos, self.rope_sin, pos, cache, expert_fn)
         return self.logits(x)[:, -1]
 
-    def decode_step(self, ids: torch.Tensor, pos: torch.Tensor, caches: list[KVCache]) -> torch.Tensor:
+    def decode_step(self, ids: torch.Tensor, pos: torch.Tensor, caches: list[KVCache],
+                    expert_fn: Optional[ExpertFn] = None) -> torch.Tensor:
         """Greedy next ids [B] (see `decode_logits`)."""
-        return self.decode_logits(ids, pos, caches).argmax(-1)
+        return self.decode_logits(ids, pos, caches, expert_fn).argmax(-1)
 
     def new_caches(self, batch: int, max_len: int, dtype=None, device=None) -> list[KVCache]:
         p = self.embed.weight

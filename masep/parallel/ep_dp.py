@@ -48,10 +48,9 @@ import torch
 import torch.distributed as dist
 
 from masep.model import Experts, MoETransformer, lm_loss_sum
-from masep.parallel.base import Generation, GlobalBatch, LocalStats, StaticDecoder, StepStats, Strategy
+from masep.parallel.base import Generation, GlobalBatch, LocalStats, StaticDecoder, StepStats, Strategy, sync
 from masep.parallel.comm import (all_reduce_sum, all_to_all, exchange_counts, new_group_containing, post_p2p,
                                  sync_gradients)
-from masep.parallel.single import sync
 
 
 class EPExperts(Experts):
@@ -245,7 +244,6 @@ class ExpertDataParallel(Strategy):
                 with self.autocast():
                     decoder = StaticDecoder(lambda i, p: model.decode_step(i, p, caches), next_ids[:, None],
                                             torch.tensor([T0], device=self.device), cuda_graph=False)
-            if active:
                 rest, times = self.stream_tokens(decoder, new_tokens - 1)
             else:
                 _, times = self.timed_tokens(lambda _: self._serve_experts(), new_tokens - 1)

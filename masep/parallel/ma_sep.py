@@ -124,10 +124,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from masep.model import Experts, KVCache, MoETransformer, Routing, combine, lm_loss_sum, sort_by_expert
-from masep.parallel.base import Generation, GlobalBatch, LocalStats, StaticDecoder, StepStats, Strategy
+from masep.parallel.base import Generation, GlobalBatch, LocalStats, StaticDecoder, StepStats, Strategy, sync
 from masep.parallel.comm import (PendingP2P, all_reduce_sum, gather_uneven_rows, new_group_containing, post_p2p,
                                  scatter_rows, sync_gradients)
-from masep.parallel.single import sync
 from masep.parallel.tp import TPAttention, sync_rng_state, tp_shard
 
 KIND = "moe_dispatch"
@@ -533,15 +532,6 @@ class MASeparation(Strategy):
         self._restore_training(was)
         return float(ce), batch.n_valid()
 
-    def _decode_logits(self, ids: torch.Tensor, pos: torch.Tensor, caches: list[KVCache]) -> torch.Tensor:
-        """A decoding attention rank's fixed-shape step: `MoETransformer.decode_logits` with the
-        experts on the MoE ranks."""
-        model = self.model
-        x = model.embed(ids)
-        for block, cache in zip(model.blocks, caches):
-            x = block.decode(x, model.rope_cos, model.rope_sin, pos, cache, expert_fn=self._remote_experts_static)
-        return model.logits(x)[:, -1]
-
     def _remote_experts_static(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Expert outputs of all rows (sorted by expert, `counts` per expert) with fixed shapes:
         head shard 0 sends every MoE rank all rows and the counts, each MoE rank computes its
@@ -626,17 +616,16 @@ class MASeparation(Strategy):
         # Decoding proper: fixed-shape steps. Head shard 0 of each decoding replica exchanges
         # all top-k rows of its tokens with every MoE rank (see `_remote_experts_static`).
         exchanging = [(r * self.tp, per_replica * self.cfg.model.top_k) for r in range(active)]
+        n = new_tokens - 1
+        rest = torch.zeros(B, n, dtype=torch.long)
+        seen = torch.zeros(n, dtype=torch.float64)  # token latencies: rank 0's, broadcast below
         if decoding:
             with self.autocast():
-                decoder = StaticDecoder(lambda i, p: self._decode_logits(i, p, caches).argmax(-1),
+                decoder = StaticDecoder(lambda i, p: self.model.decode_step(i, p, caches, self._remote_experts_static),
                                         next_ids[lo:lo + per_replica, None].to(self.device),
                                         torch.tensor([T0], device=self.device), cuda_graph=False)
-
-        n = new_tokens - 1
-        times = [0.0] * n
-        rest = torch.zeros(B, n, dtype=torch.long)
-        if decoding:
             mine, times = self.stream_tokens(decoder, n)
+            seen = torch.tensor(times, dtype=torch.float64)
             if self.head_shard == 0 and n:
                 rest[lo:lo + per_replica] = torch.stack(mine, 1)
         elif not self.is_attention:
@@ -645,7 +634,6 @@ class MASeparation(Strategy):
         all_reduce_sum(rest)  # every rank gets every token
         # Every rank reports the inter-token latency where the tokens reach a client: at rank 0,
         # head shard 0 of replica 0 (MoE ranks serve without a clock of their own per token).
-        seen = torch.tensor(times, dtype=torch.float64)
         dist.broadcast(seen, src=0)
         self._restore_training(was)
         return Generation(torch.cat([next_ids[:, None], rest], 1), prefill_s, seen.tolist())

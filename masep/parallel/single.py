@@ -7,8 +7,7 @@ import warnings
 import torch
 
 from masep.model import MoETransformer, lm_loss_sum
-from masep.parallel.base import (Generation, GlobalBatch, LocalStats, StaticDecoder, Strategy, StepStats,  # noqa: F401
-                                 sync)  # sync: the other strategies import it from here
+from masep.parallel.base import Generation, GlobalBatch, LocalStats, StaticDecoder, Strategy, StepStats, sync
 
 
 class SingleRank(Strategy):

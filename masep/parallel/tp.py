@@ -70,12 +70,10 @@ import torch.distributed as dist
 from torch import nn
 
 from masep.config import ModelConfig
-from masep.model import (Attention, Block, Experts, KVCache, MoE, MoETransformer, dispatch_combine,
-                         dispatch_combine_static, lm_loss_sum)
-from masep.parallel.base import Generation, GlobalBatch, LocalStats, StaticDecoder, StepStats, Strategy
+from masep.model import Attention, Block, Experts, KVCache, MoE, MoETransformer, dispatch_combine, lm_loss_sum
+from masep.parallel.base import Generation, GlobalBatch, LocalStats, StaticDecoder, StepStats, Strategy, sync
 from masep.parallel.comm import (all_reduce_sum, copy_many_to_group, copy_to_group, new_group_containing,
                                  reduce_from_group, sync_gradients)
-from masep.parallel.single import sync
 
 _SHARDED_SUFFIXES = ("attn.qkv.weight", "attn.out.weight", "moe.experts.w_up", "moe.experts.w_down")
 
@@ -210,10 +208,8 @@ class TPMoE(MoE):
         return y.view(shape), routing
 
     def decode(self, x: torch.Tensor, expert_fn=None) -> torch.Tensor:
-        shape = x.shape
-        x_flat = x.reshape(-1, shape[-1])
-        y = dispatch_combine_static(x_flat, self.route(x_flat), self.experts.forward_static, self.cfg.experts)
-        return (all_reduce_sum(y, self.group) if self.tp_size > 1 else y).view(shape)
+        y = super().decode(x, self.experts.forward_static)
+        return all_reduce_sum(y, self.group) if self.tp_size > 1 else y
 
 
 def shard_block(block: Block, cfg: ModelConfig, group, tp_rank: int, tp_size: int,

@@ -9,10 +9,8 @@ import json
 import os
 import platform
 import socket
-import sys
 import tempfile
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from masep.provenance import git_commit  # noqa: F401 - run records use it as w.git_commit
+from masep.provenance import git_commit, package_versions  # noqa: F401 - run records use w.<name>
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -68,17 +66,6 @@ def read_parquet_rows(path: Path) -> list[dict]:
 
 def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def package_versions() -> dict[str, str]:
-    out = {"python": sys.version.split()[0], "torch": torch.__version__}
-    for name in ("masep", "numpy", "snakemake", "submitit", "duckdb", "datasets", "tiktoken", "pyarrow"):
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = None
-    out["cuda"] = torch.version.cuda
-    return out
 
 
 def hardware() -> dict[str, Any]:
