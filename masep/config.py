@@ -26,7 +26,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    vocab_size: int = 50257  # GPT-2 BPE; the seed's 50,265 is not GPT-2's size
+    vocab_size: int = 50257  # GPT-2 BPE; the paper's 50,265 is not GPT-2's size
     vocab_pad_multiple: int = 128
     layers: int = 4
     hidden: int = 4096

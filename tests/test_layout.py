@@ -3,7 +3,7 @@ import pytest
 from masep.config import ConfigError, load_config
 from masep.parallel.layout import make_layout
 
-# The seed's 16-GPU layouts and their 8-GPU scalings (tp 8; pp 2 x dp 4; tp_pp 4 x 2; ep_dp 8;
+# The paper's 16-GPU layouts and their 8-GPU scalings (tp 8; pp 2 x dp 4; tp_pp 4 x 2; ep_dp 8;
 # ma_sep 4 attention + 4 MoE).
 LAYOUTS = [
     (16, ["parallel.strategy=tp", "parallel.tp=8"], dict(tp=8, dp=2, pp=1)),
@@ -22,7 +22,7 @@ LAYOUTS = [
 
 
 @pytest.mark.parametrize("world,sets,expected", LAYOUTS)
-def test_seed_layouts_fit_the_paper_model(world, sets, expected):
+def test_paper_layouts_fit_the_paper_model(world, sets, expected):
     layout = make_layout(load_config("paper", sets + [f"parallel.world_size={world}"]))
     for key, value in expected.items():
         assert getattr(layout, key) == value, key

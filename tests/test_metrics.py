@@ -57,7 +57,7 @@ def test_flop_formula_matches_hand_computation_for_the_paper_preset():
     rec = flops_record(cfg, "cpu")
     assert (rec["gpus"], rec["attention_group_gpus"], rec["moe_group_gpus"]) == (16, 8, 8)
     assert rec["peak_flops_per_gpu"] is None and rec["peak_reason"] == "no GPU peak for CPU"
-    # the seed's 13,289 tokens/s per GPU on A100s (312 TFLOP/s) is ~54% MFU by this formula
+    # the paper's 13,289 tokens/s per GPU on A100s (312 TFLOP/s) is ~54% MFU by this formula
     assert 13289 * want / 312e12 == pytest.approx(0.5415, abs=1e-4)
 
 
@@ -284,9 +284,9 @@ def test_training_run_fills_the_views_it_can_on_cpu(trained):
                          "FROM table1_performance WHERE strategy = 'single'")[0]
     want = query(db, "SELECT sum(tokens) / sum(step_time_s) FROM steps WHERE step >= 1")[0][0]
     assert tps == thr == pytest.approx(want)
-    # beside the seed's claims for the strategies it reports
+    # beside the paper's claims for the strategies it reports
     assert ("tps_per_gpu", "ma_sep", 13289.0, None) in query(
-        db, "SELECT metric, strategy, seed_claim, measured FROM table1_performance")
+        db, "SELECT metric, strategy, paper_claim, measured FROM table1_performance")
     comm = dict(query(db, "SELECT metric, measured FROM table2_communication WHERE strategy = 'single'"))
     assert comm["comm_total_pct"] == 0.0 and 99 < comm["compute_pct"] <= 100
     losses = query(db, "SELECT step, train_loss, val_loss FROM convergence WHERE strategy = 'single' ORDER BY step")
@@ -448,11 +448,11 @@ def gpu_study(tmp_path) -> Path:
     return root
 
 
-def test_views_compute_the_seed_figures_from_measured_rows(gpu_study, tmp_path):
+def test_views_compute_the_paper_figures_from_measured_rows(gpu_study, tmp_path):
     db = tmp_path / "db.duckdb"
     collect(gpu_study, db)
     t1 = {(m, s): (claim, v) for m, s, claim, v in query(
-        db, "SELECT metric, strategy, seed_claim, measured FROM table1_performance")}
+        db, "SELECT metric, strategy, paper_claim, measured FROM table1_performance")}
     # steady steps 1-9: tokens / time on rank 0
     assert t1[("throughput_tok_s", "tp_pp")] == (139136.0, pytest.approx(2000.0))
     assert t1[("tps_per_gpu", "ma_sep")] == (13289.0, pytest.approx(1000.0))
@@ -492,11 +492,11 @@ def test_views_answer_on_a_partial_study(tmp_path):
     collect(tmp_path / "runs", db)
     for view in ("table1_performance", "table2_communication", "table3_memory", "table4_tpot", "scaling",
                  "expert_utilization", "convergence", "energy", "repeat_stats", "load_balance", "model_quality"):
-        assert query(db, f"SELECT count(*) FROM {view}")[0][0] > 0, view  # the seed's claims, nothing measured
+        assert query(db, f"SELECT count(*) FROM {view}")[0][0] > 0, view  # the paper's claims, nothing measured
     assert query(db, "SELECT count(*) FROM table1_performance WHERE measured IS NOT NULL") == [(0,)]
     assert query(db, "SELECT DISTINCT reason FROM table2_communication") == [("no run of this strategy in the study",)]
     assert query(db, "SELECT count(*), sum(value) FILTER (WHERE stat = 'value' AND metric = 'expert_share_pct') "
-                     "FROM seed_claims")[0][1] == pytest.approx(112.9)
+                     "FROM paper_claims")[0][1] == pytest.approx(112.9)
 
 
 # ------------------------------------------------------------------ repeats
@@ -511,7 +511,7 @@ def test_repeat_stats_ci_matches_scipy(tmp_path):
     db = tmp_path / "db.duckdb"
     collect(root, db)
     rows = {(s, m): r for s, m, *r in query(
-        db, "SELECT strategy, metric, n, mean, std, ci_low, ci_high, seed_mean, seed_ci_low FROM repeat_stats "
+        db, "SELECT strategy, metric, n, mean, std, ci_low, ci_high, paper_mean, paper_ci_low FROM repeat_stats "
             "WHERE metric IN ('tps_per_gpu', 'tps_increase_pct')")}
     for strategy, values in tps.items():
         n, mean, std, lo, hi, _, _ = rows[(strategy, "tps_per_gpu")]
@@ -519,11 +519,11 @@ def test_repeat_stats_ci_matches_scipy(tmp_path):
         assert (n, mean, std) == (4, pytest.approx(stats.tmean(values)), pytest.approx(stats.tstd(values)))
         assert (lo, hi) == (pytest.approx(want[0], rel=1e-9), pytest.approx(want[1], rel=1e-9))
     gains = [100 * (a - b) / b for a, b in zip(tps["ma_sep"], tps["tp_pp"])]  # paired by seed
-    n, mean, std, lo, hi, seed_mean, seed_lo = rows[("ma_sep", "tps_increase_pct")]
+    n, mean, std, lo, hi, paper_mean, paper_lo = rows[("ma_sep", "tps_increase_pct")]
     want = stats.t.interval(0.95, 3, loc=stats.tmean(gains), scale=stats.sem(gains))
     assert n == 4 and mean == pytest.approx(stats.tmean(gains))
     assert (lo, hi) == (pytest.approx(want[0]), pytest.approx(want[1]))
-    assert (seed_mean, seed_lo) == (52.8, 49.6)
+    assert (paper_mean, paper_lo) == (52.8, 49.6)
     one = query(db, "SELECT n, std, ci_low, reason FROM repeat_stats WHERE metric = 'tpot_reduction_pct'")
     assert one == [(0, None, None, "no run of this strategy in the study")]
 

@@ -21,7 +21,7 @@ def test_paper_parameter_count_matches_analytic_on_meta_device():
     built = sum(p.numel() for p in model.parameters())
     counts = analytic_parameter_count(cfg)
     assert built == counts["total"]
-    assert 13.5e9 < built < 13.7e9  # the seed's dimensions give ~13.6 B
+    assert 13.5e9 < built < 13.7e9  # the paper's dimensions give ~13.6 B
     assert counts["experts"] == 4 * 16 * 3 * 4096 * 16384
     # active per token besides embedding and head: attention + routers + 2 of 16 experts
     besides = counts["active_matmul"] - counts["head"]

@@ -3,7 +3,7 @@
 Two ways to cut documents into `seq_len`-token training examples (inputs x[:-1], targets x[1:]
 of a window x of seq_len + 1 tokens):
 
-* padding (the seed's choice, default): every document is cut on its own. Window k of a
+* padding (the paper's choice, default): every document is cut on its own. Window k of a
   document of L tokens starts at token k * seq_len, so consecutive windows share one token and
   every token but the document's first is a target exactly once. The last window is padded on
   the right with `pad_id`; the loss mask is 0 on padded targets. No window crosses documents.

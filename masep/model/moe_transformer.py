@@ -1,6 +1,6 @@
-"""The seed's Mixture-of-Experts transformer, written once and without any process group.
+"""The paper's Mixture-of-Experts transformer, written once and without any process group.
 
-Choices where the seed is silent (see docs/ARCHITECTURE.md): pre-norm RMSNorm, rotary
+Choices where the paper is silent (see docs/ARCHITECTURE.md): pre-norm RMSNorm, rotary
 positions, no biases, untied output head by default, top-k weights renormalised to sum to 1.
 Parallel strategies (masep.parallel) keep this code and replace only *where* pieces run:
 they call `Block.attention_residual` and `Block.moe_residual` with their own `expert_fn`.

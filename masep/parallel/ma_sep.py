@@ -5,7 +5,7 @@ Layout (masep.parallel.layout; world = attn_tp * attn_replicas + moe_ranks)
                                           rank = replica * attn_tp + head_shard
     the next moe_ranks ranks              MoE ranks; MoE rank j holds experts
                                           [j * E/moe_ranks, (j + 1) * E/moe_ranks) of every layer
-The seed's Section 4.4 ("8 attention GPUs, 4 heads per GPU, 2x replication, 2-way sequence
+The paper's Section 4.4 ("8 attention GPUs, 4 heads per GPU, 2x replication, 2-way sequence
 parallelism") cannot hold on 8 GPUs as written. This module takes the reading the project's
 spec settles on: 2 attention replicas x 4-way head parallelism (8 of the 32 heads per GPU), the
 two replicas splitting the token stream in two, plus 8 MoE GPUs with 2 experts each, i.e.

@@ -1,4 +1,4 @@
-"""Pipeline parallelism (`pp`): the seed's PP=2 baseline, with data parallelism across replicas.
+"""Pipeline parallelism (`pp`): the paper's PP=2 baseline, with data parallelism across replicas.
 
 What is split
   The model's layers are cut into `pp` contiguous stages of layers / pp blocks each. Stage 0

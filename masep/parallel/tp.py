@@ -1,5 +1,5 @@
 """Tensor parallelism (Megatron-LM style) inside groups of `tp` ranks, data parallelism across
-the groups: strategy `tp` (the seed's TP=8 baseline, DP = world / tp).
+the groups: strategy `tp` (the paper's TP=8 baseline, DP = world / tp).
 
 Layout (masep.parallel.layout): rank = dp_index * tp + tp_index, so a TP group is `tp`
 neighbouring ranks and a DP group is the ranks with the same tp_index.
@@ -11,7 +11,7 @@ What is split inside a TP group of size t (rank i of the group):
   enters the region (identity forward, all-reduce of the input gradient backward) and
   `reduce_from_group` sums the partial outputs (all-reduce forward, identity backward).
   Kind `attn_allreduce`.
-- Experts: rank i holds experts [i*E/t, (i+1)*E/t). Tokens are not dispatched (seed Table 2:
+- Experts: rank i holds experts [i*E/t, (i+1)*E/t). Tokens are not dispatched (paper Table 2:
   TP uses no all-to-all): after the attention all-reduce every rank of the group holds the
   same tokens, routes them with its copy of the router (identical decisions and capacity
   drops), runs its own experts on the tokens routed to them and weights their outputs; one

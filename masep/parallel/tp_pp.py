@@ -1,4 +1,4 @@
-"""Tensor plus pipeline parallelism (`tp_pp`): the seed's TP=8 + PP=2 baseline.
+"""Tensor plus pipeline parallelism (`tp_pp`): the paper's TP=8 + PP=2 baseline.
 
 What is split
   The layers are cut into `pp` contiguous pipeline stages exactly as in `pp` (stage 0 also holds

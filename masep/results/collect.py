@@ -29,7 +29,7 @@ STORAGE_VERSION = "v1.4.0"
 PARQUET_NAME = re.compile(r"^(?P<kind>[A-Za-z][A-Za-z0-9_-]*?)(?:-rank\d+)?\.parquet$")
 # Names of the views in sql/5*.sql and sql/6*.sql: a Parquet kind of the same name would clash.
 # (memory, telemetry and energy_window are kinds the views stand in for when no run wrote them.)
-RESERVED = {"runs", "loss_curve", "run_summary", "tpot_by_context", "seed_claims", "t_critical_95",
+RESERVED = {"runs", "loss_curve", "run_summary", "tpot_by_context", "paper_claims", "t_critical_95",
             "run_info", "steady_steps", "expert_shares", "run_metrics", "improvement_metrics",
             "run_values", "metric_means", "table1_performance", "table2_communication", "table3_memory",
             "table4_tpot", "energy", "load_balance", "model_quality", "scaling", "expert_utilization",

@@ -14,7 +14,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="run folder, e.g. results/runs/infer/tp/ctx=512")
     p.add_argument("--checkpoint", default=None,
                    help="training run folder whose latest checkpoint supplies the weights "
-                        "(default: the seed's initial weights)")
+                        "(default: the paper's initial weights)")
 
 
 def run(args: argparse.Namespace) -> int:

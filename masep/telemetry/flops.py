@@ -13,7 +13,7 @@ from masep.config import ModelConfig
 from masep.model import analytic_parameter_count
 
 H200_DENSE_BF16 = 790e12  # FLOP/s, measured dense bf16 GEMM rate on one H200
-A100_DENSE_BF16 = 312e12  # FLOP/s, datasheet dense bf16/fp16 rate of one A100 (the seed's GPUs)
+A100_DENSE_BF16 = 312e12  # FLOP/s, datasheet dense bf16/fp16 rate of one A100 (the paper's GPUs)
 
 
 def forward_flops_per_token(cfg: ModelConfig, seq_len: int, causal: bool = True) -> float:

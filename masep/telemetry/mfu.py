@@ -12,7 +12,7 @@ each over (the group's GPUs x peak x step time). The two shares add up to the wh
 (norms and embedding look-ups are not matrix products and count in neither).
 
 The peak is the dense bf16 rate of the run's GPU model: measured on an H200, the datasheet's for
-an A100 (the seed's GPU). Another GPU model has no peak here, and a CPU run none at all: MFU is
+an A100 (the paper's GPU). Another GPU model has no peak here, and a CPU run none at all: MFU is
 then NULL and `peak_reason` says why.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
--- Every figure of the seed's Section 4.6, measured per run, as one long view `run_metrics`
+-- Every figure of the paper's Section 4.6, measured per run, as one long view `run_metrics`
 -- (run_id, metric, x, value, unit, reason, method): a value is what the run measured, or NULL
 -- and `reason` says why. The paper-shaped views (63_paper_tables.sql) aggregate it.
 --
@@ -360,7 +360,7 @@ UNION ALL BY NAME SELECT * FROM memory_rows
 UNION ALL BY NAME SELECT * FROM infer_rows;
 
 -- Run metrics with the run's coordinates, and the improvements of ma_sep over tp_pp paired by
--- seed (same world size, and context length for TPOT), as the seed's Section 5.10 reports them.
+-- seed (same world size, and context length for TPOT), as the paper's Section 5.10 reports them.
 CREATE VIEW improvement_metrics AS
 SELECT * FROM (VALUES
     ('tpot_ms', 'tpot_reduction_pct', false),

@@ -1,11 +1,11 @@
--- The seed's tables and figures, measured beside claimed. Every view answers on any study:
--- a strategy without runs shows the seed's claim with measured NULL, a measured strategy the
--- seed does not report (ep_dp, single) shows measured with claim NULL, and a figure the
+-- The paper's tables and figures, measured beside claimed. Every view answers on any study:
+-- a strategy without runs shows the paper's claim with measured NULL, a measured strategy the
+-- paper does not report (ep_dp, single) shows measured with claim NULL, and a figure the
 -- machine cannot measure is NULL with `reason`. Means are over the runs (seeds) of a strategy
 -- and world size; `runs` counts the runs with a value.
 
 -- Mean over runs per strategy, world size, metric and x; plus ma_sep's improvement over tp_pp
--- (from the two means, as the seed's tables compute it) and the variance across seeds of the
+-- (from the two means, as the paper's tables compute it) and the variance across seeds of the
 -- final training loss (5.5's "loss variance").
 CREATE VIEW metric_means AS
 WITH g AS (
@@ -46,11 +46,11 @@ CREATE MACRO strategy_order(s) AS
 
 -- The claims of one source beside the means of the same metric (and x): the measured rows of
 -- every strategy for the metrics (and x values) the source claims, plus `extra` metrics the
--- seed does not report. Columns: metric, strategy, world_size, x, unit, seed_label, seed_claim,
+-- paper does not report. Columns: metric, strategy, world_size, x, unit, paper_label, paper_claim,
 -- measured, diff (measured - claim), ratio (measured / claim), runs, reason, method, note.
 CREATE MACRO beside_claims(src, extra) AS TABLE
 WITH c AS (
-    SELECT * FROM seed_claims WHERE source = src AND stat = 'value'
+    SELECT * FROM paper_claims WHERE source = src AND stat = 'value'
 ),
 m AS (
     SELECT * FROM metric_means mm
@@ -65,8 +65,8 @@ SELECT coalesce(m.metric, c.metric) AS metric,
        m.world_size,
        coalesce(m.x, c.x) AS x,
        coalesce(m.unit, c.unit) AS unit,
-       c.seed_label,
-       c.value AS seed_claim,
+       c.paper_label,
+       c.value AS paper_claim,
        m.measured,
        m.measured - c.value AS diff,
        m.measured / nullif(c.value, 0) AS ratio,
@@ -88,12 +88,12 @@ ORDER BY coalesce(r.o, 100000 + list_position(extra, coalesce(m.metric, c.metric
 
 -- Table 1: TPOT (inference, context 2048), TPS per GPU and throughput (training, after
 -- warm-up), GPU and memory-controller utilisation (NVML), the improvements of ma_sep over
--- tp_pp, and MFU (per GPU, and per group for ma_sep), which the seed does not report.
+-- tp_pp, and MFU (per GPU, and per group for ma_sep), which the paper does not report.
 CREATE VIEW table1_performance AS
 SELECT * FROM beside_claims('Table 1', ['mfu_pct', 'mfu_attention_group_pct', 'mfu_moe_group_pct']);
 
 -- Table 2: communication time by kind as a share of step time (plus pipeline send/recv, idle
--- and compute, which the seed leaves out).
+-- and compute, which the paper leaves out).
 CREATE VIEW table2_communication AS
 SELECT * FROM beside_claims('Table 2', ['comm_p2p_pct', 'idle_pct', 'compute_pct']);
 
@@ -124,7 +124,7 @@ SELECT * FROM beside_claims('Section 5.5', ['final_train_loss', 'final_train_ppl
 WHERE metric <> 'train_loss';
 
 -- Section 5.2: throughput against GPUs per strategy. Speedup is relative to the strategy's
--- smallest measured world size (`base_gpus`; the seed's base is 4), efficiency =
+-- smallest measured world size (`base_gpus`; the paper's base is 4), efficiency =
 -- speedup x base_gpus / gpus.
 CREATE VIEW scaling AS
 WITH m AS (
@@ -142,14 +142,14 @@ meas AS (
 ),
 c AS (
     SELECT strategy, x AS gpus,
-           max(value) FILTER (WHERE metric = 'speedup') AS seed_speedup,
-           max(value) FILTER (WHERE metric = 'scaling_efficiency_pct' AND seed_label = 'Scaling Efficiency') AS seed_efficiency_pct
-    FROM seed_claims WHERE source = 'Section 5.2' AND x IS NOT NULL GROUP BY ALL
+           max(value) FILTER (WHERE metric = 'speedup') AS paper_speedup,
+           max(value) FILTER (WHERE metric = 'scaling_efficiency_pct' AND paper_label = 'Scaling Efficiency') AS paper_efficiency_pct
+    FROM paper_claims WHERE source = 'Section 5.2' AND x IS NOT NULL GROUP BY ALL
 )
 SELECT coalesce(meas.strategy, c.strategy) AS strategy, coalesce(meas.gpus, c.gpus) AS gpus,
        coalesce(meas.runs, 0) AS runs, meas.throughput_tok_s, meas.base_gpus,
-       meas.speedup, c.seed_speedup, meas.speedup - c.seed_speedup AS speedup_diff,
-       meas.efficiency_pct, c.seed_efficiency_pct, meas.efficiency_pct - c.seed_efficiency_pct AS efficiency_diff,
+       meas.speedup, c.paper_speedup, meas.speedup - c.paper_speedup AS speedup_diff,
+       meas.efficiency_pct, c.paper_efficiency_pct, meas.efficiency_pct - c.paper_efficiency_pct AS efficiency_diff,
        CASE WHEN meas.speedup IS NOT NULL THEN NULL
             WHEN meas.strategy IS NULL THEN 'no run of this strategy at this size'
             ELSE coalesce(meas.reason, 'no throughput at the base size') END AS reason
@@ -157,7 +157,7 @@ FROM meas FULL JOIN c ON meas.strategy = c.strategy AND meas.gpus = c.gpus
 ORDER BY strategy_order(coalesce(meas.strategy, c.strategy)), 2;
 
 -- Section 5.4: share of routed tokens (kept assignments, every step) per expert, per layer
--- and over all layers (layer NULL), mean over runs; expert_id counts from 1 as the seed does.
+-- and over all layers (layer NULL), mean over runs; expert_id counts from 1 as the paper does.
 CREATE VIEW expert_utilization AS
 WITH per_run AS (
     SELECT run_id, layer, expert, tokens, share FROM expert_shares
@@ -173,13 +173,13 @@ m AS (
     GROUP BY ALL
 ),
 c AS (
-    SELECT strategy, x AS expert_id, value AS seed_share_pct, note
-    FROM seed_claims WHERE metric = 'expert_share_pct'
+    SELECT strategy, x AS expert_id, value AS paper_share_pct, note
+    FROM paper_claims WHERE metric = 'expert_share_pct'
 )
 SELECT coalesce(m.strategy, c.strategy) AS strategy, m.world_size, m.layer,
        coalesce(m.expert, c.expert_id - 1) AS expert, coalesce(m.expert + 1, c.expert_id) AS expert_id,
-       coalesce(m.runs, 0) AS runs, m.tokens, m.share_pct, c.seed_share_pct,
-       m.share_pct - c.seed_share_pct AS diff_pct_points,
+       coalesce(m.runs, 0) AS runs, m.tokens, m.share_pct, c.paper_share_pct,
+       m.share_pct - c.paper_share_pct AS diff_pct_points,
        CASE WHEN m.strategy IS NULL THEN 'no run of this strategy in the study' END AS reason,
        c.note
 FROM m FULL JOIN c ON c.strategy = m.strategy AND c.expert_id = m.expert + 1
@@ -187,7 +187,7 @@ ORDER BY strategy_order(coalesce(m.strategy, c.strategy)), m.world_size NULLS FI
          m.layer NULLS FIRST, 5;
 
 -- Section 5.5: training loss (and perplexity), validation loss and perplexity where evaluated,
--- router losses, per step, mean over runs, beside the seed's loss curve (its steps 0..50K).
+-- router losses, per step, mean over runs, beside the paper's loss curve (its steps 0..50K).
 CREATE VIEW convergence AS
 WITH per_run AS (
     SELECT r.strategy, r.world_size, l.run_id, l.step, l.loss, l.lb_loss, l.z_loss, e.val_loss, e.val_ppl
@@ -202,12 +202,12 @@ m AS (
     FROM per_run GROUP BY ALL
 ),
 c AS (
-    SELECT strategy, x AS step, seed_label, value AS seed_train_loss, note
-    FROM seed_claims WHERE metric = 'train_loss'
+    SELECT strategy, x AS step, paper_label, value AS paper_train_loss, note
+    FROM paper_claims WHERE metric = 'train_loss'
 )
 SELECT coalesce(m.strategy, c.strategy) AS strategy, m.world_size, coalesce(m.step, c.step) AS step,
        coalesce(m.runs, 0) AS runs, m.train_loss, m.train_ppl, m.val_loss, m.val_ppl, m.lb_loss, m.z_loss,
-       c.seed_label, c.seed_train_loss, m.train_loss - c.seed_train_loss AS diff,
+       c.paper_label, c.paper_train_loss, m.train_loss - c.paper_train_loss AS diff,
        CASE WHEN m.strategy IS NULL THEN 'no run of this strategy reached this step' END AS reason,
        c.note
 FROM m FULL JOIN c ON c.strategy = m.strategy AND c.step = m.step
@@ -256,7 +256,7 @@ ORDER BY w.run_id, w.rank;
 
 -- Section 5.10: repeated runs (seeds) of one configuration -> mean, sample standard deviation
 -- and the two-sided 95% Student t interval mean +- t(0.975, n-1) x std / sqrt(n), beside the
--- seed's statistics. `configs` > 1 says that runs of different configurations were pooled.
+-- paper's statistics. `configs` > 1 says that runs of different configurations were pooled.
 CREATE VIEW repeat_stats AS
 WITH s AS (
     SELECT experiment, strategy, world_size, metric, x, any_value(unit) AS unit,
@@ -268,12 +268,12 @@ WITH s AS (
 ),
 c AS (
     SELECT metric, strategy, x,
-           max(value) FILTER (WHERE stat = 'mean') AS seed_mean,
-           max(value) FILTER (WHERE stat = 'std') AS seed_std,
-           max(value) FILTER (WHERE stat = 'ci_low') AS seed_ci_low,
-           max(value) FILTER (WHERE stat = 'ci_high') AS seed_ci_high,
-           CAST(max(value) FILTER (WHERE stat = 'n') AS BIGINT) AS seed_n
-    FROM seed_claims WHERE source = 'Section 5.10' GROUP BY ALL
+           max(value) FILTER (WHERE stat = 'mean') AS paper_mean,
+           max(value) FILTER (WHERE stat = 'std') AS paper_std,
+           max(value) FILTER (WHERE stat = 'ci_low') AS paper_ci_low,
+           max(value) FILTER (WHERE stat = 'ci_high') AS paper_ci_high,
+           CAST(max(value) FILTER (WHERE stat = 'n') AS BIGINT) AS paper_n
+    FROM paper_claims WHERE source = 'Section 5.10' GROUP BY ALL
 )
 SELECT s.experiment, coalesce(s.strategy, c.strategy) AS strategy, s.world_size,
        coalesce(s.metric, c.metric) AS metric, coalesce(s.x, c.x) AS x, s.unit,
@@ -284,7 +284,7 @@ SELECT s.experiment, coalesce(s.strategy, c.strategy) AS strategy, s.world_size,
        CASE WHEN s.metric IS NULL THEN 'no run of this strategy in the study'
             WHEN s.n = 0 THEN coalesce(s.reason, 'not measured')
             WHEN s.n = 1 THEN 'one run: no spread' END AS reason,
-       c.seed_mean, c.seed_std, c.seed_ci_low, c.seed_ci_high, c.seed_n
+       c.paper_mean, c.paper_std, c.paper_ci_low, c.paper_ci_high, c.paper_n
 FROM s
 LEFT JOIN t_critical_95 t ON t.df = least(s.n - 1, 100)
 FULL JOIN c ON c.metric = s.metric AND c.strategy = s.strategy AND c.x IS NOT DISTINCT FROM s.x

@@ -1,19 +1,19 @@
--- The numbers the seed paper publishes in Section 5 (Tables 1-4 and the figures of 5.2-5.10),
+-- The numbers the paper publishes in Section 5 (Tables 1-4 and the figures of 5.2-5.10),
 -- one row per number, keyed like the measurements they are compared with:
 --   source    where the number is printed ('Table 1', 'Section 5.4', ...)
 --   metric    the run_metrics name of the measured counterpart (see README "Metrics")
---   seed_label the seed's own column or series name
+--   paper_label the paper's own column or series name
 --   strategy  ours: "TP=8" -> tp, "PP=2" -> pp, "TP=8, PP=2" -> tp_pp, "MA Separation" -> ma_sep;
---             the seed's unnamed "baseline" (5.4, 5.5, 5.8, 5.9) -> tp_pp, the baseline its
+--             the paper's unnamed "baseline" (5.4, 5.5, 5.8, 5.9) -> tp_pp, the baseline its
 --             Table 1 improvements are computed against (13,289 / 8,696 = +52.8%)
 --   x         context length (tpot), GPUs (scaling), expert id 1-16 (5.4), training step (5.5)
 --   stat      value | mean | std | ci_low | ci_high | n (Section 5.10 reports statistics)
 --   note      where the number disagrees with itself, or how it is read
 --   not_measured  why masep has no measured counterpart (NULL: it has one)
 -- ep_dp (our extra baseline) and single have no claims.
-CREATE VIEW seed_claims AS
+CREATE VIEW paper_claims AS
 SELECT CAST(ord AS BIGINT) AS ord, CAST(source AS VARCHAR) AS source, CAST(metric AS VARCHAR) AS metric,
-       CAST(seed_label AS VARCHAR) AS seed_label, CAST(strategy AS VARCHAR) AS strategy,
+       CAST(paper_label AS VARCHAR) AS paper_label, CAST(strategy AS VARCHAR) AS strategy,
        CAST(x AS BIGINT) AS x, CAST(stat AS VARCHAR) AS stat, CAST(value AS DOUBLE) AS value,
        CAST(unit AS VARCHAR) AS unit, CAST(note AS VARCHAR) AS note,
        CAST(not_measured AS VARCHAR) AS not_measured
@@ -81,7 +81,7 @@ FROM (VALUES
     (332, 'Table 2', 'comm_param_bcast_pct', 'Parameter Broadcast', 'pp', NULL, 'value', 1.2, '%', NULL, NULL),
     (333, 'Table 2', 'comm_param_bcast_pct', 'Parameter Broadcast', 'tp_pp', NULL, 'value', 1.1, '%', NULL, NULL),
     (334, 'Table 2', 'comm_param_bcast_pct', 'Parameter Broadcast', 'ma_sep', NULL, 'value', 1.3, '%', NULL, NULL),
-    (341, 'Table 2', 'comm_total_pct', 'Total Communication', 'tp', NULL, 'value', 16.6, '%', 'the seed has no row for pipeline send/recv (our comm_p2p_pct), which its total leaves out', NULL),
+    (341, 'Table 2', 'comm_total_pct', 'Total Communication', 'tp', NULL, 'value', 16.6, '%', 'the paper has no row for pipeline send/recv (our comm_p2p_pct), which its total leaves out', NULL),
     (342, 'Table 2', 'comm_total_pct', 'Total Communication', 'pp', NULL, 'value', 4.0, '%', 'leaves out the stage-to-stage send/recv', NULL),
     (343, 'Table 2', 'comm_total_pct', 'Total Communication', 'tp_pp', NULL, 'value', 16.0, '%', NULL, NULL),
     (344, 'Table 2', 'comm_total_pct', 'Total Communication', 'ma_sep', NULL, 'value', 18.8, '%', NULL, NULL),
@@ -207,5 +207,5 @@ FROM (VALUES
     (1021, 'Section 5.10', 'gpu_util_pct', 'GPU Utilization', 'ma_sep', NULL, 'mean', 89.7, '%', NULL, NULL),
     (1022, 'Section 5.10', 'gpu_util_pct', 'GPU Utilization', 'ma_sep', NULL, 'std', 2.1, '%', NULL, NULL),
     (1023, 'Section 5.10', 'gpu_util_pct', 'GPU Utilization', 'ma_sep', NULL, 'n', 10, 'runs', NULL, NULL)
-) AS c(ord, source, metric, seed_label, strategy, x, stat, value, unit, note, not_measured)
+) AS c(ord, source, metric, paper_label, strategy, x, stat, value, unit, note, not_measured)
 ORDER BY ord;
