@@ -90,6 +90,9 @@ class TrainConfig:
     checkpoint_every: int = 1000
     log_every: int = 10
     deterministic: bool = True
+    # Data-parallel gradient reduction: none (fp32 all-reduce) | int8 (block-wise int8 with
+    # per-block scales and error feedback, masep.parallel.grad_compression)
+    grad_compression: str = "none"
 
 
 @dataclass
@@ -120,6 +123,15 @@ class ParallelConfig:
 
 
 @dataclass
+class MaConfig:
+    """MA Separation's balancing (masep.parallel.balance): every `rebalance_every` steps, when the
+    predicted max/mean - 1 of the MoE ranks' times exceeds `threshold`, experts move between them."""
+    rebalance: bool = False
+    rebalance_every: int = 100
+    threshold: float = 0.05
+
+
+@dataclass
 class LaunchConfig:
     executor: str = "local"  # local | slurm | debug
     nodes: int = 1
@@ -144,6 +156,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     infer: InferConfig = field(default_factory=InferConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    ma: MaConfig = field(default_factory=MaConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     runs_dir: str = "results/runs"
 
@@ -328,6 +341,9 @@ def validate(cfg: Config) -> None:
     _require(t.lr > 0, "train.lr", "must be positive")
     _require(0 <= t.warmup_steps <= t.decay_steps, "train.warmup_steps", "must lie in [0, train.decay_steps]")
     _require(t.dtype in ("auto", "fp32", "bf16"), "train.dtype", "must be auto, fp32 or bf16")
+    _require(t.grad_compression in ("none", "int8"), "train.grad_compression", "must be none or int8")
+    _require(cfg.ma.rebalance_every > 0, "ma.rebalance_every", "must be positive")
+    _require(cfg.ma.threshold >= 0, "ma.threshold", "must not be negative")
     _require(cfg.infer.compile in ("eager", "default", "max-autotune"), "infer.compile",
              "must be eager, default or max-autotune")
     _require(0.0 <= t.min_lr_ratio <= 1.0, "train.min_lr_ratio", "must be in [0, 1]")

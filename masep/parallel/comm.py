@@ -12,6 +12,7 @@ from typing import Iterable, Optional
 import torch
 import torch.distributed as dist
 
+from masep.parallel.grad_compression import grad_reducer
 from masep.telemetry.timing import comm_timer
 
 
@@ -121,7 +122,10 @@ def sync_gradients(params: Iterable[torch.nn.Parameter], group, kind: str = "gra
             size += p.grad.numel() * p.grad.element_size()
         if bucket and (p is None or size >= bucket_bytes):
             flat = torch.cat([q.grad.reshape(-1) for q in bucket])
-            _all_reduce(flat, group, kind)
+            if grad_reducer() is None:
+                _all_reduce(flat, group, kind)
+            else:  # train.grad_compression: int8; the bucket's parameters name its residuals
+                grad_reducer().all_reduce(flat, group, (id(group), *map(id, bucket)), kind)
             offset = 0
             for q in bucket:
                 n = q.grad.numel()

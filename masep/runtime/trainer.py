@@ -21,6 +21,7 @@ from masep.config import Config
 from masep.model import build_model
 from masep.parallel import build_strategy
 from masep.parallel.base import GlobalBatch, Strategy, sync
+from masep.parallel.grad_compression import set_grad_compression
 from masep.parallel.layout import Layout, make_layout
 from masep.runtime import checkpoint
 from masep.telemetry.memory import memory_row, peak_bytes
@@ -77,6 +78,7 @@ class Trainer:
         torch.manual_seed(cfg.train.seed * 1000 + rank)
         self.timer = CommTimer(self.device)
         set_comm_timer(self.timer)
+        set_grad_compression(cfg.train.grad_compression)
         self.strategy = build_strategy(cfg, self.layout, rank, self.device, model)
         del model
         self.strategy.train(True)
