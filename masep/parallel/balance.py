@@ -1,0 +1,290 @@
+"""MA Separation's balancing (the paper's Section 4.4): a time predictor, a placement planner and
+expert migration. Strategies call these between optimizer steps; nothing here changes what the
+model computes.
+
+- `TimePredictor`: a 3-layer MLP trained online (CPU) on (features, measured seconds) of one
+  side's work on one rank and layer, e.g. `expert_features` / `attention_features`.
+- `plan_placement`: given predicted per-expert times of one layer and the current expert -> rank
+  placement, a new placement whose predicted max/mean - 1 over the ranks falls under the
+  threshold, or None when the current one is already under it (or nothing better exists).
+- `assign_rows` + `exchange_experts`: an expert lives in row `row` of the stacked expert
+  parameters (`w_up`, `w_down`) of its rank; a move sends that row's weight, its gradient
+  accumulator and its AdamW state (exp_avg, exp_avg_sq, step) point-to-point into a free row of
+  the destination, exactly (fp32 bits).
+"""
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from masep.parallel.comm import p2p_exchange
+
+
+# ---------------------------------------------------------------- features
+# A sample is a [items, features] matrix: one rank's work in one layer as a sum of items (one per
+# expert; one for attention). Feature 0 says whether the item is present on the rank.
+
+
+def expert_features(tokens: Sequence[int], local: Sequence[bool], layer: int, layers: int) -> torch.Tensor:
+    """One MoE rank in one layer: an item per expert of the model (present where the rank holds
+    it; tokens routed to it; which expert; the layer) and one for the rank's fixed cost."""
+    n = len(tokens)
+    x = torch.zeros(n + 1, 3 + n + layers)
+    x[:n, 0] = torch.tensor([float(h) for h in local])
+    x[:n, 1] = torch.tensor([float(t) for t in tokens])
+    x[:n, 2:2 + n] = torch.eye(n)
+    x[:, 2 + n + layer] = 1.0
+    x[n, 0] = x[n, -1] = 1.0
+    return x
+
+
+def attention_features(micro_batch: int, seq_len: int, micro_batches: int, layer: int, layers: int) -> torch.Tensor:
+    """One attention rank in one layer: its micro-batches' shape (the quadratic term of attention
+    is spelled out so the network need not learn a product)."""
+    tokens = micro_batch * seq_len * micro_batches
+    return torch.tensor([[1.0, micro_batch, seq_len, micro_batches, tokens, tokens * seq_len]
+                         + [1.0 if j == layer else 0.0 for j in range(layers)]])
+
+
+# ---------------------------------------------------------------- predictor
+
+
+class TimePredictor:
+    """Predicts the seconds of a sample (`expert_features`, `attention_features`) as the sum over
+    its present items of a 3-layer MLP (Linear-ReLU-Linear-ReLU-Linear, softplus), on features
+    scaled by the largest magnitude seen so far, fitted to relative squared error (what MAPE
+    measures). Per-item times (`item_times`) are what the planner needs: how long each expert
+    takes. `observe` adds samples to a bounded window and takes `train_steps` Adam steps on
+    mini-batches of it (one CPU thread: these matrices only lose time to threading)."""
+
+    def __init__(self, n_features: int, hidden: int = 64, lr: float = 3e-3, window: int = 4096,
+                 batch: int = 128, train_steps: int = 20, seed: int = 0):
+        gen = torch.Generator().manual_seed(seed)
+        self.net = torch.nn.Sequential(torch.nn.Linear(n_features, hidden), torch.nn.ReLU(),
+                                       torch.nn.Linear(hidden, hidden), torch.nn.ReLU(),
+                                       torch.nn.Linear(hidden, 1))
+        with torch.no_grad():
+            for p in self.net.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) * (1.0 / max(p.shape[-1], 1)) ** 0.5)
+        self.opt = torch.optim.Adam(self.net.parameters(), lr=lr)
+        self.scale = torch.ones(n_features)
+        self.unit = 1.0  # seconds of an item at output 1: set from the first observations
+        self.x = torch.zeros(0, 0, n_features)
+        self.y = torch.zeros(0)
+        self.window, self.batch, self.train_steps = window, batch, train_steps
+        self.gen = torch.Generator().manual_seed(seed + 1)
+
+    @staticmethod
+    def _stack(samples) -> torch.Tensor:
+        return samples if torch.is_tensor(samples) and samples.ndim == 3 else torch.stack(list(samples))
+
+    def observe(self, samples, seconds) -> None:
+        x = self._stack(samples).float()
+        t = torch.as_tensor(seconds, dtype=torch.float32).reshape(-1)
+        if torch.any(t <= 0):
+            raise ValueError("TimePredictor.observe: measured times must be positive")
+        if self.y.numel() == 0:
+            self.unit = float((t / x[:, :, 0].sum(1).clamp(min=1)).mean())
+            self.x = x[:0]
+        self.scale = torch.maximum(self.scale, x.flatten(0, 1).abs().amax(dim=0))
+        self.x = torch.cat([self.x, x])[-self.window:]
+        self.y = torch.cat([self.y, t])[-self.window:]
+        self.fit(self.train_steps)
+
+    def fit(self, steps: int) -> None:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            with torch.enable_grad():
+                for _ in range(steps):
+                    idx = torch.randint(0, self.y.numel(), (min(self.batch, self.y.numel()),), generator=self.gen)
+                    rel = self._predict(self.x[idx]) / self.y[idx] - 1
+                    loss = (rel * rel).mean()
+                    self.opt.zero_grad()
+                    loss.backward()
+                    self.opt.step()
+        finally:
+            torch.set_num_threads(threads)
+
+    def _item_times(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.softplus(self.net(x / self.scale).squeeze(-1)) * self.unit * x[..., 0]
+
+    def _predict(self, x: torch.Tensor) -> torch.Tensor:
+        return self._item_times(x).sum(-1)
+
+    @torch.no_grad()
+    def predict(self, samples) -> torch.Tensor:
+        return self._predict(self._stack(samples).float())
+
+    @torch.no_grad()
+    def item_times(self, sample: torch.Tensor) -> torch.Tensor:
+        """Predicted seconds of each item of one sample (0 for absent items)."""
+        return self._item_times(sample.float())
+
+    def mape(self, samples, seconds) -> float:
+        """Mean absolute percentage error (a fraction) on observations not yet trained on."""
+        t = torch.as_tensor(seconds, dtype=torch.float32).reshape(-1)
+        return float(((self.predict(samples) - t).abs() / t).mean())
+
+
+def expert_times(predictor: TimePredictor, tokens: Sequence[int], layer: int, layers: int) -> list[float]:
+    """Predicted seconds of each expert of one layer with the given tokens, wherever it is placed."""
+    return predictor.item_times(expert_features(tokens, [True] * len(tokens), layer, layers))[:-1].tolist()
+
+
+# ---------------------------------------------------------------- planner
+
+
+def imbalance(loads: Sequence[float]) -> float:
+    """max/mean - 1 of per-rank loads (0 when all are equal or all idle)."""
+    mean = sum(loads) / len(loads)
+    return max(loads) / mean - 1.0 if mean > 0 else 0.0
+
+
+def rank_loads(times: Sequence[float], placement: Sequence[int], n_ranks: int) -> list[float]:
+    loads = [0.0] * n_ranks
+    for t, r in zip(times, placement):
+        loads[r] += t
+    return loads
+
+
+@dataclass
+class Plan:
+    placement: list[int]  # expert -> rank after the plan
+    moves: list[tuple[int, int, int]]  # (expert, from rank, to rank)
+    loads_before: list[float]
+    loads_after: list[float]
+    imbalance_before: float
+    imbalance_after: float
+
+
+def plan_placement(times: Sequence[float], placement: Sequence[int], n_ranks: int,
+                   threshold: float = 0.05) -> Optional[Plan]:
+    """A placement of the experts (same number on every rank, as the stacked parameters need)
+    whose predicted imbalance is below `threshold`, or as low as swaps reach. None when the
+    current placement is already within the threshold or no swap lowers its imbalance.
+
+    Pairwise swaps from the current placement, hottest rank first, keep the experts that need not
+    move where they are (each move costs a migration)."""
+    current = list(placement)
+    before = rank_loads(times, current, n_ranks)
+    if imbalance(before) <= threshold:
+        return None
+    new = list(current)
+    loads = list(before)
+    while imbalance(loads) > threshold:
+        best = None  # (new max of the pair, a, b)
+        hot = max(range(n_ranks), key=loads.__getitem__)
+        for a, b in itertools.product(range(len(new)), repeat=2):
+            if new[a] != hot or new[b] == hot:
+                continue
+            other, delta = new[b], times[a] - times[b]
+            pair_max = max(loads[hot] - delta, loads[other] + delta)
+            if pair_max < loads[hot] - 1e-12 and (best is None or pair_max < best[0]):
+                best = (pair_max, a, b)
+        if best is None:
+            break
+        _, a, b = best
+        other, delta = new[b], times[a] - times[b]
+        loads[hot] -= delta
+        loads[other] += delta
+        new[a], new[b] = other, hot
+    if imbalance(loads) >= imbalance(before):
+        return None
+    moves = [(e, r0, r1) for e, (r0, r1) in enumerate(zip(current, new)) if r0 != r1]
+    return Plan(new, moves, before, loads, imbalance(before), imbalance(loads))
+
+
+# ---------------------------------------------------------------- migration
+
+
+def assign_rows(rows: dict[int, tuple[int, int]], placement: Sequence[int]) -> dict[int, tuple[int, int]]:
+    """Expert -> (rank, row) after a placement change: experts that stay keep their row; those
+    arriving take the rows freed on their new rank, in expert order."""
+    freed: dict[int, list[int]] = {}
+    for e, (r, row) in sorted(rows.items()):
+        if placement[e] != r:
+            freed.setdefault(r, []).append(row)
+    out = {e: rr for e, rr in rows.items() if placement[e] == rr[0]}
+    for e in sorted(rows):
+        if e not in out:
+            free = freed.get(placement[e])
+            if not free:
+                raise ValueError(f"assign_rows: rank {placement[e]} has no free row for expert {e} "
+                                 "(a placement must keep the number of experts per rank)")
+            out[e] = (placement[e], free.pop(0))
+    return out
+
+
+def _expert_rows(params: Sequence[torch.nn.Parameter], row: int, opt) -> list[torch.Tensor]:
+    """The fp32 tensors that make up one expert: per parameter its weight row, gradient row and
+    AdamW exp_avg / exp_avg_sq rows (zeros where absent), then flags and AdamW steps."""
+    out, flags = [], []
+    for p in params:
+        state = opt.state.get(p, {}) if opt is not None else {}
+        out.append(p.data[row].float())
+        out.append(p.grad[row].float() if p.grad is not None else torch.zeros_like(p.data[row], dtype=torch.float32))
+        for k in ("exp_avg", "exp_avg_sq"):
+            out.append(state[k][row].float() if k in state else torch.zeros_like(p.data[row], dtype=torch.float32))
+        step = state.get("step")
+        flags += [float(p.grad is not None), float("exp_avg" in state), float(step) if step is not None else 0.0]
+    out.append(torch.tensor(flags, dtype=torch.float32, device=params[0].device))
+    return out
+
+
+def _load_expert(params: Sequence[torch.nn.Parameter], row: int, opt, flat: torch.Tensor) -> None:
+    *pieces, flags = flat.split([p.data[row].numel() for p in params for _ in range(4)] + [3 * len(params)])
+    flags = flags.view(-1, 3)
+    with torch.no_grad():
+        for i, p in enumerate(params):
+            w, g, m, v = (x.view_as(p.data[row]) for x in pieces[4 * i:4 * i + 4])
+            p.data[row] = w.to(p.dtype)
+            if flags[i, 0]:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                p.grad[row] = g.to(p.grad.dtype)
+            elif p.grad is not None:
+                p.grad[row] = 0
+            if opt is not None and flags[i, 1]:
+                state = opt.state[p]
+                for k, x in (("exp_avg", m), ("exp_avg_sq", v)):
+                    if k not in state:
+                        state[k] = torch.zeros_like(p.data, dtype=torch.float32)
+                    state[k][row] = x.to(state[k].dtype)
+                step = state.get("step")
+                if step is None:
+                    state["step"] = torch.tensor(float(flags[i, 2]))
+                else:
+                    step.fill_(float(flags[i, 2]))
+
+
+def exchange_experts(params: Sequence[torch.nn.Parameter], opt, sends: list[tuple[int, int]],
+                     recvs: list[tuple[int, int]], group=None, timeout_s: Optional[float] = None) -> float:
+    """Move experts between ranks: `sends` are (row, destination rank) of experts leaving this
+    rank, `recvs` (row, source rank) of rows receiving one; `params` are this layer's stacked
+    expert parameters (same shapes on every rank). Rows are read before any is written, so two
+    ranks may swap. Sends and receives between one pair match in the order given. Returns the
+    seconds it took (timed under `p2p`)."""
+    t0 = time.perf_counter()
+    out = [(torch.cat([t.reshape(-1) for t in _expert_rows(params, row, opt)]), dst) for row, dst in sends]
+    size = 4 * sum(p.data[0].numel() for p in params) + 3 * len(params)
+    inbox = [(torch.empty(size, dtype=torch.float32, device=params[0].device), src) for _, src in recvs]
+    p2p_exchange(out, inbox, group=group, timeout_s=timeout_s)
+    for (row, _), (flat, _) in zip(recvs, inbox):
+        _load_expert(params, row, opt, flat)
+    if params[0].device.type == "cuda":
+        torch.cuda.synchronize(params[0].device)
+    return time.perf_counter() - t0
+
+
+def migration_lists(old: dict[int, tuple[int, int]], new: dict[int, tuple[int, int]], rank: int
+                    ) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """This rank's `sends` and `recvs` for `exchange_experts`, ordered by expert on every rank."""
+    sends = [(old[e][1], new[e][0]) for e in sorted(old) if old[e][0] == rank and new[e][0] != rank]
+    recvs = [(new[e][1], old[e][0]) for e in sorted(old) if new[e][0] == rank and old[e][0] != rank]
+    return sends, recvs
