@@ -75,7 +75,7 @@ def test_predictor_learns_attention_time_quadratic_in_sequence():
         t = (1e-4 + 3e-8 * mb * seq + 4e-11 * mb * seq * seq) * (1 + 0.03 * float(torch.randn(1, generator=gen)))
         return attention_features(mb, seq, 2, layer, LAYERS), t
 
-    for _ in range(200):
+    for _ in range(120):
         x, y = zip(*[sample() for _ in range(8)])
         pred.observe(x, y)
     x, y = zip(*[sample() for _ in range(200)])
@@ -91,7 +91,7 @@ def test_planner_evens_one_rank_twice_as_slow():
     assert plan.imbalance_before == pytest.approx(1 / 3)
     assert sorted(plan.placement) == sorted(placement)  # still 8 experts per rank
     assert plan.loads_after == pytest.approx(rank_loads(times, plan.placement, 2))
-    assert len(plan.moves) == 4  # two swaps: experts that need not move stay
+    assert len(plan.moves) == 8  # four swaps, the fewest: each narrows the gap of 8 by 2
 
 
 def test_planner_on_four_ranks_with_a_hot_rank():
@@ -116,7 +116,7 @@ def test_predictor_and_planner_bring_two_x_skew_under_threshold_within_two_sync_
     """Rank 1's experts carry delays that make it ~2x slower than rank 0; the planner, fed the
     predictor's per-expert times, evens the true loads within two sync points."""
     torch.manual_seed(5)
-    delay = {e: 2 * PER_TOKEN * 256 + 2e-4 / 8 for e in range(8, 16)}
+    delay = {e: PER_TOKEN * 256 + 2e-4 / 8 for e in range(8, 16)}
     moe, pred = SyntheticMoE(delay, seed=5), TimePredictor(3 + E + LAYERS)
     gen = torch.Generator().manual_seed(6)
     placement = [e * RANKS // E for e in range(E)]
@@ -126,7 +126,7 @@ def test_predictor_and_planner_bring_two_x_skew_under_threshold_within_two_sync_
         return max(imbalance([moe.true_time(mean_tokens, [q == r for q in p], layer) for r in range(RANKS)])
                    for layer in range(LAYERS))
 
-    assert true_imbalance(placement) > 0.8
+    assert true_imbalance(placement) > 0.3  # max/mean of 2:1
     for _ in range(60):  # warm-up: varied placements, as earlier plans would have produced
         pred.observe(*moe.step(random_placement(gen))[:2])
     for _sync_point in range(2):
