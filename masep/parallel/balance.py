@@ -288,3 +288,28 @@ def migration_lists(old: dict[int, tuple[int, int]], new: dict[int, tuple[int, i
     sends = [(old[e][1], new[e][0]) for e in sorted(old) if old[e][0] == rank and new[e][0] != rank]
     recvs = [(new[e][1], old[e][0]) for e in sorted(old) if new[e][0] == rank and old[e][0] != rank]
     return sends, recvs
+
+
+# ---------------------------------------------------------------- event rows
+
+
+@dataclass
+class BalanceEvent:
+    """One row of `balance_events-rank<R>.parquet` (table `balance_events`): one rank's side at one
+    sync point. Times are seconds per step, summed over layers, over the window since the last
+    sync point ("before") and the window after the plan ("after", NULL until measured)."""
+    run_id: str
+    step: int  # the sync point: the plan (if any) applies from this step on
+    rank: int
+    side: str  # attention | moe
+    predicted_before_s: float  # predicted for the window before, ahead of training on it
+    measured_before_s: float
+    predicted_after_s: Optional[float]  # under the plan's placement (the same as before without a plan)
+    measured_after_s: Optional[float]
+    imbalance_before: float  # measured max/mean - 1 over the side's ranks, window before
+    imbalance_after: Optional[float]  # measured, window after; NULL until measured
+    predicted_imbalance_before: float
+    predicted_imbalance_after: Optional[float]
+    plan_applied: bool
+    moves: int  # experts that changed rank (all ranks)
+    migration_ms: Optional[float]  # this rank's measured migration time; NULL without a plan
