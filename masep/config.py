@@ -343,6 +343,9 @@ def validate(cfg: Config) -> None:
     _require(t.dtype in ("auto", "fp32", "bf16"), "train.dtype", "must be auto, fp32 or bf16")
     _require(t.grad_compression in ("none", "int8"), "train.grad_compression", "must be none or int8")
     _require(cfg.ma.rebalance_every > 0, "ma.rebalance_every", "must be positive")
+    _require(not cfg.ma.rebalance, "ma.rebalance",
+             "no strategy applies it yet (masep/parallel/balance.py holds the predictor, planner and "
+             "migration); set it to false")
     _require(cfg.ma.threshold >= 0, "ma.threshold", "must not be negative")
     _require(cfg.infer.compile in ("eager", "default", "max-autotune"), "infer.compile",
              "must be eager, default or max-autotune")
