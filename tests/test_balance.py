@@ -195,3 +195,16 @@ def test_migration_moves_weights_gradients_and_adamw_state_exactly():
         assert results[r1]["after"]["step"] == results[r0]["before"]["step"] == [3.0, 3.0]
     assert all(r["seconds"] > 0 for r in results)
     assert sum(old[e] != new[e] for e in old) == 4
+
+
+def test_config_keys():
+    from masep.config import ConfigError, load_config
+
+    cfg = load_config("tiny")
+    assert (cfg.ma.rebalance, cfg.ma.rebalance_every, cfg.ma.threshold) == (False, 100, 0.05)
+    assert cfg.train.grad_compression == "none"
+    assert load_config("tiny", ["train.grad_compression=int8"]).train.grad_compression == "int8"
+    for bad, key in (("ma.rebalance=on", "ma.rebalance"), ("ma.threshold=-1", "ma.threshold"),
+                     ("train.grad_compression=fp8", "train.grad_compression")):
+        with pytest.raises(ConfigError, match=key):
+            load_config("tiny", [bad])
