@@ -302,7 +302,7 @@ class BalanceEvent:
     step: int  # the sync point: the plan (if any) applies from this step on
     rank: int
     side: str  # attention | moe
-    predicted_before_s: float  # predicted for the window before, ahead of training on it
+    predicted_before_s: Optional[float]  # for the window before, ahead of training on it (NULL at the first)
     measured_before_s: float
     predicted_after_s: Optional[float]  # under the plan's placement (the same as before without a plan)
     measured_after_s: Optional[float]
@@ -313,3 +313,107 @@ class BalanceEvent:
     plan_applied: bool
     moves: int  # experts that changed rank (all ranks)
     migration_ms: Optional[float]  # this rank's measured migration time; NULL without a plan
+
+
+# ---------------------------------------------------------------- the MoE group's sync points
+
+
+class MoEBalancer:
+    """Dynamic expert balancing for the ranks holding the experts (one instance per MoE rank).
+
+    Every step the expert server calls `record` with the step's global tokens per (layer, expert)
+    (the same on every rank) and its own measured seconds of expert work per layer. At a sync
+    point (`due`), every MoE rank calls `sync`: the window's times are gathered over the MoE
+    group, the predictor (trained identically on every rank) is scored on them before training
+    on them, planned on MoE rank 0 and the placement broadcast, then experts migrate. The
+    placement (expert -> MoE rank index) and rows (expert -> (MoE rank index, row of the stacked
+    expert parameters)) are what routing must follow from then on.
+    """
+
+    def __init__(self, ma_cfg, experts: int, layers: int, group, ranks: Sequence[int], run_id: str,
+                 timeout_s: Optional[float] = None, seed: int = 0):
+        self.cfg, self.E, self.L, self.group, self.ranks = ma_cfg, experts, layers, group, list(ranks)
+        self.me = self.ranks.index(dist.get_rank())
+        per = experts // len(self.ranks)
+        self.rows = {e: (e // per, e % per) for e in range(experts)}
+        self.predictor = TimePredictor(3 + experts + layers, seed=seed)
+        self.run_id, self.timeout_s = run_id, timeout_s
+        self.window: list[tuple[torch.Tensor, torch.Tensor]] = []  # (tokens [L, E], seconds [L])
+        self.events: list[BalanceEvent] = []
+
+    @property
+    def placement(self) -> list[int]:
+        return [self.rows[e][0] for e in range(self.E)]
+
+    def record(self, tokens: torch.Tensor, seconds: Sequence[float]) -> None:
+        self.window.append((tokens.detach().float().cpu(), torch.tensor(list(seconds), dtype=torch.float32)))
+
+    def due(self, step: int) -> bool:
+        return (step + 1) % self.cfg.rebalance_every == 0 and bool(self.window)
+
+    def _samples(self, tokens: torch.Tensor, placement: Sequence[int]) -> torch.Tensor:
+        """[ranks * layers, items, features] for one step's tokens under `placement`."""
+        return torch.stack([expert_features(tokens[layer].tolist(), [p == r for p in placement], layer, self.L)
+                            for r in range(len(self.ranks)) for layer in range(self.L)])
+
+    def _per_rank(self, samples_seconds: torch.Tensor) -> list[float]:
+        return samples_seconds.view(-1, len(self.ranks), self.L).sum(-1).mean(0).tolist()
+
+    def sync(self, step: int, expert_params: Sequence[Sequence[torch.nn.Parameter]], opt) -> BalanceEvent:
+        """`expert_params[layer]`: this rank's stacked expert parameters of that layer."""
+        mine = torch.stack([s for _, s in self.window])  # [S, L]
+        gathered = [torch.empty_like(mine) for _ in self.ranks]
+        dist.all_gather(gathered, mine, group=self.group)
+        measured = torch.stack(gathered, dim=1)  # [S, R, L]
+        placement = self.placement
+        x = torch.cat([self._samples(tokens, placement) for tokens, _ in self.window])
+        y = measured.reshape(-1)
+        trained = self.predictor.y.numel() > 0
+        predicted_ranks = self._per_rank(self.predictor.predict(x)) if trained else None
+        for s in range(len(self.window)):  # train on the window, one observation per step
+            n = len(self.ranks) * self.L
+            self.predictor.observe(x[s * n:(s + 1) * n], y[s * n:(s + 1) * n])
+        measured_ranks = self._per_rank(y)
+        if self.events:  # the previous sync point's "after" window is this one's "before"
+            prev = self.events[-1]
+            prev.measured_after_s, prev.imbalance_after = measured_ranks[self.me], imbalance(measured_ranks)
+
+        mean_tokens = torch.stack([t for t, _ in self.window]).mean(0)
+        times = torch.tensor([expert_times(self.predictor, mean_tokens[layer].tolist(), layer, self.L)
+                              for layer in range(self.L)]).sum(0).tolist()
+        plan = None
+        if imbalance(measured_ranks) > self.cfg.threshold:
+            plan = plan_placement(times, placement, len(self.ranks), self.cfg.threshold)
+        decided = torch.tensor(plan.placement if plan else placement)
+        dist.broadcast(decided, src=self.ranks[0], group=self.group)  # MoE rank 0's plan holds
+        new_placement = decided.tolist()
+        loads_before = rank_loads(times, placement, len(self.ranks))
+        loads_after = rank_loads(times, new_placement, len(self.ranks))
+        applied = new_placement != placement
+        migration_ms = None
+        if applied:
+            new_rows = assign_rows(self.rows, new_placement)
+            sends, recvs = migration_lists(self.rows, new_rows, self.me)
+            sends = [(row, self.ranks[dst]) for row, dst in sends]
+            recvs = [(row, self.ranks[src]) for row, src in recvs]
+            seconds = sum(exchange_experts(params, opt, sends, recvs, timeout_s=self.timeout_s)
+                          for params in expert_params)
+            migration_ms = 1e3 * seconds
+            self.rows = new_rows
+        event = BalanceEvent(
+            run_id=self.run_id, step=step, rank=dist.get_rank(), side="moe",
+            predicted_before_s=predicted_ranks[self.me] if trained else None, measured_before_s=measured_ranks[self.me],
+            predicted_after_s=loads_after[self.me] + self._fixed_cost(mean_tokens), measured_after_s=None,
+            imbalance_before=imbalance(measured_ranks), imbalance_after=None,
+            predicted_imbalance_before=imbalance(loads_before), predicted_imbalance_after=imbalance(loads_after),
+            plan_applied=applied, moves=sum(a != b for a, b in zip(placement, new_placement)),
+            migration_ms=migration_ms)
+        self.events.append(event)
+        self.window = []
+        return event
+
+    def _fixed_cost(self, tokens: torch.Tensor) -> float:
+        """Predicted seconds per step a rank spends besides its experts (the per-layer fixed item)."""
+        return sum(float(self.predictor.item_times(expert_features(tokens[layer].tolist(), [False] * self.E,
+                                                                   layer, self.L))[-1])
+                   for layer in range(self.L))
