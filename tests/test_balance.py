@@ -212,7 +212,7 @@ def test_config_keys():
             load_config("tiny", [bad])
 
 
-def balancer_rank(rank: int, world: int, every: int, syncs: int) -> dict:
+def balancer_rank(rank: int, world: int, every: int, syncs: int, run_dir: str) -> dict:
     """Two MoE ranks, 16 experts, rank 1's experts delayed so that it is ~2x slower. Measured
     times follow the placement the balancer chose; expert weights carry their expert's id."""
     import torch.distributed as dist
@@ -243,15 +243,20 @@ def balancer_rank(rank: int, world: int, every: int, syncs: int) -> dict:
             if balancer.due(step):
                 balancer.sync(step, params, opt)
             step += 1
+    balancer.write_events(run_dir)
     held = {e: float(params[0][0].data[row, 0, 0]) for e, (r, row) in balancer.rows.items() if r == rank}
     return {"events": [dataclasses.asdict(ev) for ev in balancer.events], "held": held,
             "placement": balancer.placement}
 
 
-def test_moe_balancer_evens_a_two_x_slower_rank_within_two_sync_points():
+def test_moe_balancer_evens_a_two_x_slower_rank_within_two_sync_points(tmp_path):
     import math
 
-    results = run_ranks(2, balancer_rank, 40, 3, timeout_s=600)
+    import pyarrow.parquet as pq
+
+    results = run_ranks(2, balancer_rank, 40, 3, str(tmp_path), timeout_s=600)
+    for rank in range(2):
+        assert pq.read_table(tmp_path / f"balance_events-rank{rank}.parquet").to_pylist() == results[rank]["events"]
     events = [r["events"] for r in results]
     assert results[0]["placement"] == results[1]["placement"]
     first = events[0][0]

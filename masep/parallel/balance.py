@@ -14,6 +14,7 @@ model computes.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from dataclasses import dataclass
@@ -411,6 +412,15 @@ class MoEBalancer:
         self.events.append(event)
         self.window = []
         return event
+
+    def write_events(self, run_dir) -> None:
+        """This rank's rows as `balance_events-rank<R>.parquet` (atomically; rewritten each call)."""
+        from pathlib import Path
+
+        from masep.telemetry.writer import write_parquet
+
+        write_parquet(Path(run_dir) / f"balance_events-rank{dist.get_rank()}.parquet",
+                      [dataclasses.asdict(e) for e in self.events])
 
     def _fixed_cost(self, tokens: torch.Tensor) -> float:
         """Predicted seconds per step a rank spends besides its experts (the per-layer fixed item)."""
