@@ -2,6 +2,7 @@
 skewed and even loads, and expert migration over two gloo ranks."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import pytest
@@ -270,3 +271,18 @@ def test_moe_balancer_evens_a_two_x_slower_rank_within_two_sync_points(tmp_path)
     for r in results:  # every expert's weights arrived where the rows say
         assert all(float(e) == v for e, v in r["held"].items()) and len(r["held"]) == 8
     assert not any(math.isnan(ev["measured_before_s"]) for ev in events[1])
+
+
+def test_predictor_state_round_trip_continues_identically():
+    gen = torch.Generator().manual_seed(8)
+    moe = SyntheticMoE(DELAY, seed=8)
+    torch.manual_seed(8)
+    a = TimePredictor(3 + E + LAYERS, train_steps=5)
+    for _ in range(3):
+        a.observe(*moe.step(random_placement(gen))[:2])
+    b = TimePredictor(3 + E + LAYERS, train_steps=5, seed=99)
+    b.load_state_dict(copy.deepcopy(a.state_dict()))  # as a checkpoint would: no shared tensors
+    x, y, _ = moe.step(random_placement(gen))
+    a.observe(x, y)
+    b.observe(x, y)
+    assert torch.equal(a.predict(x), b.predict(x))

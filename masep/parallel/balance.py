@@ -127,6 +127,16 @@ class TimePredictor:
         """Predicted seconds of each item of one sample (0 for absent items)."""
         return self._item_times(sample.float())
 
+    def state_dict(self) -> dict:
+        return {"net": self.net.state_dict(), "opt": self.opt.state_dict(), "scale": self.scale,
+                "unit": self.unit, "x": self.x, "y": self.y, "gen": self.gen.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.net.load_state_dict(state["net"])
+        self.opt.load_state_dict(state["opt"])
+        self.scale, self.unit, self.x, self.y = state["scale"], state["unit"], state["x"], state["y"]
+        self.gen.set_state(state["gen"])
+
     def mape(self, samples, seconds) -> float:
         """Mean absolute percentage error (a fraction) on observations not yet trained on."""
         t = torch.as_tensor(seconds, dtype=torch.float32).reshape(-1)
@@ -412,6 +422,17 @@ class MoEBalancer:
         self.events.append(event)
         self.window = []
         return event
+
+    def state_dict(self) -> dict:
+        """What a checkpoint must keep: the placement, the predictor, the open window and the rows."""
+        return {"rows": dict(self.rows), "predictor": self.predictor.state_dict(), "window": list(self.window),
+                "events": [dataclasses.asdict(e) for e in self.events]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rows = dict(state["rows"])
+        self.predictor.load_state_dict(state["predictor"])
+        self.window = list(state["window"])
+        self.events = [BalanceEvent(**e) for e in state["events"]]
 
     def write_events(self, run_dir) -> None:
         """This rank's rows as `balance_events-rank<R>.parquet` (atomically; rewritten each call)."""
