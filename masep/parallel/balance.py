@@ -4,13 +4,14 @@ model computes.
 
 - `TimePredictor`: a 3-layer MLP trained online (CPU) on (features, measured seconds) of one
   side's work on one rank and layer, e.g. `expert_features` / `attention_features`.
-- `plan_placement`: given predicted per-expert times of one layer and the current expert -> rank
-  placement, a new placement whose predicted max/mean - 1 over the ranks falls under the
-  threshold, or None when the current one is already under it (or nothing better exists).
+- `plan_placement`: given predicted per-expert times and the current expert -> rank placement,
+  a new placement whose predicted max/mean - 1 over the ranks falls under the threshold, or None
+  when the current one is already under it (or nothing better exists).
 - `assign_rows` + `exchange_experts`: an expert lives in row `row` of the stacked expert
   parameters (`w_up`, `w_down`) of its rank; a move sends that row's weight, its gradient
   accumulator and its AdamW state (exp_avg, exp_avg_sq, step) point-to-point into a free row of
   the destination, exactly (fp32 bits).
+- `MoEBalancer`: the MoE group's sync points, built from the above, writing `BalanceEvent` rows.
 """
 from __future__ import annotations
 
