@@ -18,7 +18,7 @@ from masep.config import load_config
 from masep.model import build_model
 from masep.parallel.layout import make_layout
 from masep.parallel.single import SingleRank
-from masep.parallel.tp import is_tp_sharded, tp_shard
+from masep.parallel.sharding import is_tp_sharded, tp_shard
 from masep.telemetry.timing import comm_timer
 from masep.testing import run_ranks
 

@@ -31,7 +31,7 @@ def tp_pp_rank(rank: int, world: int, runs: dict[str, list[str]]) -> dict:
 
 def shard_reference(ref: dict, overrides: list[str], tp_rank: int, tp: int) -> dict:
     """The reference with each gradient cut to what TP rank `tp_rank` holds."""
-    from masep.parallel.tp import tp_shard
+    from masep.parallel.sharding import tp_shard
 
     cfg = make_config(overrides)
     return {**ref, "grads": {n: tp_shard(n, g, cfg.model, tp_rank, tp) for n, g in ref["grads"].items()}}
