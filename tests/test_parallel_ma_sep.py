@@ -6,68 +6,20 @@ Rank functions live at module level: spawned ranks import them by this module's 
 """
 from __future__ import annotations
 
-import contextlib
 import time
 
 import pytest
 import torch
 
-from masep.config import ConfigError, load_config
-from masep.model import build_model
+from masep.config import ConfigError
 from masep.parallel.layout import make_layout
-from masep.parallel.ma_sep import MASeparation
 from masep.parallel.ma_sep.attention import AttentionRank
-from masep.parallel.single import SingleRank
 from masep.testing import run_ranks
-
-SEED = 7
-BASE = ["model.vocab_size=1000", "data.seq_len=32", "train.global_batch=8", "train.micro_batch=2",
-        "model.hidden=64", "model.heads=4",
-        "model.experts=16", "model.expert_hidden=64", "model.dropout=0.0", "model.expert_dropout=0.0",
-        "parallel.timeout_s=20"]
-DROPLESS = ["model.capacity_factor=null"]
-NEW_TOKENS = 5
-
-
-def _batch(seed: int, vocab: int):
-    from masep.parallel.base import GlobalBatch
-
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, vocab, (8, 33), generator=g)
-    mask = torch.ones(8, 32)
-    mask[1, :5] = 0  # some targets do not count
-    mask[6, 20:] = 0
-    return GlobalBatch(ids[:, :-1].contiguous(), ids[:, 1:].contiguous(), mask)
-
-
-def _prompt(batch: int, vocab: int) -> torch.Tensor:
-    return torch.randint(0, vocab, (batch, 6), generator=torch.Generator().manual_seed(99))
+from parity import DROPLESS, NEW_TOKENS, build, ma_sep, make_batches, make_cfg, make_prompt, model_overrides
 
 
 def _ma_cfg(world: int, attn_tp: int, replicas: int, moe: int, in_flight: int, extra: list[str]):
-    return load_config("tiny", BASE + extra + [
-        "parallel.strategy=ma_sep", f"parallel.world_size={world}", f"parallel.attn_tp={attn_tp}",
-        f"parallel.attn_replicas={replicas}", f"parallel.moe_ranks={moe}", f"parallel.in_flight={in_flight}"])
-
-
-def _build(cfg, rank):
-    return MASeparation(cfg, make_layout(cfg), rank, "cpu", build_model(cfg.model, SEED))
-
-
-@contextlib.contextmanager
-def _one_thread():
-    """These tensors are tiny: on 2 busy cores a second intra-op thread makes them ~10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def _single_rank(extra) -> SingleRank:
-    cfg = load_config("tiny", BASE + list(extra) + ["parallel.strategy=single", "parallel.world_size=1"])
-    return SingleRank(cfg, make_layout(cfg), 0, "cpu", build_model(cfg.model, SEED))
+    return make_cfg(ma_sep(attn_tp, replicas, moe, in_flight) + extra, world)
 
 
 def world4_rank(rank, world):
@@ -98,24 +50,28 @@ def test_layout_rejects_what_does_not_divide():
 BF16 = DROPLESS + ["train.dtype=bf16"]
 
 
-def _bf16_step(strategy, vocab: int) -> dict:
-    stats = strategy.forward_backward(_batch(0, vocab))
+def _bf16_step(strategy, cfg) -> dict:
+    stats = strategy.forward_backward(make_batches(cfg, 1)[0])
     return {"loss": stats.loss, "norm": strategy.grad_norm(),
-            "tokens": strategy.generate(_prompt(2, vocab), NEW_TOKENS).tokens}
+            "tokens": strategy.generate(make_prompt(cfg), NEW_TOKENS).tokens}
 
 
 def bf16_run(rank, world):
     """Rows travel in bf16 (the compute dtype) and come back as bf16 outputs and gradients."""
     cfg = _ma_cfg(world, 2, 1, 2, 2, BF16)
-    strategy = _build(cfg, rank)
+    strategy = build(cfg, rank)
     assert strategy.wire_dtype == torch.bfloat16
-    return _bf16_step(strategy, cfg.model.vocab_size)
+    return _bf16_step(strategy, cfg)
 
 
 def test_bf16_autocast_matches_single_rank(world4):
-    single = _single_rank(BF16)
-    with _one_thread():
-        ref = _bf16_step(single, single.cfg.model.vocab_size)
+    cfg = make_cfg(list(model_overrides(BF16)) + ["parallel.strategy=single"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: a second thread only contends with the ranks
+    try:
+        ref = _bf16_step(build(cfg, 0), cfg)
+    finally:
+        torch.set_num_threads(threads)
     for res in (r["bf16"] for r in world4):
         assert res["loss"] == pytest.approx(ref["loss"], rel=1e-4)
         assert res["norm"] == pytest.approx(ref["norm"], rel=1e-3)
@@ -127,9 +83,8 @@ def test_bf16_autocast_matches_single_rank(world4):
 
 def dropout_run(rank, world):
     cfg = _ma_cfg(world, 2, 1, 2, 2, DROPLESS + ["model.dropout=0.2", "model.expert_dropout=0.1"])
-    torch.manual_seed(1000 + rank)  # as the trainer does: every rank its own seed
-    strategy = _build(cfg, rank)
-    stats = strategy.forward_backward(_batch(0, cfg.model.vocab_size))
+    strategy = build(cfg, rank)  # as the trainer does: every rank its own seed
+    stats = strategy.forward_backward(make_batches(cfg, 1)[0])
     return {"loss": stats.loss,
             "router": {n: p.grad.clone() for n, p in strategy.named_parameters() if "router" in n}}
 
@@ -177,14 +132,14 @@ def overlap_run(rank, world):
     times = {}
     for in_flight in (1, 4):
         cfg = _ma_cfg(world, 2, 1, 2, in_flight, DROPLESS + ["model.layers=2"])
-        strategy = _build(cfg, rank)
+        strategy = build(cfg, rank)
         if isinstance(strategy, AttentionRank):
             for block in strategy.model.blocks:
                 block.attention_residual = _slowed(block.attention_residual)
         else:
             for experts in strategy.experts:
                 experts.forward = _slowed(experts.forward)
-        batch = _batch(0, cfg.model.vocab_size)
+        batch = make_batches(cfg, 1)[0]
         dist.barrier()
         t0 = time.perf_counter()
         strategy.forward_backward(batch)
@@ -211,8 +166,9 @@ class Boom(RuntimeError):
 def failing_run(rank, world, how, bad_rank, timeout_s):
     from masep.parallel.comm import PeerCommError
     from masep.parallel.ma_sep import experts
+
     cfg = _ma_cfg(world, 1, 2, 2, 2, DROPLESS + [f"parallel.timeout_s={timeout_s}"])
-    strategy = _build(cfg, rank)
+    strategy = build(cfg, rank)
     if rank == bad_rank:
         calls = {"n": 0}
         serve = experts.serve_forward
@@ -228,7 +184,7 @@ def failing_run(rank, world, how, bad_rank, timeout_s):
         experts.serve_forward = broken
     t0 = time.perf_counter()
     try:
-        strategy.forward_backward(_batch(0, cfg.model.vocab_size))
+        strategy.forward_backward(make_batches(cfg, 1)[0])
         return {"ok": True, "elapsed": time.perf_counter() - t0}
     except Boom as e:  # the failing rank leaves (its process ends after this)
         return {"ok": False, "error": "Boom", "message": str(e), "elapsed": time.perf_counter() - t0}

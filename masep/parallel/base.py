@@ -292,17 +292,17 @@ class Strategy(ABC):
         """Whether this rank's tokens are the answer for its rows (one rank per row)."""
         return self.rank == 0
 
-    @abstractmethod
     def new_caches(self, batch: int, max_len: int) -> list:
         """KV caches of this rank's layers and heads."""
+        raise NotImplementedError
 
-    @abstractmethod
     def prefill(self, ids: torch.Tensor, caches) -> torch.Tensor:
         """The prompt rows `ids` [b, T] through the model: the next ids [b]."""
+        raise NotImplementedError
 
-    @abstractmethod
     def decode_step(self, ids: torch.Tensor, pos: torch.Tensor, caches) -> torch.Tensor:
         """One token [b, 1] at device position `pos` [1], fixed shapes: the next ids [b]."""
+        raise NotImplementedError
 
     def serve_prefill(self, batch: int) -> None:
         """A rank without rows takes part in the prefill of a prompt batch of `batch` rows."""

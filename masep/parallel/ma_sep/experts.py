@@ -61,6 +61,9 @@ class ExpertServer(MASepRank):
             if p is not None:
                 p.wait()
 
+    def decode_rows(self, batch: int) -> slice:
+        return slice(0, 0)  # it serves the attention ranks' rows
+
     def serve_prefill(self, batch: int) -> None:
         self._serve(1, self.attn_ranks[: self.decoding_replicas(batch) * self.tp])
 
