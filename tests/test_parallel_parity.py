@@ -34,6 +34,8 @@ CASES = {
     "ma_sep-tp2-moe2-pipe2-capacity": (4, ma_sep(2, 1, 2, 2) + CAPACITY, 3),
     "ma_sep-r2-moe2-pipe2-dropless": (4, ma_sep(1, 2, 2, 2) + DROPLESS, 2),  # the replicas split the prompts
     "ma_sep-r2-moe2-seq-capacity": (4, ma_sep(1, 2, 2, 1) + CAPACITY, 3),  # 3 prompts: replica 0 decodes
+    # Capacity over the whole decode batch (top-2, factor 1.0, 8 prompts, 2 replicas), as on one rank.
+    "ma_sep-r2-moe2-capacity-8-prompts": (4, ma_sep(1, 2, 2, 2) + CAPACITY, 8),
     # The 8-GPU layouts.
     "tp4dp2-capacity": (8, TP + ["parallel.tp=4"] + CAPACITY, 2),
     "ep_dp8-capacity": (8, EP + ["train.global_batch=16"] + CAPACITY, 2),  # two experts per rank

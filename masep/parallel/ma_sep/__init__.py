@@ -26,8 +26,10 @@ ran every row routed to its experts from all replicas. Statistics (loss, aux los
 expert) are added by head shard 0 of each replica only; aux losses are per micro-batch, as in
 `SingleRank`.
 
-Decode: when the prompt batch B is a multiple of attn_replicas, replica r decodes sequences
-[r*B/R, (r+1)*B/R) and the MoE ranks serve both replicas' rows in one pass per layer; otherwise
+Decode: routing (and a capacity factor) sees the whole batch of one forward. With dropless
+routing and a prompt batch B that is a multiple of attn_replicas, replica r decodes sequences
+[r*B/R, (r+1)*B/R) and the MoE ranks serve both replicas' rows in one pass per layer; with a
+capacity factor (the same tokens compete for capacity as on one rank) or an uneven batch,
 replica 0 decodes the whole batch and the other replicas only take part in the collectives.
 Head shard 0 of each decoding replica answers for its sequences, and every rank reports rank
 0's prefill and token times (MoE ranks serve without a clock of their own per token).

@@ -196,8 +196,10 @@ class MASepRank(Strategy):
         return super().my_microbatches(mbs, True)  # the MoE ranks serve the layout's count
 
     def decoding_replicas(self, batch: int) -> int:
-        """Replicas that decode: all when they can split the batch evenly, else replica 0 alone."""
-        return self.R if batch % self.R == 0 else 1
+        """Replicas that decode: all when they can split the batch evenly and routing is per
+        token (dropless); else replica 0 alone, so that the whole batch competes for each
+        expert's capacity as on one rank (as ep_dp decodes)."""
+        return self.R if batch % self.R == 0 and self.cfg.model.capacity_factor is None else 1
 
     def generate(self, prompt: torch.Tensor, new_tokens: int) -> Generation:
         gen = super().generate(prompt, new_tokens)
