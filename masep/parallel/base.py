@@ -6,8 +6,8 @@ Global-batch semantics (identical on one rank and on many):
   (a data-parallel replica takes a contiguous block of them).
 - The language-model loss is the mean cross-entropy over all valid (mask = 1) target tokens of
   the global batch: each micro-batch contributes ce_sum / n_valid_global.
-- The auxiliary losses are computed per micro-batch (the tokens one replica routes in one
-  forward), summed over layers, and averaged over the global batch's micro-batches:
+- The auxiliary losses are computed per micro-batch (the valid tokens one replica routes in one
+  forward: padding is not routed), summed over layers, and averaged over the micro-batches:
   loss += (lb_coef * sum_layers lb + z_coef * sum_layers z) / n_micro_total.
 - Gradients of a parameter are summed (not averaged) over the ranks that computed parts of them.
 """
@@ -255,15 +255,16 @@ class Strategy(ABC):
         return True
 
     # ---- hooks: training
-    def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, list[Routing]]:
-        """Logits and routings of a micro-batch through this rank's model (the default schedule's)."""
+    def forward(self, mb: GlobalBatch) -> tuple[torch.Tensor, list[Routing]]:
+        """Logits and routings of a micro-batch through this rank's model (the default schedule's;
+        padding, mask 0, is not routed)."""
         raise NotImplementedError
 
     def run_schedule(self, mbs: list[GlobalBatch], loss: LossTerms) -> None:
         """Forward and backward of my micro-batches. Default: gradient accumulation through `forward`."""
         for mb in mbs:
             with self.autocast():
-                logits, routings = self.forward(mb.inputs)
+                logits, routings = self.forward(mb)
             term = loss(enumerate(routings), logits, mb)
             if torch.is_grad_enabled():
                 term.backward()

@@ -143,8 +143,8 @@ class ExpertDataParallel(Strategy):
     def checkpoint_key(self, name: str) -> str:
         return f"{name}.ep{self.rank}of{self.world}" if self.is_expert(name) else name
 
-    def forward(self, ids):
-        return self.model(ids)
+    def forward(self, mb):
+        return self.model(mb.inputs, mask=mb.mask)
 
     def reduce_gradients(self) -> None:
         sync_gradients([p for name, p in self.named_parameters() if not self.is_expert(name)], self.group)

@@ -171,7 +171,8 @@ class PipelineParallel(Strategy):
         """Returns (output, loss term): output is the activation for the next stage, or on the
         last stage the loss term itself (ce / n_valid + this stage's aux losses)."""
         with self.autocast():
-            x, routings = self.stage_module.run_layers(self.stage_module.embed(mb.inputs) if self.is_first else x_in)
+            x, routings = self.stage_module.run_layers(self.stage_module.embed(mb.inputs) if self.is_first else x_in,
+                                                       mask=mb.mask)
             logits = self.stage_module.logits(x) if self.is_last else None
         term = loss(routings, logits, mb)
         return (term if self.is_last else x), term
@@ -265,7 +266,7 @@ class PipelineParallel(Strategy):
     def forward_only(self, mbs: list[GlobalBatch], loss: LossTerms) -> None:
         """Micro-batch by micro-batch through the replica's stages."""
         for mb in mbs:
-            self._through(mb.inputs, lambda x: self.stage_module.run_layers(x)[0], loss, mb)
+            self._through(mb.inputs, lambda x: self.stage_module.run_layers(x, mask=mb.mask)[0], loss, mb)
 
     # ------------------------------------------------------------------ decoding
 

@@ -160,10 +160,10 @@ class TPMoE(MoE):
                                  cfg.expert_dropout, private_stream)
         self.group, self.tp_size = group, tp_size
 
-    def forward(self, x, expert_fn=None):
+    def forward(self, x, expert_fn=None, valid=None):
         shape = x.shape
         x_flat = x.reshape(-1, shape[-1])
-        routing = self.route(x_flat)
+        routing = self.route(x_flat, valid)
         combine, x_in = routing, x_flat
         if self.tp_size > 1:
             # Each rank weights only its own assignments: sum the weights' and the expert
@@ -223,13 +223,15 @@ class Stage(nn.Module):
         self.register_buffer("rope_cos", model.rope_cos, persistent=False)
         self.register_buffer("rope_sin", model.rope_sin, persistent=False)
 
-    def run_layers(self, x: torch.Tensor, start_pos: int = 0,
-                   caches: Optional[list[KVCache]] = None) -> tuple[torch.Tensor, list[tuple[int, Routing]]]:
+    def run_layers(self, x: torch.Tensor, start_pos: int = 0, caches: Optional[list[KVCache]] = None,
+                   mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, list[tuple[int, Routing]]]:
+        """Positions where `mask` [B, T] is 0 (padding) are not routed."""
+        valid = None if mask is None else mask.reshape(-1) > 0
         routings = []
         for j, (i, block) in enumerate(zip(self.layer_ids, self.blocks.values())):
             x = block.attention_residual(x, self.rope_cos, self.rope_sin, start_pos,
                                          caches[j] if caches is not None else None)
-            x, routing = block.moe_residual(x)
+            x, routing = block.moe_residual(x, valid=valid)
             routings.append((i, routing))
         return x, routings
 

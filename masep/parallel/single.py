@@ -20,8 +20,8 @@ class SingleRank(Strategy):
     def modules(self):
         return [self.model]
 
-    def forward(self, ids):
-        return self.model(ids)
+    def forward(self, mb):
+        return self.model(mb.inputs, mask=mb.mask)
 
     def new_caches(self, batch, max_len):
         # Rounded up: runs of different lengths from one context share one compiled step.

@@ -64,8 +64,8 @@ class TensorParallel(Strategy):
     def adds_stats(self) -> bool:
         return self.tp_rank == 0  # the group computes the same numbers: count them once
 
-    def forward(self, ids):
-        x, routings = self.stage.run_layers(self.stage.embed(ids))
+    def forward(self, mb):
+        x, routings = self.stage.run_layers(self.stage.embed(mb.inputs), mask=mb.mask)
         return self.stage.logits(x), [r for _, r in routings]
 
     def reduce_gradients(self) -> None:

@@ -94,7 +94,7 @@ class AttentionRank(MASepRank):
                                              caches[s] if caches is not None else None)
                 xn = block.moe_norm(h)
                 xn_flat = xn.reshape(-1, xn.shape[-1])
-                routing = block.moe.route(xn_flat)
+                routing = block.moe.route(xn_flat, None if f.mb is None else f.mb.mask.reshape(-1) > 0)
                 route = self._sort_and_share(routing, h, xn)
                 rows = xn_flat.index_select(0, route.tok).to(self.wire_dtype)
                 if self.tp > 1:  # my share; its backward all-gathers the shares' gradients
