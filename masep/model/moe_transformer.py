@@ -263,6 +263,15 @@ def expert_capacity(n_tokens: int, n_experts: int, top_k: int, factor: Optional[
     return max(1, math.ceil(factor * n_tokens * top_k / n_experts))
 
 
+def routed_positions(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The positions to route, [B*T] bool, from a loss mask [B, T] (padding is 0); None when
+    all are (packed batches: then routing needs no host sync for it)."""
+    if mask is None:
+        return None
+    valid = mask.reshape(-1) > 0
+    return None if bool(valid.all()) else valid
+
+
 def route(logits: torch.Tensor, top_k: int, capacity_factor: Optional[float],
           valid: Optional[torch.Tensor] = None) -> Routing:
     """Top-k softmax routing with Switch and ST-MoE auxiliary losses over the N given tokens.
@@ -274,7 +283,7 @@ def route(logits: torch.Tensor, top_k: int, capacity_factor: Optional[float],
     z_loss = mean_n (logsumexp_i logits[n, i])^2 (Zoph et al. 2022).
     Capacity: first choices are served before second choices, earlier tokens first.
     """
-    if valid is not None and not bool(valid.all()):
+    if valid is not None:
         sub = route(logits[valid], top_k, capacity_factor)
         rows = valid[:, None].expand(-1, top_k)
 
@@ -446,7 +455,7 @@ class MoETransformer(nn.Module):
                 last_only: bool = False, mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, list[Routing]]:
         """Logits [B, T, V] (or [B, 1, V] with `last_only`, as decoding needs) and each layer's
         routing; positions where `mask` [B, T] is 0 (padding) are not routed."""
-        valid = None if mask is None else mask.reshape(-1) > 0
+        valid = routed_positions(mask)
         x = self.embed(ids)
         routings = []
         for i, block in enumerate(self.blocks):

@@ -42,7 +42,8 @@ import torch.distributed as dist
 from torch import nn
 
 from masep.config import ModelConfig
-from masep.model import Attention, Block, Experts, KVCache, MoE, MoETransformer, Routing, dispatch_combine
+from masep.model import (Attention, Block, Experts, KVCache, MoE, MoETransformer, Routing, dispatch_combine,
+                         routed_positions)
 from masep.parallel.comm import all_reduce_sum, copy_many_to_group, copy_to_group, reduce_from_group
 
 _SHARDED_SUFFIXES = ("attn.qkv.weight", "attn.out.weight", "moe.experts.w_up", "moe.experts.w_down")
@@ -226,7 +227,7 @@ class Stage(nn.Module):
     def run_layers(self, x: torch.Tensor, start_pos: int = 0, caches: Optional[list[KVCache]] = None,
                    mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, list[tuple[int, Routing]]]:
         """Positions where `mask` [B, T] is 0 (padding) are not routed."""
-        valid = None if mask is None else mask.reshape(-1) > 0
+        valid = routed_positions(mask)
         routings = []
         for j, (i, block) in enumerate(zip(self.layer_ids, self.blocks.values())):
             x = block.attention_residual(x, self.rope_cos, self.rope_sin, start_pos,

@@ -17,7 +17,7 @@ the replicated parameters; statistics are added by the TP-rank 0 of each replica
 Decode: every rank of a TP group decodes the whole prompt batch with its heads' shard of the KV
 cache; every DP replica decodes it too (no cross-replica traffic inside the timed loop, so the
 per-token times are those of one TP group serving the batch, which is what TP's TPOT means),
-and rank 0's tokens are broadcast at the end so every rank returns the same ones.
+and rank 0 answers for every sequence, so every rank returns the same tokens.
 
 Dropout: the constructor gives a TP group one RNG stream for its replicated dropout when
 `model.dropout > 0` (`sync_rng_state`); expert dropout draws from private streams (sharding.py).

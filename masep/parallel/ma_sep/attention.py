@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from masep.model import KVCache, MoETransformer, Routing, combine, sort_by_expert
+from masep.model import KVCache, MoETransformer, Routing, combine, routed_positions, sort_by_expert
 from masep.parallel.base import GlobalBatch, LossTerms
 from masep.parallel.comm import PendingP2P, gather_uneven_rows, scatter_rows, sync_gradients
 from masep.parallel.ma_sep.protocol import (KIND, MASepRank, _Flight, _Route, dispatch, remote_experts_static,
@@ -56,7 +56,7 @@ class AttentionRank(MASepRank):
     # ------------------------------------------------------------------ training
 
     def _forward_wave(self, mbs: list[GlobalBatch], wave: range, loss: LossTerms) -> list[_Flight]:
-        flights = [_Flight(mbs[i].inputs, mbs[i], i) for i in wave]
+        flights = [_Flight(mbs[i].inputs, mbs[i], i, routed_positions(mbs[i].mask)) for i in wave]
         for s in range(self.L + 1):
             for f in flights:
                 self._forward_segment(f, s, loss)
@@ -94,7 +94,7 @@ class AttentionRank(MASepRank):
                                              caches[s] if caches is not None else None)
                 xn = block.moe_norm(h)
                 xn_flat = xn.reshape(-1, xn.shape[-1])
-                routing = block.moe.route(xn_flat, None if f.mb is None else f.mb.mask.reshape(-1) > 0)
+                routing = block.moe.route(xn_flat, f.valid)
                 route = self._sort_and_share(routing, h, xn)
                 rows = xn_flat.index_select(0, route.tok).to(self.wire_dtype)
                 if self.tp > 1:  # my share; its backward all-gathers the shares' gradients

@@ -127,6 +127,7 @@ class _Flight:
     ids: torch.Tensor
     mb: Optional[object] = None  # the GlobalBatch micro-batch (targets and mask) when a loss is computed
     index: int = 0  # micro-batch index inside the replica's step (for error messages)
+    valid: Optional[torch.Tensor] = None  # the positions to route (None: all)
     routes: dict = field(default_factory=dict)  # layer -> _Route
     outputs: dict = field(default_factory=dict)  # segment -> (tensors, their gradients' sources)
     logits: Optional[torch.Tensor] = None
