@@ -14,9 +14,9 @@ Schedule (per replica, per optimizer step): 1F1B as in Megatron-LM (non-interlea
   flight on stage s, whatever M is. Forward-only work (evaluate) runs the micro-batches through
   the stages one after the other.
 
-Losses (identical to SingleRank): the last stage adds ce / n_valid_global for each micro-batch.
-  Every stage adds (lb_coef * lb + z_coef * z) / n_micro_total of its own layers for each
-  micro-batch to its backward: a stage calls backward on [output, aux] with gradients
+Losses (identical to SingleRank, `LossTerms` in base.py): the last stage's term holds the
+  cross-entropy; every stage adds its own layers' aux-loss term for each micro-batch to its
+  backward: a stage calls backward on [output, aux] with gradients
   [gradient received from the next stage, 1], so the aux-loss gradient flows through this
   stage's routers and, with the output gradient, back into the earlier stages.
 
