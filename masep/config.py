@@ -115,7 +115,7 @@ class ParallelConfig:
     world_size: int = 1
     tp: int = 1  # tensor-parallel degree (tp, tp_pp)
     pp: int = 1  # pipeline stages (pp, tp_pp)
-    microbatches: int = 4  # micro-batches in flight per replica (pp, tp_pp, ma_sep)
+    in_flight: int = 4  # ma_sep: micro-batches of a replica in flight at once (pp and tp_pp run 1F1B)
     attn_tp: int = 1  # ma_sep: head-parallel degree inside one attention replica
     attn_replicas: int = 1  # ma_sep: attention replicas, each taking a share of the tokens
     moe_ranks: int = 1  # ma_sep: ranks holding the experts

@@ -18,11 +18,11 @@ steps=${STEPS:-6}
 declare -A sets=(
   [single]="parallel.strategy=single"
   [tp2]="parallel.strategy=tp parallel.tp=2"
-  [pp2]="parallel.strategy=pp parallel.pp=2 parallel.microbatches=4"
+  [pp2]="parallel.strategy=pp parallel.pp=2"
   [ep_dp2]="parallel.strategy=ep_dp"
   [tp1]="parallel.strategy=tp parallel.tp=1"
   [ep_dp1]="parallel.strategy=ep_dp"
-  [ma_sep]="parallel.strategy=ma_sep parallel.attn_tp=1 parallel.attn_replicas=1 parallel.moe_ranks=1 parallel.microbatches=${MA_INFLIGHT:-2}"
+  [ma_sep]="parallel.strategy=ma_sep parallel.attn_tp=1 parallel.attn_replicas=1 parallel.moe_ranks=1 parallel.in_flight=${MA_INFLIGHT:-2}"
 )
 declare -A ranks=([single]=1 [tp2]=2 [pp2]=2 [ep_dp2]=2 [ma_sep]=2 [tp1]=1 [ep_dp1]=1)
 for label in $labels; do

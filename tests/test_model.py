@@ -264,3 +264,16 @@ def test_single_rank_generate_equals_eager_greedy_loop():
     gen = SingleRank(cfg, make_layout(cfg), 0, "cpu", model).generate(prompt, 8)
     assert torch.equal(gen.tokens, torch.stack(want, 1))
     assert len(gen.token_s) == 7 and all(t > 0 for t in gen.token_s)
+
+
+def test_padding_is_routed_nowhere_and_counts_nowhere():
+    """Masked positions take no capacity and add nothing to the aux losses or counts: routing
+    them with the others equals routing the valid tokens alone."""
+    logits = torch.randn(32, 8, generator=torch.Generator().manual_seed(3))
+    valid = torch.rand(32, generator=torch.Generator().manual_seed(4)) > 0.3
+    got, want = route(logits, 2, 1.0, valid), route(logits[valid], 2, 1.0)
+    assert want.dropped > 0  # capacity binds, so the padding's absence matters
+    assert torch.equal(got.keep[valid], want.keep) and not got.keep[~valid].any()
+    assert torch.equal(got.tokens_per_expert, want.tokens_per_expert) and got.dropped == want.dropped
+    assert got.lb_loss == want.lb_loss and got.z_loss == want.z_loss
+    assert torch.equal(got.weight[valid], want.weight) and not got.weight[~valid].any()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
 import torch
@@ -263,14 +263,33 @@ def expert_capacity(n_tokens: int, n_experts: int, top_k: int, factor: Optional[
     return max(1, math.ceil(factor * n_tokens * top_k / n_experts))
 
 
-def route(logits: torch.Tensor, top_k: int, capacity_factor: Optional[float]) -> Routing:
+def routed_positions(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The positions to route, [B*T] bool, from a loss mask [B, T] (padding is 0); None when
+    all are (packed batches: then routing needs no host sync for it)."""
+    if mask is None:
+        return None
+    valid = mask.reshape(-1) > 0
+    return None if bool(valid.all()) else valid
+
+
+def route(logits: torch.Tensor, top_k: int, capacity_factor: Optional[float],
+          valid: Optional[torch.Tensor] = None) -> Routing:
     """Top-k softmax routing with Switch and ST-MoE auxiliary losses over the N given tokens.
+    `valid` [N] bool: only these tokens are routed (padding is not: it takes no capacity, adds
+    nothing to the aux losses or counts, and goes to no expert).
 
     lb_loss = E * sum_i f_i * P_i, with f_i the share of the N*k assignments that chose expert i
     and P_i the mean router probability of expert i (Fedus et al. 2021, generalised to top-k).
     z_loss = mean_n (logsumexp_i logits[n, i])^2 (Zoph et al. 2022).
     Capacity: first choices are served before second choices, earlier tokens first.
     """
+    if valid is not None:
+        sub = route(logits[valid], top_k, capacity_factor)
+        rows = valid[:, None].expand(-1, top_k)
+
+        def full(t):  # padding's rows: expert 0, weight 0, not kept
+            return t.new_zeros(rows.shape).masked_scatter(rows, t)
+        return replace(sub, expert=full(sub.expert), weight=full(sub.weight), keep=full(sub.keep))
     logits = logits.float()
     N, E = logits.shape
     probs = logits.softmax(dim=-1)
@@ -361,16 +380,17 @@ class MoE(nn.Module):
         self.experts = Experts(cfg.experts, cfg.hidden, cfg.expert_hidden, cfg.expert_activation,
                                cfg.expert_dropout)
 
-    def route(self, x_flat: torch.Tensor) -> Routing:
+    def route(self, x_flat: torch.Tensor, valid: Optional[torch.Tensor] = None) -> Routing:
         # The router runs in fp32 even under autocast: its softmax and z-loss need the range.
         with torch.autocast(device_type=x_flat.device.type, enabled=False):
             logits = F.linear(x_flat.float(), self.router.weight.float())
-        return route(logits, self.cfg.top_k, self.cfg.capacity_factor)
+        return route(logits, self.cfg.top_k, self.cfg.capacity_factor, valid)
 
-    def forward(self, x: torch.Tensor, expert_fn: Optional[ExpertFn] = None) -> tuple[torch.Tensor, Routing]:
+    def forward(self, x: torch.Tensor, expert_fn: Optional[ExpertFn] = None,
+                valid: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Routing]:
         shape = x.shape
         x_flat = x.reshape(-1, shape[-1])
-        routing = self.route(x_flat)
+        routing = self.route(x_flat, valid)
         y = dispatch_combine(x_flat, routing, expert_fn or self.experts, self.cfg.experts)
         return y.view(shape), routing
 
@@ -397,8 +417,8 @@ class Block(nn.Module):
         h = self.attn(self.attn_norm(x), cos, sin, start_pos, cache)
         return x + F.dropout(h, self.dropout, self.training)
 
-    def moe_residual(self, x, expert_fn: Optional[ExpertFn] = None):
-        h, routing = self.moe(self.moe_norm(x), expert_fn)
+    def moe_residual(self, x, expert_fn: Optional[ExpertFn] = None, valid: Optional[torch.Tensor] = None):
+        h, routing = self.moe(self.moe_norm(x), expert_fn, valid)
         return x + F.dropout(h, self.dropout, self.training), routing
 
     def forward(self, x, cos, sin, start_pos=0, cache=None):
@@ -432,14 +452,16 @@ class MoETransformer(nn.Module):
         return logits
 
     def forward(self, ids: torch.Tensor, start_pos: int = 0, caches: Optional[list[KVCache]] = None,
-                last_only: bool = False) -> tuple[torch.Tensor, list[Routing]]:
-        """Logits [B, T, V] (or [B, 1, V] with `last_only`, as decoding needs) and each layer's routing."""
+                last_only: bool = False, mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, list[Routing]]:
+        """Logits [B, T, V] (or [B, 1, V] with `last_only`, as decoding needs) and each layer's
+        routing; positions where `mask` [B, T] is 0 (padding) are not routed."""
+        valid = routed_positions(mask)
         x = self.embed(ids)
         routings = []
         for i, block in enumerate(self.blocks):
             x = block.attention_residual(x, self.rope_cos, self.rope_sin, start_pos,
                                          caches[i] if caches is not None else None)
-            x, routing = block.moe_residual(x)
+            x, routing = block.moe_residual(x, valid=valid)
             routings.append(routing)
         return self.logits(x[:, -1:] if last_only else x), routings
 

@@ -6,8 +6,8 @@ Global-batch semantics (identical on one rank and on many):
   (a data-parallel replica takes a contiguous block of them).
 - The language-model loss is the mean cross-entropy over all valid (mask = 1) target tokens of
   the global batch: each micro-batch contributes ce_sum / n_valid_global.
-- The auxiliary losses are computed per micro-batch (the tokens one replica routes in one
-  forward), summed over layers, and averaged over the global batch's micro-batches:
+- The auxiliary losses are computed per micro-batch (the valid tokens one replica routes in one
+  forward: padding is not routed), summed over layers, and averaged over the micro-batches:
   loss += (lb_coef * sum_layers lb + z_coef * sum_layers z) / n_micro_total.
 - Gradients of a parameter are summed (not averaged) over the ranks that computed parts of them.
 """
@@ -15,15 +15,15 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 import torch.distributed as dist
 
 from masep.config import Config
-from masep.model import Routing, drop_weight_copy
+from masep.model import Routing, drop_weight_copy, lm_loss_sum
 from masep.parallel.layout import Layout
 
 
@@ -182,34 +182,223 @@ def stream_tokens(decoder: StaticDecoder, n: int, context=nullcontext) -> tuple[
     return list(host.unbind(0)), times
 
 
+class LossTerms:
+    """The global-batch contract for one micro-batch's share of the step loss (module docstring):
+    ce_sum / n_valid_global for the logits given, plus (lb_coef * sum lb + z_coef * sum z) /
+    n_micro_total for the layers' routings given. It adds what it sees to `stats` when `counts`
+    (else another rank counts the same numbers)."""
+
+    def __init__(self, n_valid: int, n_micro: int, cfg, stats: LocalStats, counts: bool):
+        self.n_valid, self.n_micro, self.stats, self.counts = n_valid, n_micro, stats, counts
+        self.lb_coef, self.z_coef = cfg.lb_coef, cfg.z_coef
+
+    def __call__(self, routings: Iterable[tuple[int, Routing]] = (), logits: Optional[torch.Tensor] = None,
+                 mb: Optional[GlobalBatch] = None) -> Optional[torch.Tensor]:
+        routings, loss = list(routings), None
+        if routings:
+            loss = sum(self.lb_coef * r.lb_loss + self.z_coef * r.z_loss for _, r in routings) / self.n_micro
+        if self.counts:
+            for layer, r in routings:
+                self.stats.add_routing(layer, r)
+        if logits is not None:
+            ce = lm_loss_sum(logits, mb.targets, mb.mask)
+            if self.counts:
+                self.stats.add_ce(ce)
+            loss = ce / max(self.n_valid, 1) + (0 if loss is None else loss)
+        return loss
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
 class Strategy(ABC):
     """A parallel strategy holding its share of one `MoETransformer`.
 
-    Subclasses receive the full, initialised model on the CPU and keep only their part.
+    The step, evaluation and `generate` are written here, once; a strategy supplies hooks:
+    - its constructor shards the model (it receives the full, initialised model on the CPU and
+      keeps only its part) and sets `replica` / `replicas` (its data-parallel share);
+    - `modules()` (and `named_parameters()` where names differ from the modules'), `replication`,
+      `checkpoint_key`, `adds_stats` (whether this rank counts the statistics it computes);
+    - training: `run_schedule` (forward and backward of my micro-batches, every loss term from
+      the `LossTerms` it is given), `forward_only` (evaluation), `reduce_gradients`;
+    - decoding: `decode_rows` (the prompt rows this rank decodes), `new_caches`, `prefill`,
+      `decode_step` (fixed shapes, no host sync), `answers` (whether this rank's tokens are the
+      answer for its rows), and for ranks without rows `serve_prefill` / `serve_decode`.
     """
 
     name = "base"
+    replica, replicas = 0, 1  # this rank's data-parallel replica: it takes block `replica` of the micro-batches
 
     def __init__(self, cfg: Config, layout: Layout, rank: int, device: torch.device):
         self.cfg, self.layout, self.rank, self.device = cfg, layout, rank, torch.device(device)
 
-    # ---- what the trainer uses
+    # ---- hooks: what the strategy holds
     @abstractmethod
+    def modules(self) -> list[torch.nn.Module]:
+        """The modules this rank holds."""
+
     def named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
         """Local parameters, named as in the full model."""
+        return [np for m in self.modules() for np in m.named_parameters()]
 
-    @abstractmethod
+    def replication(self, name: str) -> int:
+        """How many ranks hold an identical copy of parameter `name` (for the global norm)."""
+        return 1
+
+    def checkpoint_key(self, name: str) -> str:
+        """Key of a local parameter in a checkpoint; shards of one parameter need distinct keys."""
+        return name
+
+    def adds_stats(self) -> bool:
+        """Whether this rank adds the statistics it computes (one rank of those computing the same)."""
+        return True
+
+    # ---- hooks: training
+    def forward(self, mb: GlobalBatch) -> tuple[torch.Tensor, list[Routing]]:
+        """Logits and routings of a micro-batch through this rank's model (the default schedule's;
+        padding, mask 0, is not routed)."""
+        raise NotImplementedError
+
+    def run_schedule(self, mbs: list[GlobalBatch], loss: LossTerms) -> None:
+        """Forward and backward of my micro-batches. Default: gradient accumulation through `forward`."""
+        for mb in mbs:
+            with self.autocast():
+                logits, routings = self.forward(mb)
+            term = loss(enumerate(routings), logits, mb)
+            if torch.is_grad_enabled():
+                term.backward()
+
+    def forward_only(self, mbs: list[GlobalBatch], loss: LossTerms) -> None:
+        """Forward of my share of an evaluation batch (no gradients; `loss` counts the ce)."""
+        self.run_schedule(mbs, loss)
+
+    def reduce_gradients(self) -> None:
+        """Sum the local gradients over the ranks that computed parts of them."""
+
+    def my_microbatches(self, mbs: list[GlobalBatch], exact: bool = True) -> list[GlobalBatch]:
+        """My replica's contiguous block (`exact`: the layout's count, as training needs)."""
+        n, m = len(mbs), self.layout.microbatches
+        if exact and n != m * self.replicas:
+            raise ValueError(f"{self.name}: the global batch has {n} micro-batches, the layout expects "
+                             f"{m} per replica x {self.replicas} replicas")
+        return mbs[self.replica * n // self.replicas:(self.replica + 1) * n // self.replicas]
+
+    # ---- hooks: decoding
+    def decode_rows(self, batch: int) -> slice:
+        """The rows of the prompt batch this rank decodes (may be empty)."""
+        return slice(0, batch)
+
+    def answers(self) -> bool:
+        """Whether this rank's tokens are the answer for its rows (one rank per row)."""
+        return self.rank == 0
+
+    def new_caches(self, batch: int, max_len: int) -> list:
+        """KV caches of this rank's layers and heads."""
+        raise NotImplementedError
+
+    def prefill(self, ids: torch.Tensor, caches) -> torch.Tensor:
+        """The prompt rows `ids` [b, T] through the model: the next ids [b]."""
+        raise NotImplementedError
+
+    def decode_step(self, ids: torch.Tensor, pos: torch.Tensor, caches) -> torch.Tensor:
+        """One token [b, 1] at device position `pos` [1], fixed shapes: the next ids [b]."""
+        raise NotImplementedError
+
+    def serve_prefill(self, batch: int) -> None:
+        """A rank without rows takes part in the prefill of a prompt batch of `batch` rows."""
+
+    def serve_decode(self, n: int, batch: int) -> list[float]:
+        """A rank without rows takes part in `n` decode steps; seconds per step (or zeros)."""
+        return [0.0] * n
+
+    def decoding(self, batch: int):
+        """Context of the decode steps of a prompt batch of `batch` rows."""
+        return nullcontext()
+
+    def cuda_graph(self) -> bool:
+        """Whether the decode step is replayed as a CUDA graph (steps holding collectives or
+        point-to-point transfers are not: their capture is not verified yet)."""
+        return False
+
+    def decoder(self, ids: torch.Tensor, pos: torch.Tensor, caches) -> StaticDecoder:
+        return StaticDecoder(lambda i, p: self.decode_step(i, p, caches), ids, pos, self.cuda_graph())
+
+    def decode_path(self) -> str:
+        """How `generate` decodes, for benchmark tables."""
+        return "fixed-shape step in a CUDA graph" if self.cuda_graph() else \
+            "fixed-shape step, no CUDA graph (prefill eager)"
+
+    # ---- what the trainer uses, written once
+    def _loss_terms(self, batch: GlobalBatch, n_micro: int) -> LossTerms:
+        m = self.cfg.model
+        return LossTerms(batch.n_valid(), n_micro, m, LocalStats(m.layers, m.experts), self.adds_stats())
+
     def forward_backward(self, batch: GlobalBatch) -> StepStats:
         """Forward and backward over this rank's share of the global batch; on return every
         local parameter holds its full global-batch gradient."""
+        batch = batch.to(self.device)
+        mbs = batch.microbatches(self.layout.microbatch_size)
+        loss = self._loss_terms(batch, len(mbs))
+        self.run_schedule(self.my_microbatches(mbs), loss)
+        for _, p in self.named_parameters():  # a parameter no token reached has a zero gradient
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        self.reduce_gradients()
+        return loss.stats.reduce(loss.n_valid, len(mbs), self.device)
 
-    @abstractmethod
+    @torch.no_grad()
     def evaluate(self, batch: GlobalBatch) -> tuple[float, int]:
         """Global (ce_sum, n_valid_tokens) of the batch, no gradients, dropout off."""
+        batch = batch.to(self.device)
+        mbs = batch.microbatches(self.layout.microbatch_size)
+        loss = self._loss_terms(batch, len(mbs))
+        with self.eval_mode():
+            self.forward_only(self.my_microbatches(mbs, exact=False), loss)
+        return loss.stats.reduce(loss.n_valid, len(mbs), self.device).ce_sum, loss.n_valid
 
-    @abstractmethod
+    @torch.no_grad()
     def generate(self, prompt: torch.Tensor, new_tokens: int) -> Generation:
-        """Greedy decoding with a KV cache; every rank returns the same tokens."""
+        """Greedy decoding with a KV cache; every rank returns the same tokens: an eager
+        prefill, then the fixed-shape step under `StaticDecoder`, streamed (`stream_tokens`)."""
+        B, T0 = prompt.shape
+        rows = self.decode_rows(B)
+        ids = prompt[rows].to(self.device)
+        active = ids.shape[0] > 0
+        with self.eval_mode():
+            caches = self.new_caches(ids.shape[0], T0 + new_tokens) if active else None
+            if world_size() > 1:
+                dist.barrier()  # every rank starts the clock together
+            sync(self.device)
+            t0 = time.perf_counter()
+            with self.autocast():
+                first = self.prefill(ids, caches) if active else self.serve_prefill(B)
+            sync(self.device)
+            prefill_s = time.perf_counter() - t0
+            with self.decoding(B):
+                if active:
+                    with self.autocast():
+                        decoder = self.decoder(first[:, None], torch.tensor([T0], device=self.device), caches)
+                    rest, times = self.stream_tokens(decoder, new_tokens - 1)
+                else:
+                    times = self.serve_decode(new_tokens - 1, B)
+        if world_size() == 1:
+            return Generation(torch.stack([first.cpu()] + rest, 1), prefill_s, times)
+        tokens = torch.zeros(B, new_tokens, dtype=torch.long, device=self.device)
+        if active and self.answers():
+            tokens[rows] = torch.stack([first.cpu()] + rest, 1).to(self.device)
+        dist.all_reduce(tokens)  # one rank answers for each row: the sum is every row's tokens
+        return Generation(tokens.cpu(), prefill_s, times)
+
+    @contextmanager
+    def eval_mode(self):
+        was = [m.training for m in self.modules()]
+        self.train(False)
+        try:
+            yield
+        finally:
+            for m, mode in zip(self.modules(), was):
+                m.train(mode)
 
     def timed_tokens(self, next_token: Callable[[int], Optional[torch.Tensor]],
                      n: int) -> tuple[list[Optional[torch.Tensor]], list[float]]:
@@ -227,25 +416,9 @@ class Strategy(ABC):
     def stream_tokens(self, decoder: StaticDecoder, n: int) -> tuple[list[torch.Tensor], list[float]]:
         return stream_tokens(decoder, n, self.autocast)
 
-    def decode_path(self) -> str:
-        """How `generate` decodes, for benchmark tables. Multi-rank steps hold collectives or
-        point-to-point transfers, whose capture in a CUDA graph is not verified yet."""
-        return "fixed-shape step, no CUDA graph (prefill eager)"
-
-    def replication(self, name: str) -> int:
-        """How many ranks hold an identical copy of parameter `name` (for the global norm)."""
-        return 1
-
     def train(self, mode: bool = True) -> None:
         for m in self.modules():
             m.train(mode)
-
-    def modules(self) -> list[torch.nn.Module]:
-        return []
-
-    def checkpoint_key(self, name: str) -> str:
-        """Key of a local parameter in a checkpoint; shards of one parameter need distinct keys."""
-        return name
 
     # ---- shared helpers
     def compute_dtype(self) -> torch.dtype:
@@ -290,6 +463,3 @@ class Strategy(ABC):
         for _, p in self.named_parameters():
             drop_weight_copy(p)
             p.data = p.data.to(dtype)
-
-    def aux_coefficients(self) -> tuple[float, float]:
-        return self.cfg.model.lb_coef, self.cfg.model.z_coef

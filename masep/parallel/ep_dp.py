@@ -25,7 +25,7 @@ where the expert matrix products would cast them anyway), so sender and receiver
 Every rank must join each collective the same number of times, forward and backward: in
 training every rank runs the same number of micro-batches (the layout checks it); where work
 is uneven (evaluation of a batch that does not split evenly, decoding) a rank without tokens
-still serves its experts through an empty exchange per layer (`_serve_experts`).
+still serves its experts through an empty exchange per layer (`serve_prefill`).
 
 Capacity: routing happens on the routing rank over one micro-batch's tokens, exactly as on one
 rank, so capacity drops -- and therefore parity with `SingleRank` -- are the same with a
@@ -40,17 +40,16 @@ are summed over the world at the end, so every rank returns them all.
 """
 from __future__ import annotations
 
-import time
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 
-from masep.model import Experts, MoETransformer, lm_loss_sum
-from masep.parallel.base import Generation, GlobalBatch, LocalStats, StaticDecoder, StepStats, Strategy, sync
-from masep.parallel.comm import (all_reduce_sum, all_to_all, exchange_counts, new_group_containing, post_p2p,
-                                 sync_gradients)
+from masep.model import Experts, MoETransformer
+from masep.parallel.base import Strategy
+from masep.parallel.comm import all_to_all, exchange_counts, new_group_containing, post_p2p, sync_gradients
 
 
 class EPExperts(Experts):
@@ -111,7 +110,8 @@ class ExpertDataParallel(Strategy):
     def __init__(self, cfg, layout, rank, device, model: MoETransformer):
         super().__init__(cfg, layout, rank, device)
         m = cfg.model
-        self.world = layout.world_size
+        self.world = self.replicas = layout.world_size
+        self.replica = rank
         # A group of its own so that collectives give up after parallel.timeout_s.
         self.group = (new_group_containing(rank, [list(range(self.world))],
                                            timedelta(seconds=cfg.parallel.timeout_s))
@@ -133,9 +133,6 @@ class ExpertDataParallel(Strategy):
     def modules(self):
         return [self.model]
 
-    def named_parameters(self):
-        return list(self.model.named_parameters())
-
     @staticmethod
     def is_expert(name: str) -> bool:
         return name.endswith(("moe.experts.w_up", "moe.experts.w_down"))
@@ -146,7 +143,19 @@ class ExpertDataParallel(Strategy):
     def checkpoint_key(self, name: str) -> str:
         return f"{name}.ep{self.rank}of{self.world}" if self.is_expert(name) else name
 
-    def _serve_experts(self) -> None:
+    def forward(self, mb):
+        return self.model(mb.inputs, mask=mb.mask)
+
+    def reduce_gradients(self) -> None:
+        sync_gradients([p for name, p in self.named_parameters() if not self.is_expert(name)], self.group)
+
+    def forward_only(self, mbs, loss) -> None:
+        """As many forwards as the busiest rank: without a micro-batch, serve the experts."""
+        super().forward_only(mbs, loss)
+        for _ in range(-(-loss.n_micro // self.world) - len(mbs)):
+            self.serve_prefill(0)
+
+    def serve_prefill(self, batch: int) -> None:
         """Join one forward's exchanges with no tokens of our own (others' still arrive)."""
         hidden, E = self.cfg.model.hidden, self.cfg.model.experts
         empty = torch.empty(0, hidden, dtype=self.compute_dtype(), device=self.device)
@@ -155,105 +164,36 @@ class ExpertDataParallel(Strategy):
             for block in self.model.blocks:
                 block.moe.experts(empty, no_counts)
 
-    def forward_backward(self, batch: GlobalBatch) -> StepStats:
-        batch = batch.to(self.device)
-        n_valid = batch.n_valid()
-        mbs = batch.microbatches(self.layout.microbatch_size)
-        m = self.layout.microbatches
-        if len(mbs) != m * self.world:
-            raise ValueError(f"ep_dp: the global batch has {len(mbs)} micro-batches, the layout expects "
-                             f"{m} per rank x {self.world} ranks")
-        lb_coef, z_coef = self.aux_coefficients()
-        stats = LocalStats(self.cfg.model.layers, self.cfg.model.experts)
-        for mb in mbs[self.rank * m:(self.rank + 1) * m]:
-            with self.autocast():
-                logits, routings = self.model(mb.inputs)
-            ce = lm_loss_sum(logits, mb.targets, mb.mask)
-            aux = sum(lb_coef * r.lb_loss + z_coef * r.z_loss for r in routings) / len(mbs)
-            (ce / max(n_valid, 1) + aux).backward()
-            stats.add_ce(ce)
-            for layer, r in enumerate(routings):
-                stats.add_routing(layer, r)
-        named = self.named_parameters()
-        for _, p in named:  # an expert no token chose still has a (zero) gradient, as on one rank
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        sync_gradients([p for name, p in named if not self.is_expert(name)], self.group)
-        return stats.reduce(n_valid, len(mbs), self.device)
+    def serve_decode(self, n: int, batch: int) -> list[float]:
+        return self.timed_tokens(lambda _: self.serve_prefill(batch), n)[1]
 
-    @torch.no_grad()
-    def evaluate(self, batch: GlobalBatch) -> tuple[float, int]:
-        batch = batch.to(self.device)
-        was_training = self.model.training
-        self.model.eval()
-        mbs = batch.microbatches(self.layout.microbatch_size)
-        n, W = len(mbs), self.world
-        mine = mbs[self.rank * n // W:(self.rank + 1) * n // W]
-        ce = torch.zeros((), dtype=torch.float64, device=self.device)
-        for i in range(-(-n // W)):  # as many forwards as the busiest rank
-            if i < len(mine):
-                with self.autocast():
-                    logits, _ = self.model(mine[i].inputs)
-                ce += lm_loss_sum(logits, mine[i].targets, mine[i].mask).double()
-            else:
-                self._serve_experts()
-        self.model.train(was_training)
-        if self.group is not None:
-            all_reduce_sum(ce, self.group)
-        return float(ce), batch.n_valid()
-
-    def _decode_rows(self, batch: int, rank: Optional[int] = None) -> slice:
+    def decode_rows(self, batch: int, rank: Optional[int] = None) -> slice:
         rank = self.rank if rank is None else rank
         if self.cfg.model.capacity_factor is not None:
             return slice(0, batch if rank == 0 else 0)
         return slice(rank * batch // self.world, (rank + 1) * batch // self.world)
 
-    @torch.no_grad()
-    def generate(self, prompt: torch.Tensor, new_tokens: int) -> Generation:
-        model = self.model
-        was_training = model.training
-        model.eval()
-        B, T0 = prompt.shape
-        rows = self._decode_rows(B)
-        mine = prompt[rows].to(self.device)
-        active = mine.shape[0] > 0
-        caches = model.new_caches(mine.shape[0], T0 + new_tokens, dtype=self.compute_dtype()) if active else None
+    def answers(self) -> bool:
+        return True  # each row is decoded by one rank
 
-        def step(ids, start_pos):
-            if not active:
-                self._serve_experts()
-                return None
-            with self.autocast():
-                logits, _ = model(ids, start_pos, caches)
-            return logits[:, -1].argmax(-1)
+    def new_caches(self, batch, max_len):
+        return self.model.new_caches(batch, max_len, dtype=self.compute_dtype())
 
-        if self.group is not None:
-            dist.barrier()  # every rank starts the clock together
-        sync(self.device)
-        t0 = time.perf_counter()
-        next_ids = step(mine, 0)
-        sync(self.device)
-        prefill_s = time.perf_counter() - t0
-        # Decoding proper: fixed-shape steps; every rank learns how many rows each rank sends.
+    def prefill(self, ids, caches):
+        return self.model(ids, 0, caches, last_only=True)[0][:, -1].argmax(-1)
+
+    def decode_step(self, ids, pos, caches):
+        return self.model.decode_step(ids, pos, caches)
+
+    @contextmanager
+    def decoding(self, batch: int):
+        """Fixed-shape steps: every rank learns how many rows each rank sends."""
         k = self.cfg.model.top_k
-        static_rows = [(sl.stop - sl.start) * k for sl in (self._decode_rows(B, r) for r in range(self.world))]
-        for block in model.blocks:
-            block.moe.experts.static_rows = static_rows
+        rows = [(sl.stop - sl.start) * k for sl in (self.decode_rows(batch, r) for r in range(self.world))]
+        for block in self.model.blocks:
+            block.moe.experts.static_rows = rows
         try:
-            if active:
-                with self.autocast():
-                    decoder = StaticDecoder(lambda i, p: model.decode_step(i, p, caches), next_ids[:, None],
-                                            torch.tensor([T0], device=self.device), cuda_graph=False)
-                rest, times = self.stream_tokens(decoder, new_tokens - 1)
-            else:
-                _, times = self.timed_tokens(lambda _: self._serve_experts(), new_tokens - 1)
+            yield
         finally:
-            for block in model.blocks:
+            for block in self.model.blocks:
                 block.moe.experts.static_rows = None
-        model.train(was_training)
-        tokens = torch.zeros(B, new_tokens, dtype=torch.long, device=self.device)
-        if active:
-            tokens[rows] = torch.stack([next_ids.cpu()] + rest, 1).to(self.device)
-        if self.group is not None:  # each sequence was decoded by one rank: the sum is all of them
-            all_reduce_sum(tokens, self.group)
-        return Generation(tokens.cpu(), prefill_s, times)

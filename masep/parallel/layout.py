@@ -29,7 +29,7 @@ class Layout:
     attn_tp: int = 1  # ma_sep: head-parallel degree inside one attention replica
     attn_replicas: int = 1  # ma_sep
     moe_ranks: int = 0  # ma_sep
-    microbatches: int = 1  # micro-batches in flight per replica per optimizer step
+    microbatches: int = 1  # micro-batches per replica per optimizer step
     microbatch_size: int = 1  # sequences per micro-batch
 
     def to_dict(self) -> dict:
@@ -109,6 +109,7 @@ def make_layout(cfg: Config) -> Layout:
               f"= {a_tp * reps + moe}, not world size {W}")
         _need(m.heads % a_tp == 0, "parallel.attn_tp", f"head-parallel degree {a_tp} does not divide {m.heads} heads")
         _need(m.experts % moe == 0, "parallel.moe_ranks", f"{moe} MoE ranks do not divide {m.experts} experts")
+        _need(p.in_flight >= 1, "parallel.in_flight", f"micro-batches in flight must be positive, not {p.in_flight}")
         micro = split_batch(reps, "attention replicas")
         return Layout(dp=reps, attn_tp=a_tp, attn_replicas=reps, moe_ranks=moe, microbatches=micro, **common)
     raise ConfigError(f"parallel.strategy: unknown strategy {s!r}")

@@ -5,7 +5,8 @@ What is split
   also holds the token embedding, the last stage the final norm and the output head (with tied
   embeddings both ends hold a copy of the one matrix and sum its gradient). The world holds
   dp = world / pp replicas of this pipeline (rank = dp_index * pp + stage). Replica d takes
-  micro-batches [d * M, (d + 1) * M) of the global batch, M = `layout.microbatches`.
+  micro-batches [d * M, (d + 1) * M) of the global batch, M = `layout.microbatches` (the
+  global batch's micro-batches over the replicas: train.global_batch / train.micro_batch / dp).
 
 Schedule (per replica, per optimizer step): 1F1B as in Megatron-LM (non-interleaved).
   Stage s runs min(pp - s - 1, M) warm-up forwards, then alternates one forward and one
@@ -13,9 +14,9 @@ Schedule (per replica, per optimizer step): 1F1B as in Megatron-LM (non-interlea
   flight on stage s, whatever M is. Forward-only work (evaluate) runs the micro-batches through
   the stages one after the other.
 
-Losses (identical to SingleRank): the last stage adds ce / n_valid_global for each micro-batch.
-  Every stage adds (lb_coef * lb + z_coef * z) / n_micro_total of its own layers for each
-  micro-batch to its backward: a stage calls backward on [output, aux] with gradients
+Losses (identical to SingleRank, `LossTerms` in base.py): the last stage's term holds the
+  cross-entropy; every stage adds its own layers' aux-loss term for each micro-batch to its
+  backward: a stage calls backward on [output, aux] with gradients
   [gradient received from the next stage, 1], so the aux-loss gradient flows through this
   stage's routers and, with the output gradient, back into the earlier stages.
 
@@ -44,8 +45,8 @@ Decoding: every replica decodes the whole prompt batch (one request stream per r
   times are those of one pipeline serving the batch). The prompt goes through the stages in one
   piece; each stage keeps the KV caches of its own layers; the last stage picks the next token
   and broadcasts it over the replica's pipeline group (the first stage needs it to embed the
-  next step; the others return it), which also synchronises every stage per token. Rank 0's
-  tokens are broadcast to the world at the end, so every rank returns the same ones.
+  next step; the others return it), which also synchronises every stage per token. Rank 0
+  answers for every sequence, so every rank returns the same tokens.
 
 Evaluation: forward only, micro-batch by micro-batch through the stages of each replica; the
   last stages' cross-entropy sums are added over the world.
@@ -55,54 +56,17 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from masep.model import KVCache, MoETransformer, Routing, lm_loss_sum
-from masep.parallel.base import Generation, GlobalBatch, LocalStats, StaticDecoder, StepStats, Strategy, sync
+from masep.model import MoETransformer
+from masep.parallel.base import GlobalBatch, LossTerms, Strategy, sync
 from masep.parallel.comm import new_group_containing, p2p_exchange, sync_gradients
+from masep.parallel.sharding import Stage
 from masep.telemetry.timing import comm_timer
-
-
-class PipelineStageModule(nn.Module):
-    """Layers `layer_ids` of the model, plus the embedding on the first stage and the final norm
-    and head on the last. Parameter names stay those of the full model (`blocks.<i>....`)."""
-
-    def __init__(self, model: MoETransformer, layer_ids: list[int], first: bool, last: bool,
-                 blocks: Optional[nn.ModuleDict] = None):
-        super().__init__()
-        self.cfg = model.cfg
-        self.layer_ids = list(layer_ids)
-        self.embed = model.embed if first else None
-        # `blocks` ({str(layer): block}, e.g. tensor-parallel shards) replaces the model's own.
-        self.blocks = blocks if blocks is not None else nn.ModuleDict({str(i): model.blocks[i] for i in self.layer_ids})
-        self.norm = model.norm if last else None
-        self.head = model.head if last else None
-        self.register_buffer("rope_cos", model.rope_cos, persistent=False)
-        self.register_buffer("rope_sin", model.rope_sin, persistent=False)
-
-    def run_layers(self, x: torch.Tensor, start_pos: int = 0,
-                   caches: Optional[dict[int, KVCache]] = None) -> tuple[torch.Tensor, list[tuple[int, Routing]]]:
-        routings = []
-        for i in self.layer_ids:
-            block = self.blocks[str(i)]
-            x = block.attention_residual(x, self.rope_cos, self.rope_sin, start_pos,
-                                         caches[i] if caches is not None else None)
-            x, routing = block.moe_residual(x)
-            routings.append((i, routing))
-        return x, routings
-
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        # The model's own output math (norm, head, padded vocabulary masked), on this stage.
-        return MoETransformer.logits(self, x)
-
-    def new_caches(self, batch: int, max_len: int, dtype, device) -> dict[int, KVCache]:
-        return {i: KVCache.empty(batch, self.blocks[str(i)].attn.n_heads, max_len,
-                                 self.blocks[str(i)].attn.head_dim, dtype, device)
-                for i in self.layer_ids}
 
 
 @dataclass
@@ -121,16 +85,16 @@ class PipelineParallel(Strategy):
     def __init__(self, cfg, layout, rank, device, model: MoETransformer):
         super().__init__(cfg, layout, rank, device)
         c = layout.coords(rank)
-        self.stage, self.dp_index, self.tp_index = c["stage"], c["dp"], c["tp"]
-        self.n_stages = layout.pp
+        self.stage, self.replica, self.tp_index = c["stage"], c["dp"], c["tp"]
+        self.replicas, self.n_stages = layout.dp, layout.pp
         self.is_first, self.is_last = self.stage == 0, self.stage == layout.pp - 1
         per_stage = cfg.model.layers // layout.pp
         self.layer_ids = list(range(self.stage * per_stage, (self.stage + 1) * per_stage))
         self.timeout_s = cfg.parallel.timeout_s
         self.tied = cfg.model.tie_embeddings and layout.pp > 1
-        self.prev_rank = None if self.is_first else layout.rank_of(self.dp_index, self.stage - 1, self.tp_index)
-        self.next_rank = None if self.is_last else layout.rank_of(self.dp_index, self.stage + 1, self.tp_index)
-        self.last_rank = layout.rank_of(self.dp_index, layout.pp - 1, self.tp_index)
+        self.prev_rank = None if self.is_first else layout.rank_of(self.replica, self.stage - 1, self.tp_index)
+        self.next_rank = None if self.is_last else layout.rank_of(self.replica, self.stage + 1, self.tp_index)
+        self.last_rank = layout.rank_of(self.replica, layout.pp - 1, self.tp_index)
         self._make_groups()
         self.stage_module = self.build_stage(model).to(self.device)
         self.last_schedule: Optional[ScheduleTiming] = None
@@ -157,20 +121,17 @@ class PipelineParallel(Strategy):
 
     def build_stage(self, model: MoETransformer) -> nn.Module:
         """This rank's share of the model (subclasses split it further)."""
-        return PipelineStageModule(model, self.layer_ids, self.is_first, self.is_last)
+        return Stage(model, self.layer_ids, self.is_first, self.is_last)
 
-    # ------------------------------------------------------------------ trainer API
+    # ------------------------------------------------------------------ what the stage holds
 
     def modules(self):
         return [self.stage_module]
 
     def named_parameters(self):
-        out = []
-        for name, p in self.stage_module.named_parameters():
-            if self.tied and name == "head.weight":
-                name = "embed.weight"  # the full model names the tied matrix once, so do we
-            out.append((name, p))
-        return out
+        # The full model names the tied matrix once, as the embedding: so do we.
+        return [("embed.weight" if self.tied and name == "head.weight" else name, p)
+                for name, p in self.stage_module.named_parameters()]
 
     def replication(self, name: str) -> int:
         copies = self.layout.dp * self.tp_replication(name)
@@ -179,18 +140,6 @@ class PipelineParallel(Strategy):
     def tp_replication(self, name: str) -> int:
         """Copies of `name` inside one stage (1 here; the TP group's copies in tp_pp)."""
         return 1
-
-    def adds_stats(self) -> bool:
-        """Whether this rank adds its stage's losses and routing counts (one rank per stage)."""
-        return True
-
-    def _replica_share(self, mbs: list[GlobalBatch]) -> list[GlobalBatch]:
-        """This replica's contiguous block of micro-batches (evaluation batches may not divide
-        evenly: the first replicas then take one more)."""
-        dp, d = self.layout.dp, self.dp_index
-        base, extra = divmod(len(mbs), dp)
-        start = d * base + min(d, extra)
-        return mbs[start:start + base + (1 if d < extra else 0)]
 
     def _act_shape(self, mb: GlobalBatch) -> tuple[int, ...]:
         return (mb.inputs.shape[0], mb.inputs.shape[1], self.cfg.model.hidden)
@@ -217,25 +166,16 @@ class PipelineParallel(Strategy):
 
     # ------------------------------------------------------------------ one micro-batch
 
-    def _forward_step(self, mb: GlobalBatch, x_in: Optional[torch.Tensor], n_valid: int, n_micro: int,
-                      stats: LocalStats) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (output, aux): output is the activation for the next stage, or on the last
-        stage the micro-batch's whole loss term (ce / n_valid + aux)."""
-        lb_coef, z_coef = self.aux_coefficients()
+    def _forward_step(self, mb: GlobalBatch, x_in: Optional[torch.Tensor],
+                      loss: LossTerms) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (output, loss term): output is the activation for the next stage, or on the
+        last stage the loss term itself (ce / n_valid + this stage's aux losses)."""
         with self.autocast():
-            x = self.stage_module.embed(mb.inputs) if self.is_first else x_in
-            x, routings = self.stage_module.run_layers(x)
+            x, routings = self.stage_module.run_layers(self.stage_module.embed(mb.inputs) if self.is_first else x_in,
+                                                       mask=mb.mask)
             logits = self.stage_module.logits(x) if self.is_last else None
-        aux = sum(lb_coef * r.lb_loss + z_coef * r.z_loss for _, r in routings) / n_micro
-        if self.adds_stats():
-            for layer, r in routings:
-                stats.add_routing(layer, r)
-        if not self.is_last:
-            return x, aux
-        ce = lm_loss_sum(logits, mb.targets, mb.mask)
-        if self.adds_stats():
-            stats.add_ce(ce)
-        return ce / max(n_valid, 1) + aux, aux
+        term = loss(routings, logits, mb)
+        return (term if self.is_last else x), term
 
     def _backward_step(self, x_in: Optional[torch.Tensor], out: torch.Tensor, aux: torch.Tensor,
                        grad_out: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -247,21 +187,7 @@ class PipelineParallel(Strategy):
 
     # ------------------------------------------------------------------ training step
 
-    def forward_backward(self, batch: GlobalBatch) -> StepStats:
-        batch = batch.to(self.device)
-        n_valid = batch.n_valid()
-        mbs = batch.microbatches(self.layout.microbatch_size)
-        expected = self.layout.dp * self.layout.microbatches
-        if len(mbs) != expected:
-            raise ValueError(f"global batch of {batch.inputs.shape[0]} sequences makes {len(mbs)} micro-batches "
-                             f"of {self.layout.microbatch_size}; this layout needs {expected}")
-        mine = self._replica_share(mbs)
-        stats = LocalStats(self.cfg.model.layers, self.cfg.model.experts)
-        self._run_1f1b(mine, n_valid, len(mbs), stats)
-        self._sync_gradients()
-        return stats.reduce(n_valid, len(mbs), self.device)
-
-    def _run_1f1b(self, mine: list[GlobalBatch], n_valid: int, n_micro: int, stats: LocalStats) -> None:
+    def run_schedule(self, mine: list[GlobalBatch], loss: LossTerms) -> None:
         M = len(mine)
         warmup = min(self.n_stages - self.stage - 1, M)
         steady = M - warmup
@@ -281,7 +207,7 @@ class PipelineParallel(Strategy):
         def forward(i: int, x_in) -> torch.Tensor:
             nonlocal compute, max_in_flight
             t = time.perf_counter()
-            out, aux = self._forward_step(mine[i], x_in, n_valid, n_micro, stats)
+            out, aux = self._forward_step(mine[i], x_in, loss)
             sync(self.device)
             compute += time.perf_counter() - t
             in_flight.append((x_in, out, aux))
@@ -326,113 +252,52 @@ class PipelineParallel(Strategy):
                                             ideal_bubble=(pp - 1) / (M + pp - 1),
                                             max_in_flight=max_in_flight)
 
-    def _sync_gradients(self) -> None:
-        params = [p for _, p in self.named_parameters()]
-        for p in params:  # an expert no token chose still has a (zero) gradient, as on one rank
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
+    def reduce_gradients(self) -> None:
         try:
-            sync_gradients(params, self.dp_group)
+            sync_gradients([p for _, p in self.named_parameters()], self.dp_group)
             if self.tie_group is not None:
                 tied = self.stage_module.embed.weight if self.is_first else self.stage_module.head.weight
                 sync_gradients([tied], self.tie_group)
         except RuntimeError as e:
-            raise RuntimeError(f"rank {self.rank} (stage {self.stage}, replica {self.dp_index}): gradient sum "
+            raise RuntimeError(f"rank {self.rank} (stage {self.stage}, replica {self.replica}): gradient sum "
                                f"over the data-parallel group failed (a peer is gone or silent past "
                                f"{self.timeout_s}s): {str(e).splitlines()[0]}") from e
 
-    # ------------------------------------------------------------------ evaluation
-
-    @torch.no_grad()
-    def evaluate(self, batch: GlobalBatch) -> tuple[float, int]:
-        batch = batch.to(self.device)
-        module = self.stage_module
-        was_training = module.training
-        module.eval()
-        ce = torch.zeros((), dtype=torch.float64)
-        for mb in self._replica_share(batch.microbatches(self.layout.microbatch_size)):
-            x = self._exchange(None, None, self._act_shape(mb), self.prev_rank) if not self.is_first else None
-            with self.autocast():
-                if self.is_first:
-                    x = module.embed(mb.inputs)
-                x, _ = module.run_layers(x)
-                logits = module.logits(x) if self.is_last else None
-            if self.is_last:
-                if self.adds_stats():
-                    ce += lm_loss_sum(logits, mb.targets, mb.mask).double().cpu()
-            else:
-                self._exchange(x, self.next_rank, None, None)
-        module.train(was_training)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            ce = ce.to(self.device)
-            dist.all_reduce(ce)  # a statistic, not part of the step's communication
-        return float(ce), batch.n_valid()
+    def forward_only(self, mbs: list[GlobalBatch], loss: LossTerms) -> None:
+        """Micro-batch by micro-batch through the replica's stages."""
+        for mb in mbs:
+            self._through(mb.inputs, lambda x: self.stage_module.run_layers(x, mask=mb.mask)[0], loss, mb)
 
     # ------------------------------------------------------------------ decoding
 
-    def _decode_step(self, ids: torch.Tensor, start_pos: int, caches) -> torch.Tensor:
-        """One pass of `ids` [B, T] through the pipeline; every stage returns the next tokens [B]."""
-        module = self.stage_module
+    def _through(self, ids: torch.Tensor, layers: Callable, loss: Optional[LossTerms] = None,
+                 mb: Optional[GlobalBatch] = None) -> Optional[torch.Tensor]:
+        """One pass of `ids` [B, T] through the replica's pipeline, `layers` on this stage. With
+        `loss` (evaluation) the last stage counts the cross-entropy; without, every stage returns
+        the next tokens [B], which the last stage picks and broadcasts over the pipeline."""
         B, T = ids.shape
-        x = None
-        if not self.is_first:
-            x = self._exchange(None, None, (B, T, self.cfg.model.hidden), self.prev_rank)
         with self.autocast():
-            if self.is_first:
-                x = module.embed(ids)
-            x, _ = module.run_layers(x, start_pos, caches)
-            return self._next_tokens(x)
-
-    def _next_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """The last stage picks the next tokens from `x` [B, T, hidden], the others pass `x`
-        on; every stage of the replica returns the tokens."""
-        if self.is_last:
-            next_ids = self.stage_module.logits(x[:, -1:])[:, -1].argmax(-1)
-        else:
-            self._exchange(x, self.next_rank, None, None)
-            next_ids = torch.empty(x.shape[0], dtype=torch.long, device=self.device)
+            x = layers(self.stage_module.embed(ids) if self.is_first else
+                       self._exchange(None, None, (B, T, self.cfg.model.hidden), self.prev_rank))
+            if not self.is_last:
+                self._exchange(x, self.next_rank, None, None)
+                next_ids = torch.empty(B, dtype=torch.long, device=self.device)
+            elif loss is not None:
+                loss((), self.stage_module.logits(x), mb)
+            else:
+                next_ids = self.stage_module.logits(x[:, -1:])[:, -1].argmax(-1)
+        if loss is not None:
+            return None
         if self.n_stages > 1:
             with comm_timer().time("p2p"):
                 dist.broadcast(next_ids, src=self.last_rank, group=self.pipe_group)
         return next_ids
 
-    def _static_decode_step(self, ids: torch.Tensor, pos: torch.Tensor, caches) -> torch.Tensor:
-        """`_decode_step` for one new token with fixed shapes (`Block.decode`: tp_pp's blocks are
-        TP shards with their own fixed-shape step)."""
-        module = self.stage_module
-        B = ids.shape[0]
-        if self.is_first:
-            x = module.embed(ids)
-        else:
-            x = self._exchange(None, None, (B, 1, self.cfg.model.hidden), self.prev_rank)
-        for i in module.layer_ids:
-            x = module.blocks[str(i)].decode(x, module.rope_cos, module.rope_sin, pos, caches[i])
-        return self._next_tokens(x)
+    def new_caches(self, batch, max_len):
+        return self.stage_module.new_caches(batch, max_len, self.compute_dtype(), self.device)
 
-    @torch.no_grad()
-    def generate(self, prompt: torch.Tensor, new_tokens: int) -> Generation:
-        module = self.stage_module
-        was_training = module.training
-        module.eval()
-        prompt = prompt.to(self.device)
-        B, T0 = prompt.shape
-        caches = module.new_caches(B, T0 + new_tokens, self.compute_dtype(), self.device)
-        distributed = dist.is_initialized() and dist.get_world_size() > 1
-        if self.n_stages > 1:
-            dist.barrier(group=self.pipe_group)  # the replica's stages start the clock together
-        sync(self.device)
-        t0 = time.perf_counter()
-        next_ids = self._decode_step(prompt, 0, caches)
-        sync(self.device)
-        prefill_s = time.perf_counter() - t0
-        with self.autocast():
-            decoder = StaticDecoder(lambda i, p: self._static_decode_step(i, p, caches), next_ids[:, None],
-                                    torch.tensor([T0], device=self.device), cuda_graph=False)
-        rest, times = self.stream_tokens(decoder, new_tokens - 1)
-        module.train(was_training)
-        tokens = torch.stack([next_ids.cpu()] + rest, 1).to(self.device)
-        if distributed:
-            # Replicas decoded the same batch with identical weights; rank 0's tokens are the
-            # answer everywhere, whatever a non-deterministic kernel might have done elsewhere.
-            dist.broadcast(tokens, src=0)
-        return Generation(tokens.cpu(), prefill_s, times)
+    def prefill(self, ids, caches):
+        return self._through(ids, lambda x: self.stage_module.run_layers(x, 0, caches)[0])
+
+    def decode_step(self, ids, pos, caches):
+        return self._through(ids, lambda x: self.stage_module.decode_layers(x, pos, caches))

@@ -3,7 +3,7 @@
 What is split
   The layers are cut into `pp` contiguous pipeline stages exactly as in `pp` (stage 0 also holds
   the embedding, the last stage the final norm and head), and every stage is a tensor-parallel
-  group of `tp` ranks holding its layers as `masep.parallel.tp` shards them: each rank keeps its
+  group of `tp` ranks holding its layers as `masep.parallel.sharding` shards them: each rank keeps its
   heads (column-parallel qkv, row-parallel output projection, its heads' KV cache) and
   experts / tp of the experts; embedding, norms, routers and head are replicated inside the
   group. dp = world / (tp * pp) replicas of the whole pipeline take contiguous blocks of the
@@ -14,9 +14,9 @@ Schedule: the 1F1B schedule of `masep.parallel.pp.PipelineParallel`, run by ever
   stage in lockstep (they hold the same activations), with the same loss and aux-loss handling.
 
 Communication (kinds as recorded through `comm_timer()`):
-  attn_allreduce  inside a stage: the attention's forward sum and input-gradient sum (tp.py).
+  attn_allreduce  inside a stage: the attention's forward sum and input-gradient sum (sharding.py).
   moe_dispatch    inside a stage: the all-reduce completing the MoE combine and its backward
-                  counterpart (tp.py; TP routes replicated tokens, no all-to-all).
+                  counterpart (sharding.py; TP routes replicated tokens, no all-to-all).
   p2p             between stages, TP rank j of stage s talks only to TP rank j of stage s + 1:
                   the activations and their gradients are replicated over the TP group (they
                   leave the stage after its all-reduces), so every TP rank sends its own copy.
@@ -44,8 +44,8 @@ from torch import nn
 
 from masep.model import MoETransformer
 from masep.parallel.comm import new_group_containing
-from masep.parallel.pp import PipelineParallel, PipelineStageModule
-from masep.parallel.tp import TPStage, is_tp_sharded, sync_rng_state
+from masep.parallel.pp import PipelineParallel
+from masep.parallel.sharding import Stage, is_tp_sharded, shard_blocks, sync_rng_state
 
 
 class TensorPipelineParallel(PipelineParallel):
@@ -55,7 +55,7 @@ class TensorPipelineParallel(PipelineParallel):
         super().__init__(cfg, layout, rank, device, model)
         if layout.tp > 1 and cfg.model.dropout > 0:
             # Replicated residual dropout must draw the same masks on every rank of the stage.
-            sync_rng_state(self.tp_group, layout.rank_of(self.dp_index, self.stage, 0), self.device)
+            sync_rng_state(self.tp_group, layout.rank_of(self.replica, self.stage, 0), self.device)
 
     def _make_groups(self) -> None:
         super()._make_groups()
@@ -65,11 +65,8 @@ class TensorPipelineParallel(PipelineParallel):
             timedelta(seconds=self.cfg.parallel.timeout_s))
 
     def build_stage(self, model: MoETransformer) -> nn.Module:
-        # TPStage shards the blocks (and decides the expert-dropout streams); embedding, norm
-        # and head stay with the pipeline stage, which computes only the logits decoding needs.
-        shards = TPStage(model, self.layer_ids, self.tp_group, self.tp_index, self.layout.tp,
-                         embed=False, head=False)
-        return PipelineStageModule(model, self.layer_ids, self.is_first, self.is_last, blocks=shards.blocks)
+        shards = shard_blocks(model, self.layer_ids, self.tp_group, self.tp_index, self.layout.tp)
+        return Stage(model, self.layer_ids, self.is_first, self.is_last, shards)
 
     def tp_replication(self, name: str) -> int:
         return 1 if is_tp_sharded(name) else self.layout.tp
