@@ -71,30 +71,42 @@ def free() -> None:
 # ------------------------------------------------------------------ torchtitan
 
 
-def titan_config(m, seq_len: int, attn_backend: str):
-    """torchtitan's Qwen3 MoE decoder at masep's shapes: full multi-head attention (kv heads = heads),
-    softmax top-2 router renormalised like masep's, SwiGLU experts, no shared expert, untied head.
-    Differences it keeps: RMSNorm on q and k (Qwen3), an aux-loss-free balancing bias instead of
-    masep's load-balancing and z losses."""
-    from torchtitan.models.common import CosSinRoPE, Embedding, Linear
-    from torchtitan.models.qwen3 import (_EMBEDDING_INIT, _LINEAR_INIT, Qwen3Model, _build_qwen3_moe_layers,
-                                         _qwen3_norm)
+def import_titan():
+    """torchtitan's model classes. Its model packages import the whole trainer on the way (dataset
+    loaders, which need HF `datasets`); the benchmark feeds random tokens, so where `datasets` is
+    missing the data module is replaced by an empty one and the qwen3 package's trainer-spec
+    `__init__` is skipped: the model code itself runs unchanged."""
+    import importlib.util
+    import os
+    import types
 
-    V = m.padded_vocab
-    return Qwen3Model.Config(
-        vocab_size=V, dim=m.hidden, norm=_qwen3_norm(m.hidden),
-        tok_embeddings=Embedding.Config(num_embeddings=V, embedding_dim=m.hidden, param_init=_EMBEDDING_INIT),
-        lm_head=Linear.Config(in_features=m.hidden, out_features=V, param_init=_LINEAR_INIT),
-        layers=_build_qwen3_moe_layers(
-            n_layers=m.layers, dim=m.hidden, n_heads=m.heads, n_kv_heads=m.heads, head_dim=m.head_dim,
-            moe_hidden_dim=m.expert_hidden, num_experts=m.experts, top_k=m.top_k, attn_backend=attn_backend,
-            moe_comm_backend="standard",
-            rope=CosSinRoPE.Config(dim=m.head_dim, max_seq_len=max(seq_len, 4096), theta=m.rope_theta)))
+    if importlib.util.find_spec("datasets") is None:
+        data = types.ModuleType("torchtitan.hf_datasets.text_datasets")
+        data.build_text_dataloader = data.build_text_validation_dataloader = None
+        sys.modules[data.__name__] = data
+    import torchtitan.models as models
+
+    pkg = types.ModuleType("torchtitan.models.qwen3")
+    pkg.__path__ = [os.path.join(models.__path__[0], "qwen3")]
+    sys.modules.setdefault(pkg.__name__, pkg)
+    from torchtitan.models.moe import MoE, MoEArgs
+    from torchtitan.models.qwen3.model.args import Qwen3ModelArgs
+    from torchtitan.models.qwen3.model.model import Qwen3Model
+    return MoE, MoEArgs, Qwen3Model, Qwen3ModelArgs
 
 
-def titan_inputs(model, tokens: torch.Tensor) -> dict:
-    positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
-    return {"positions": positions, "attention_masks": model.get_attention_masks(positions)}
+def titan_args(m, seq_len: int):
+    """torchtitan's Qwen3 MoE decoder at masep's shapes: full multi-head attention (kv heads = heads,
+    causal SDPA), softmax top-2 router renormalised like masep's, SwiGLU experts, no shared expert,
+    untied head. Differences it keeps: RMSNorm on q and k (Qwen3), an aux-loss-free balancing bias
+    instead of masep's load-balancing and z losses."""
+    _, MoEArgs, _, Qwen3ModelArgs = import_titan()
+    moe = MoEArgs(num_experts=m.experts, num_shared_experts=0, top_k=m.top_k, score_func="softmax",
+                  route_norm=True, score_before_experts=False)
+    return Qwen3ModelArgs(dim=m.hidden, n_layers=m.layers, n_heads=m.heads, n_kv_heads=m.heads,
+                          head_dim=m.head_dim, vocab_size=m.padded_vocab, rope_theta=m.rope_theta,
+                          max_seq_len=max(seq_len, 4096), attn_type="sdpa", moe_enabled=True,
+                          moe_inter_dim=m.expert_hidden, moe_args=moe)
 
 
 # ------------------------------------------------------------------ rows
@@ -117,9 +129,11 @@ def bench_moe_layer(cfg, args, peak, profiles: list) -> list[dict]:
     with torch.no_grad():
         for p in ours.parameters():
             p.normal_(0.0, m.init_std)
+    TitanMoE = import_titan()[0]
     with torch.device(DEV):
-        titan = titan_config(m, cfg.data.seq_len, args.attn_backend).layers[0].moe.build()
-    titan.init_states(buffer_device=DEV)
+        titan = TitanMoE(titan_args(m, cfg.data.seq_len).moe_args, m.hidden, m.expert_hidden)
+    with torch.no_grad():
+        titan.init_weights(m.init_std, DEV)
     x = torch.randn(args.layer_batch, cfg.data.seq_len, m.hidden, device=DEV, dtype=torch.bfloat16)
     grad = torch.randn_like(x)
 
@@ -151,7 +165,7 @@ def bench_moe_layer(cfg, args, peak, profiles: list) -> list[dict]:
     per_token = group_train_flops_per_token(m, cfg.data.seq_len)["moe"] / m.layers
     tokens = x.shape[0] * x.shape[1]
     note = {"masep": "dropless (capacity_factor null); fp32 router, load-balancing + z losses computed",
-            "torchtitan": "dropless (no capacity in its local dispatcher); fp32 router; 3 grouped GEMMs (w1, w3, w2)"}
+            "torchtitan": "dropless (no capacity factor in torchtitan); fp32 router; 3 grouped GEMMs (w1, w3, w2)"}
     return [row("moe_layer", k, times[k], tokens, per_token, peak, mems[k], note[k]) for k in steps]
 
 
@@ -196,9 +210,11 @@ def bench_masep(cfg, args, peak, profiles: list) -> tuple[list[dict], list[dict]
 
 def bench_titan(cfg, args, peak, profiles: list) -> tuple[list[dict], list[dict]]:
     m = cfg.model
+    Qwen3Model = import_titan()[2]
     with torch.device(DEV):
-        model = titan_config(m, cfg.data.seq_len, args.attn_backend).build()
-    model.init_states(buffer_device=DEV)
+        model = Qwen3Model(titan_args(m, cfg.data.seq_len))
+    with torch.no_grad():
+        model.init_weights(buffer_device=DEV)
     model.train()
     t = cfg.train
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(t.beta1, t.beta2), weight_decay=t.weight_decay,
@@ -211,7 +227,7 @@ def bench_titan(cfg, args, peak, profiles: list) -> tuple[list[dict], list[dict]
         for i in range(n_micro):
             sl = slice(i * t.micro_batch, (i + 1) * t.micro_batch)
             with torch.autocast("cuda", dtype=torch.bfloat16):
-                logits = model(b.inputs[sl], **titan_inputs(model, b.inputs[sl]))
+                logits = model(b.inputs[sl])
             loss = F.cross_entropy(logits.flatten(0, 1).float(), b.targets[sl].flatten(), reduction="sum")
             (loss / b.inputs.numel()).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip, foreach=True)
@@ -223,8 +239,8 @@ def bench_titan(cfg, args, peak, profiles: list) -> tuple[list[dict], list[dict]
     profiles.append(profile_table(step, "train_step torchtitan"))
     tokens = t.global_batch * cfg.data.seq_len
     train = [row("train_step", "torchtitan", secs, tokens, train_flops_per_token(m, cfg.data.seq_len), peak, mem,
-                 f"Qwen3 MoE decoder ({args.attn_backend} attention) driven by hand: {n_micro} micro-batches, "
-                 "grad clip, fused AdamW; eager (its Trainer would also capture fwd+bwd in a CUDA graph)")]
+                 "Qwen3 MoE decoder (causal SDPA) driven by hand: {n_micro} micro-batches, "
+                 "grad clip, fused AdamW; eager, as its Trainer runs without compile")]
     opt.state.clear()
     model.zero_grad(set_to_none=True)
     model.to(torch.bfloat16).eval()
@@ -233,7 +249,7 @@ def bench_titan(cfg, args, peak, profiles: list) -> tuple[list[dict], list[dict]
 
     @torch.no_grad()
     def next_token():
-        return model(prompt, **titan_inputs(model, prompt))[:, -1].argmax(-1)
+        return model(prompt)[:, -1].argmax(-1)
 
     secs = timed(next_token, 3, args.new_tokens)
     decode = [row("decode", "torchtitan", secs, 1, None, None, torch.cuda.max_memory_allocated(),
@@ -276,7 +292,6 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--context", type=int, default=2048)
     ap.add_argument("--new-tokens", type=int, default=32)
-    ap.add_argument("--attn-backend", default="varlen", choices=["varlen", "flex"])
     ap.add_argument("--commit", default=None, help="masep commit, where the checkout has no .git")
     ap.add_argument("--profile", default=None, help="write torch.profiler key averages here")
     args = ap.parse_args()
