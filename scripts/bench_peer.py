@@ -239,7 +239,7 @@ def bench_titan(cfg, args, peak, profiles: list) -> tuple[list[dict], list[dict]
     profiles.append(profile_table(step, "train_step torchtitan"))
     tokens = t.global_batch * cfg.data.seq_len
     train = [row("train_step", "torchtitan", secs, tokens, train_flops_per_token(m, cfg.data.seq_len), peak, mem,
-                 "Qwen3 MoE decoder (causal SDPA) driven by hand: {n_micro} micro-batches, "
+                 f"Qwen3 MoE decoder (causal SDPA) driven by hand: {n_micro} micro-batches, "
                  "grad clip, fused AdamW; eager, as its Trainer runs without compile")]
     opt.state.clear()
     model.zero_grad(set_to_none=True)

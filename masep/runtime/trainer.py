@@ -49,8 +49,18 @@ def make_optimizer(strategy: Strategy, cfg) -> torch.optim.AdamW:
               {"params": no_decay, "weight_decay": 0.0}]
     # The fused CUDA kernel reads each state tensor once per step; CPU keeps the reference loop.
     cuda = strategy.device.type == "cuda"
-    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8,
-                             fused=True if cuda else None)
+    opt = torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8, fused=True if cuda else None)
+    if cuda:
+        opt.register_step_post_hook(_bump_versions)
+    return opt
+
+
+def _bump_versions(opt, args, kwargs) -> None:
+    """The fused kernel updates weights in place without bumping their version counters, so
+    `compute_weight` would keep serving the bf16 copies of the weights before the first step."""
+    for group in opt.param_groups:
+        for p in group["params"]:
+            torch.autograd.graph.increment_version(p)
 
 
 @dataclass
