@@ -2,7 +2,8 @@
 
     python scripts/bench_peer.py --out bench/peer-torchtitan-DATE     (writes DATE.json and DATE.md)
 
-Needs torchtitan (PyPI, with its pure-Python needs; README "Peer benchmark") beside a CUDA torch.
+Needs torchtitan 0.2.2 from PyPI with its pure-Python needs beside a CUDA torch (README, "GPU tests
+and the peer benchmark").
 Rows, each with the same tokens, the same FLOP formula (masep.telemetry.flops) and the GPU's peak
 as masep takes it (masep.telemetry.mfu.peak_for):
   moe_layer   forward+backward of one MoE layer (router, top-2 of 16 experts, dropless in both),

@@ -40,7 +40,8 @@ def lr_lambda(cfg) -> Callable[[int], float]:
     return factor
 
 
-def make_optimizer(strategy: Strategy, cfg) -> torch.optim.AdamW:
+def make_optimizer(strategy: Strategy, cfg, fused: Optional[bool] = None) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only; fused (the default on GPU) where `fused`."""
     t = cfg.train
     decay, no_decay = [], []
     for _, p in strategy.named_parameters():
@@ -48,9 +49,10 @@ def make_optimizer(strategy: Strategy, cfg) -> torch.optim.AdamW:
     groups = [{"params": decay, "weight_decay": t.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     # The fused CUDA kernel reads each state tensor once per step; CPU keeps the reference loop.
-    cuda = strategy.device.type == "cuda"
-    opt = torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8, fused=True if cuda else None)
-    if cuda:
+    if fused is None:
+        fused = strategy.device.type == "cuda"
+    opt = torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8, fused=fused or None)
+    if fused:
         opt.register_step_post_hook(_bump_versions)
     return opt
 
