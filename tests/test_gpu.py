@@ -3,7 +3,8 @@
 Skipped without CUDA (CI has no GPU). Each test compares a GPU path with the reference it stands
 in for: the grouped expert kernel with the per-expert loop, a bf16 training step with the fp32 CPU
 step, the captured (and compiled) decode step with the eager one, `tp` and `ep_dp` on a one-rank
-NCCL group with `single`, and a failed NCCL exchange as a clear error.
+NCCL group with `single`, and NCCL failures (a refused exchange, a collective past its timeout)
+as clear errors.
 """
 from __future__ import annotations
 
@@ -154,11 +155,26 @@ os._exit(0)  # a failed communicator would hold up an orderly shutdown
 """
 
 
+# A collective queued behind ~11 s of device work in a group whose timeout is 2 s (`_sleep` takes
+# at most 2**31 - 1 cycles, ~1.1 s on an H200); the host then idles, so only the watchdog can act.
+STUCK_COLLECTIVE = """
+import time, torch, torch.distributed as dist
+from datetime import timedelta
+from masep.parallel.comm import new_group_containing
+dist.init_process_group("nccl", rank=0, world_size=1, device_id=torch.device("cuda", 0))
+group = new_group_containing(0, [[0]], timeout=timedelta(seconds=2))
+t = torch.ones(1, device="cuda")
+for _ in range(10):
+    torch.cuda._sleep(2**31 - 1)
+dist.all_reduce(t, group=group)
+time.sleep(20)
+"""
+
 def run_one_rank(code: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0",
            "WORLD_SIZE": "1", "PYTHONPATH": str(ROOT)}
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    print(res.returncode, res.stdout, res.stderr[-3000:])
+    print(res.returncode, res.stdout, res.stderr[:3000])
     return res
 
 
@@ -169,3 +185,11 @@ def test_nccl_failed_exchange_is_a_clear_error():
     res = run_one_rank(FAILED_EXCHANGE)
     assert "rank 0: point-to-point exchange with rank(s) [0] failed" in res.stdout
 
+
+def test_nccl_collective_past_its_timeout_is_named_and_ends_the_process():
+    """A collective that outlives its group's timeout (`parallel.timeout_s` in the strategies):
+    NCCL's watchdog names the operation and the timeout, and the process ends abnormally."""
+    res = run_one_rank(STUCK_COLLECTIVE)
+    assert res.returncode != 0
+    assert "Watchdog caught collective operation timeout" in res.stderr
+    assert "OpType=ALLREDUCE" in res.stderr and "Timeout(ms)=2000" in res.stderr
