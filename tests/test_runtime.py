@@ -91,3 +91,18 @@ def test_a_damaged_checkpoint_fails_with_its_path_and_is_left_in_place(tmp_path,
     with pytest.raises(CheckpointError, match="step-1"):
         Trainer(cfg).resume(tmp_path / "ckpt")
     assert sorted(p.name for p in folder.iterdir()) == before
+
+
+def test_fused_adamw_steps_refresh_the_bf16_weight_copies():
+    """The fused AdamW kernel (the GPU default) updates weights without bumping their versions;
+    unless `make_optimizer` bumps them, bf16 training keeps computing with the first weights."""
+    from masep.runtime.trainer import make_optimizer
+
+    overrides = ["model.expert_dropout=0.0", "model.capacity_factor=null", "data.seq_len=32"]
+    bf16, fp32 = Trainer(load_config("tiny", overrides + ["train.dtype=bf16"])), Trainer(load_config("tiny", overrides))
+    bf16.opt = make_optimizer(bf16.strategy, bf16.cfg, fused=True)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        x = torch.randint(0, bf16.cfg.model.vocab_size, (8, 33), generator=gen)
+        batch = GlobalBatch(x[:, :-1], x[:, 1:], torch.ones(8, 32))
+        assert bf16.train_step(batch)["grad_norm"] == pytest.approx(fp32.train_step(batch)["grad_norm"], rel=0.05)

@@ -41,7 +41,8 @@ def lr_lambda(cfg) -> Callable[[int], float]:
     return factor
 
 
-def make_optimizer(strategy: Strategy, cfg) -> torch.optim.AdamW:
+def make_optimizer(strategy: Strategy, cfg, fused: Optional[bool] = None) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only; fused (the default on GPU) where `fused`."""
     t = cfg.train
     decay, no_decay = [], []
     for _, p in strategy.named_parameters():
@@ -49,9 +50,20 @@ def make_optimizer(strategy: Strategy, cfg) -> torch.optim.AdamW:
     groups = [{"params": decay, "weight_decay": t.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     # The fused CUDA kernel reads each state tensor once per step; CPU keeps the reference loop.
-    cuda = strategy.device.type == "cuda"
-    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8,
-                             fused=True if cuda else None)
+    if fused is None:
+        fused = strategy.device.type == "cuda"
+    opt = torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8, fused=fused or None)
+    if fused:
+        opt.register_step_post_hook(_bump_versions)
+    return opt
+
+
+def _bump_versions(opt, args, kwargs) -> None:
+    """The fused kernel updates weights in place without bumping their version counters, so
+    `compute_weight` would keep serving the bf16 copies of the weights before the first step."""
+    for group in opt.param_groups:
+        for p in group["params"]:
+            torch.autograd.graph.increment_version(p)
 
 
 @dataclass
