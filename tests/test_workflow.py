@@ -60,7 +60,7 @@ def test_dry_run_of_the_embedded_default(project):
     assert len(infer) == 6 and all("'infer.context_lengths=[512, 1024, 2048, 4096]'" in c for c in infer)
     assert any("--checkpoint results/runs/train/single/seed=0 --out results/runs/infer/single/ctx=all" in c
                for c in infer)
-    assert "masep collect --runs results/runs --db results/masep.duckdb > logs/collect.log 2>&1" in cmds
+    assert "masep collect --runs results/runs --db results/masep.duckdb 2> logs/collect.log > results/collect.txt" in cmds
     assert "masep report --db results/masep.duckdb --out reports > logs/report.log 2>&1" in cmds
 
 
