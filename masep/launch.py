@@ -350,7 +350,8 @@ class _Echo:
             self.pos += len(data)
             *lines, self.partial = (self.partial + data).split(b"\n")
             for line in lines:
-                print(f"  rank 0: {line.decode(errors='replace')}", flush=True)
+                if not line.startswith(b"submitit "):  # submitit's own log lines stay in the file
+                    print(f"  rank 0: {line.decode(errors='replace')}", flush=True)
 
 
 def _wait(job, timeout_s: float, stale_s: float) -> None:
@@ -455,6 +456,23 @@ def run_lock(run_dir: str | Path, executor: str):
         os.close(fd)  # releases the flock; the file stays (deleting it would race a new holder)
 
 
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """SIGTERM (Snakemake stopping its jobs, kill) interrupts the wait like Ctrl-C does, so the
+    job is cancelled rather than left running without its launcher."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def launch(entry: Callable[[], Any], cfg, world_size: int, job_name: str,
            folder: str | Path, run_dir: str | Path | None = None) -> list:
     """Run `entry()` once in each of `world_size` tasks of one job; return their results by rank.
@@ -484,7 +502,8 @@ def launch(entry: Callable[[], Any], cfg, world_size: int, job_name: str,
         print(f"masep launch: {job_name}: submitted {_describe(job)} with {world_size} task(s) "
               f"on {lc.executor}; logs in {Path(folder).resolve()}", flush=True)
         try:
-            _wait(job, lc.wait_timeout_s, cfg.parallel.timeout_s)
+            with _sigterm_interrupts():
+                _wait(job, lc.wait_timeout_s, cfg.parallel.timeout_s)
         except KeyboardInterrupt:
             print(f"masep launch: {job_name}: interrupted; {_cancel(job)}", file=sys.stderr, flush=True)
             raise
