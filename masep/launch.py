@@ -274,7 +274,7 @@ def _failure(states: list[_RankState], stale_s: float, requeued_at: float) -> Op
     if gone:
         st = gone[0]
         return True, (f"{_where(st)} exited without a result: killed by a signal it cannot catch "
-                      f"(SIGKILL, or the out-of-memory killer)", st.log)
+                      f"(SIGKILL, or the out-of-memory killer)"), st.log
     if silent:
         st = silent[0]
         state = "; the process is stopped (SIGSTOP)" if st.stopped else ""
