@@ -43,6 +43,7 @@ import copy
 import fcntl
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -66,6 +67,10 @@ HEARTBEAT_S = 1.0  # how often a rank touches its heartbeat file
 # A rank silent this long while another has failed is taken for the cause (stopped or gone)
 # rather than the ranks that report a lost peer.
 SILENT_S = 5.0
+# What a rank reports when it lost a peer (gloo, NCCL, the rendezvous store): a consequence,
+# blamed only when no rank reports a cause.
+PEER_LOST = re.compile(r"Connection (closed|reset) by peer|Broken pipe|[Tt]imed out|[Tt]imeout|"
+                       r"communicator was aborted|DistNetworkError|DistStoreError")
 CANCEL_GRACE_S = 3.0  # time each signal of a cancel gets before the next, stronger one
 
 
@@ -267,7 +272,8 @@ def _failure(states: list[_RankState], stale_s: float, requeued_at: float) -> Op
     gone = [st for st in live if st.alive is False and not st.finished and st.error is None]
     silent = sorted((st for st in live if st.age_s is not None and st.age_s > SILENT_S
                      and not st.finished and st.error is None), key=lambda st: -st.age_s)
-    failed = sorted((st for st in live if st.error is not None), key=lambda st: st.error_at)
+    failed = sorted((st for st in live if st.error is not None),
+                    key=lambda st: (bool(PEER_LOST.search(st.error)), st.error_at))
     stale = [st for st in silent if st.age_s > stale_s]
     if not (gone or failed or stale):
         return None
@@ -279,8 +285,11 @@ def _failure(states: list[_RankState], stale_s: float, requeued_at: float) -> Op
         st = silent[0]
         state = "; the process is stopped (SIGSTOP)" if st.stopped else ""
         return True, f"{_where(st)} stopped making progress: no heartbeat for {st.age_s:.0f} s{state}", st.log
-    undecided = any(st.alive is None and st.error is None and not st.finished for st in live)
     st = failed[0]
+    # The cause may yet show: a remote rank's silence, or the result of a rank that closed its
+    # connections before writing it.
+    undecided = bool(PEER_LOST.search(st.error)) or any(
+        st.alive is None and st.error is None and not st.finished for st in live)
     return not undecided, f"{_where(st)} failed: {st.error}", st.log
 
 
