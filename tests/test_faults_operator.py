@@ -5,6 +5,7 @@ Each fault ends in one line naming the rank or file, within the time promised, a
 database and run folders equal to an uninterrupted reference or refused."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -251,14 +252,28 @@ def test_7_a_killed_collects_leftovers_are_removed(tmp_path, reference):
 # ------------------------------------------------------------------ 5: cancel without SIGINT
 
 
+def job_processes(proc: subprocess.Popen, count: int, timeout: float = 120) -> list[int]:
+    """Pids of the `count` processes under `proc` (submitit's controller and the ranks)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(psutil.Error):
+            found = [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+            if len(found) >= count:
+                return found
+        time.sleep(0.2)
+    raise AssertionError(f"fewer than {count} processes under {proc.pid}")
+
+
 @pytest.mark.slow
 def test_5_cancel_ends_a_job_that_ignores_sigint(tmp_path, tokens):
+    """Started with SIGINT ignored (nohup, &): the cancel at launch.wait_timeout_s escalates."""
     out_dir = tmp_path / "run"
-    proc = start(tmp_path, tokens, out_dir, "launch.wait_timeout_s=45", ignore_sigint=True)
-    pids = [heartbeat(tmp_path, r)["pid"] for r in range(3)]
+    proc = start(tmp_path, tokens, out_dir, "train.steps=500", "launch.wait_timeout_s=60", ignore_sigint=True)
+    pids = job_processes(proc, 4)
     out = finish(proc, timeout=200)
     line = failure_line(out)
-    assert "did not finish within launch.wait_timeout_s=45 s; cancelled it (SIGKILL: " in line, line
+    assert "did not finish within launch.wait_timeout_s=60 s; cancelled it (SIGKILL: 4 process(es) gone)" \
+        in line, line
     assert_all_gone(pids)
     time.sleep(3)
     assert not (out_dir / "run.json").exists()
@@ -285,10 +300,10 @@ def test_6_a_second_job_on_a_run_folder_is_refused(tmp_path, tokens):
         out = finish(start(tmp_path / "third", tokens, out_dir), timeout=120)
         assert f"the job of pid {first.pid} on" in failure_line(out) and "is still running" in out
     finally:
-        for pid in [int(job_id), *pids]:
-            if psutil.pid_exists(pid):
-                os.kill(pid, signal.SIGKILL)
-    assert_all_gone(pids)
+        procs = [psutil.Process(pid) for pid in [int(job_id), *pids] if psutil.pid_exists(pid)]
+        for p in procs:
+            p.kill()
+        psutil.wait_procs(procs, timeout=30)
 
 
 def test_6_a_stale_lock_is_taken_over_and_said_so(tmp_path, capsys):
