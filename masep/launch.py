@@ -289,7 +289,7 @@ def _failure(states: list[_RankState], stale_s: float, requeued_at: float) -> Op
     # The cause may yet show: a remote rank's silence, or the result of a rank that closed its
     # connections before writing it.
     undecided = bool(PEER_LOST.search(st.error)) or any(
-        st.alive is None and st.error is None and not st.finished for st in live)
+        other.alive is None and other.error is None and not other.finished for other in live)
     return not undecided, f"{_where(st)} failed: {st.error}", st.log
 
 

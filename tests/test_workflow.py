@@ -230,3 +230,14 @@ def test_end_to_end_embedded_default(project):
     counts = job_counts(snakemake(project, "-n", "results/runs/train/single/seed=0/run.json",
                                   "--configfile", "short.yaml", "--forcerun", "train"))
     assert counts == {"train": 1, "total": 1}
+    # A failed collect (a damaged rank file) keeps the database and loses its summary, so a plain
+    # `snakemake` runs collect again instead of "Nothing to be done".
+    db = project / "results" / "masep.duckdb"
+    before = db.read_bytes()
+    damaged = project / "results/runs/train/ma_sep/seed=0/steps-rank2.parquet"
+    damaged.write_bytes(damaged.read_bytes()[:-100])
+    out = snakemake(project, "--configfile", "short.yaml", "--forcerun", "collect")
+    assert out.returncode != 0 and f"{damaged.relative_to(project)}: damaged (" in (project / "logs/collect.log").read_text()
+    assert db.read_bytes() == before and not (project / "results/collect.txt").exists()
+    assert job_counts(snakemake(project, "-n", "--configfile", "short.yaml")) == {"collect": 1, "report": 1, "all": 1,
+                                                                               "total": 3}
