@@ -22,6 +22,15 @@ Job ids reach the ranks through `DistInfo.job_id` / `DistInfo.slurm_job_id` (rea
 SLURM). The run writer stores `DistInfo.slurm_job_id` as run.json's `slurm_job_id`;
 `current_job()` gives the same pair to code that does not call `init_distributed`.
 
+Watching: every rank beats a heartbeat file (`<log folder>/<job id>_<rank>_heartbeat.json`:
+pid, host; its mtime moves every `HEARTBEAT_S`) from `init_distributed` on. While waiting, the
+launcher reads the heartbeats and the per-task results; the first rank that fails (an
+exception), disappears without a result (killed), or beats no more for `parallel.timeout_s`
+(stopped, hung host) ends the whole job at once, with one line naming the rank, its host, its
+exception or signal, and its log. Cancelling escalates SIGINT -> SIGTERM -> SIGKILL over the
+job's processes (locally: submitit's controller and every process under it; on SLURM: scancel)
+and checks that they are gone. Rank 0's stdout (its progress lines) is echoed to this console.
+
 Requeue: `entry` should subclass `RankEntry` (a `submitit.helpers.Checkpointable`). When SLURM
 (or the local executor) signals a timeout, rank 0's `entry.checkpoint()` resubmits a copy with
 `resume=True`; the rank worker then starts from the newest checkpoint in its run folder. At most
@@ -31,8 +40,15 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import fcntl
+import json
 import os
+import re
+import signal
 import socket
+import subprocess
+import sys
+import threading
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -47,6 +63,15 @@ from submitit.helpers import Checkpointable, DelayedSubmission
 # as done and fails in _collect. Without accounting submitit sees UNKNOWN forever: the wait
 # timeout is what ends that.
 POLL_S = 0.5
+HEARTBEAT_S = 1.0  # how often a rank touches its heartbeat file
+# A rank silent this long while another has failed is taken for the cause (stopped or gone)
+# rather than the ranks that report a lost peer.
+SILENT_S = 5.0
+# What a rank reports when it lost a peer (gloo, NCCL, the rendezvous store): a consequence,
+# blamed only when no rank reports a cause.
+PEER_LOST = re.compile(r"Connection (closed|reset) by peer|Broken pipe|[Tt]imed out|[Tt]imeout|"
+                       r"communicator was aborted|DistNetworkError|DistStoreError")
+CANCEL_GRACE_S = 3.0  # time each signal of a cancel gets before the next, stronger one
 
 
 class LaunchError(RuntimeError):
@@ -66,6 +91,10 @@ class RankEntry(Checkpointable):
         raise NotImplementedError
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> DelayedSubmission:
+        # Tell the launcher the ranks are leaving on purpose: their exits are no failure.
+        with contextlib.suppress(RuntimeError, OSError):
+            env = submitit.JobEnvironment()
+            _requeue_marker(env.paths.folder, env.job_id).write_text(str(time.time()))
         resumed = copy.copy(self)
         resumed.resume = True
         return DelayedSubmission(resumed, *args, **kwargs)
@@ -135,8 +164,12 @@ def make_executor(launch_cfg, world_size: int, job_name: str, folder: str | Path
     return ex
 
 
+def _task(job, task: int):
+    return job.task(task) if job.num_tasks > 1 else job
+
+
 def _log_paths(job, task: int) -> str:
-    paths = job.task(task).paths if job.num_tasks > 1 else job.paths
+    paths = _task(job, task).paths
     return f"stdout: {paths.stdout}\n  stderr: {paths.stderr}"
 
 
@@ -144,51 +177,346 @@ def _describe(job) -> str:
     return f"job {job.job_id}" + (" (SLURM)" if isinstance(job, submitit.SlurmJob) else "")
 
 
-def _wait(job, timeout_s: float) -> None:
-    """Wait for the job to finish, at most `timeout_s`; cancel it and raise when it does not."""
-    deadline = time.monotonic() + timeout_s
-    while not job.done():
-        if time.monotonic() > deadline:
-            with contextlib.suppress(Exception):
-                job.cancel(check=False)
-            raise LaunchError(f"{_describe(job)} did not finish within launch.wait_timeout_s="
-                              f"{timeout_s:g} s; cancelled it. Logs of task 0:\n  {_log_paths(job, 0)}")
+# ------------------------------------------------------------------ heartbeats and rank states
+
+
+def heartbeat_path(folder: str | Path, job_id: str, rank: int) -> Path:
+    return Path(folder) / f"{job_id}_{rank}_heartbeat.json"
+
+
+def _requeue_marker(folder: str | Path, job_id: str) -> Path:
+    return Path(folder) / f"{job_id}_requeued"
+
+
+def _start_heartbeat(folder: Path, job_id: str, rank: int) -> None:
+    """Write this rank's heartbeat file and touch it every HEARTBEAT_S from a daemon thread: a
+    stopped (SIGSTOP) or killed rank, or a frozen host, stops touching it."""
+    path = heartbeat_path(folder, job_id, rank)
+    from masep.telemetry.writer import atomic_write_json
+
+    atomic_write_json(path, {"rank": rank, "pid": os.getpid(), "host": socket.gethostname(),
+                             "started": time.time()})
+
+    def beat() -> None:
+        while True:
+            with contextlib.suppress(OSError):
+                os.utime(path)
+            time.sleep(HEARTBEAT_S)
+
+    threading.Thread(target=beat, name="masep-heartbeat", daemon=True).start()
+
+
+@dataclass
+class _RankState:
+    rank: int
+    log: Path
+    host: Optional[str] = None
+    pid: Optional[int] = None
+    age_s: Optional[float] = None  # since the last heartbeat; None before the first
+    started: float = 0.0  # when this attempt's heartbeat began
+    alive: Optional[bool] = None  # known only for ranks on this host
+    stopped: bool = False
+    error: Optional[str] = None  # the exception line of a failed rank
+    error_at: float = 0.0
+    finished: bool = False
+
+
+def _exception_line(trace: str) -> str:
+    """'Type: message' of a formatted traceback (the first line after its last frame)."""
+    lines = [l for l in str(trace).splitlines() if l.strip()]
+    frames = [i for i, l in enumerate(lines) if l.startswith(" ")]
+    rest = lines[frames[-1] + 1:] if frames else lines
+    return (rest or lines or ["(no message)"])[0].strip()
+
+
+def _rank_states(job) -> list[_RankState]:
+    import psutil
+
+    here, now = socket.gethostname(), time.time()
+    states = []
+    for task in range(job.num_tasks):
+        paths = _task(job, task).paths
+        st = _RankState(task, paths.stderr)
+        hb = heartbeat_path(paths.folder, job.job_id, task)
+        with contextlib.suppress(OSError, ValueError):
+            info = json.loads(hb.read_text())
+            st.host, st.pid, st.started = info["host"], int(info["pid"]), float(info["started"])
+            st.age_s = max(0.0, now - hb.stat().st_mtime)
+        if st.pid is not None and st.host == here:
+            try:
+                proc_status = psutil.Process(st.pid).status()
+                st.alive = proc_status != psutil.STATUS_ZOMBIE
+                st.stopped = proc_status == psutil.STATUS_STOPPED
+            except psutil.Error:
+                st.alive = False
+        # the result is looked at after the process: a rank writes it before it exits
+        with contextlib.suppress(OSError, EOFError, ValueError):
+            outcome, value = submitit.core.utils.pickle_load(paths.result_pickle)
+            if outcome == "error":
+                st.error, st.error_at = _exception_line(value), paths.result_pickle.stat().st_mtime
+            else:
+                st.finished = True
+        states.append(st)
+    return states
+
+
+def _where(st: _RankState) -> str:
+    return f"rank {st.rank}" + (f" (pid {st.pid} on {st.host})" if st.pid else "")
+
+
+def _failure(states: list[_RankState], stale_s: float, requeued_at: float) -> Optional[tuple[bool, str, Path]]:
+    """(certain, what happened, its log) for the rank to blame, or None while the job looks healthy.
+    `certain` is False while a rank on another host may yet turn out to be the cause."""
+    # Ranks between a requeue and their next start are leaving on purpose.
+    live = [st for st in states if not (requeued_at and st.started <= requeued_at)]
+    gone = [st for st in live if st.alive is False and not st.finished and st.error is None]
+    silent = sorted((st for st in live if st.age_s is not None and st.age_s > SILENT_S
+                     and not st.finished and st.error is None), key=lambda st: -st.age_s)
+    failed = sorted((st for st in live if st.error is not None),
+                    key=lambda st: (bool(PEER_LOST.search(st.error)), st.error_at))
+    stale = [st for st in silent if st.age_s > stale_s]
+    if not (gone or failed or stale):
+        return None
+    if gone:
+        st = gone[0]
+        return True, (f"{_where(st)} exited without a result: killed by a signal it cannot catch "
+                      f"(SIGKILL, or the out-of-memory killer)"), st.log
+    if silent:
+        st = silent[0]
+        state = "; the process is stopped (SIGSTOP)" if st.stopped else ""
+        return True, f"{_where(st)} stopped making progress: no heartbeat for {st.age_s:.0f} s{state}", st.log
+    st = failed[0]
+    # The cause may yet show: a remote rank's silence, or the result of a rank that closed its
+    # connections before writing it.
+    undecided = bool(PEER_LOST.search(st.error)) or any(
+        other.alive is None and other.error is None and not other.finished for other in live)
+    return not undecided, f"{_where(st)} failed: {st.error}", st.log
+
+
+# ------------------------------------------------------------------ cancelling
+
+
+def _cancel(job) -> str:
+    """End every process of the job, escalating; returns what happened, in a few words."""
+    if isinstance(job, submitit.SlurmJob):
+        return _cancel_slurm(job)
+    import psutil
+
+    procs: list = []
+    with contextlib.suppress(psutil.Error, ValueError):
+        controller = psutil.Process(int(job.job_id))
+        procs = [controller, *controller.children(recursive=True)]
+    here = socket.gethostname()
+    for task in range(job.num_tasks):  # ranks that left the controller's tree still count
+        with contextlib.suppress(OSError, ValueError, KeyError, psutil.Error):
+            info = json.loads(heartbeat_path(_task(job, task).paths.folder, job.job_id, task).read_text())
+            if info["host"] == here and all(p.pid != info["pid"] for p in procs):
+                procs.append(psutil.Process(int(info["pid"])))
+    alive = procs
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
+        for proc in alive:
+            with contextlib.suppress(psutil.Error):
+                proc.send_signal(sig)
+                if sig != signal.SIGKILL:
+                    proc.send_signal(signal.SIGCONT)  # a stopped process acts on signals only when resumed
+        _, alive = psutil.wait_procs(alive, timeout=CANCEL_GRACE_S)
+        if not alive:
+            return f"cancelled it ({signal.Signals(sig).name}: {len(procs)} process(es) gone)"
+    return f"cancelled it, but pids {' '.join(str(p.pid) for p in alive)} are still alive"
+
+
+def _cancel_slurm(job) -> str:
+    """scancel: SIGINT to every step first, then SLURM's own SIGTERM, SIGKILL after KillWait."""
+    with contextlib.suppress(Exception):
+        subprocess.run(["scancel", "--full", "--signal=INT", str(job.job_id)], capture_output=True, timeout=30)
+    deadline = time.monotonic() + CANCEL_GRACE_S
+    while time.monotonic() < deadline and not job.done(force_check=True):
         time.sleep(POLL_S)
+    with contextlib.suppress(Exception):
+        job.cancel(check=False)  # scancel: SIGTERM, then SIGKILL after the cluster's KillWait
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if job.state not in ("RUNNING", "PENDING", "REQUEUED", "COMPLETING", "SUSPENDED", "CONFIGURING"):
+            return f"cancelled it (scancel; SLURM state {job.state})"
+        time.sleep(2)
+    return f"cancelled it with scancel, but SLURM still reports {job.state}"
+
+
+# ------------------------------------------------------------------ waiting
+
+
+class _Echo:
+    """Copies what rank 0 prints (its progress lines) to this console as it appears."""
+
+    def __init__(self, path: Path):
+        self.path, self.pos, self.partial = Path(path), 0, b""
+
+    def __call__(self) -> None:
+        with contextlib.suppress(OSError):
+            with open(self.path, "rb") as f:
+                f.seek(self.pos)
+                data = f.read()
+            self.pos += len(data)
+            *lines, self.partial = (self.partial + data).split(b"\n")
+            for line in lines:
+                if not line.startswith(b"submitit "):  # submitit's own log lines stay in the file
+                    print(f"  rank 0: {line.decode(errors='replace')}", flush=True)
+
+
+def _wait(job, timeout_s: float, stale_s: float) -> None:
+    """Wait for the job to finish, at most `timeout_s`, watching every rank; cancel the job and
+    raise a one-line LaunchError when a rank fails or the time is up."""
+    deadline = time.monotonic() + timeout_s
+    echo = _Echo(_task(job, 0).paths.stdout)
+    requeue = _requeue_marker(_task(job, 0).paths.folder, job.job_id)
+    first_seen: Optional[float] = None
+    try:
+        while not job.done():
+            echo()
+            requeued_at = requeue.stat().st_mtime if requeue.exists() else 0.0
+            verdict = _failure(_rank_states(job), stale_s, requeued_at)
+            if verdict is not None:
+                first_seen = first_seen or time.monotonic()
+                certain, what, log = verdict
+                # a peer's "connection closed" may come before the silence of a remote rank shows
+                if certain or time.monotonic() - first_seen > SILENT_S + 2 * HEARTBEAT_S:
+                    raise LaunchError(f"{_describe(job)}: {what}; {_cancel(job)}; log: {log}")
+            if time.monotonic() > deadline:
+                raise LaunchError(f"{_describe(job)} did not finish within launch.wait_timeout_s="
+                                  f"{timeout_s:g} s; {_cancel(job)}; log: {_task(job, 0).paths.stderr}")
+            time.sleep(POLL_S)
+    finally:
+        echo()
 
 
 def _collect(job) -> list:
-    """Per-task results, or a LaunchError naming the first failed task and its logs."""
+    """Per-task results, or a one-line LaunchError naming the rank to blame and its log."""
+    states = _rank_states(job)
+    verdict = _failure(states, 0.0, 0.0)
+    if verdict is not None:
+        raise LaunchError(f"{_describe(job)}: {verdict[1]}; log: {verdict[2]}")
     results = []
     for task in range(job.num_tasks):
-        sub = job.task(task) if job.num_tasks > 1 else job
+        sub = _task(job, task)
         err = sub.exception()
-        if err is not None:
-            raise LaunchError(f"{_describe(job)} task {task} of {job.num_tasks} failed:\n{err}\n"
-                              f"Logs:\n  {_log_paths(job, task)}")
+        if err is not None:  # no heartbeat to go by (a rank that never started)
+            raise LaunchError(f"{_describe(job)}: rank {task} failed: {_exception_line(err)} "
+                              f"(job state {job.state}); log: {sub.paths.stderr}")
         results.append(sub.result())
     return results
 
 
+# ------------------------------------------------------------------ the run folder's lock
+
+
+def _job_alive(info: dict) -> bool:
+    """Whether the job a lock names still runs (local: its controller pid; SLURM: squeue)."""
+    import psutil
+
+    job_id = info.get("job_id")
+    if not job_id:
+        return False
+    if info.get("executor") == "slurm":
+        out = subprocess.run(["squeue", "-h", "-j", str(job_id)], capture_output=True, text=True)
+        return out.returncode == 0 and bool(out.stdout.strip())
+    return info.get("host") == socket.gethostname() and psutil.pid_exists(int(job_id))
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: str | Path, executor: str):
+    """Hold `<run_dir>/.masep-lock.json` (pid, host, job id) for one job; a second job on the
+    same folder is refused. The lock is an flock, so a dead holder's lock is free; its job,
+    when it outlived its launcher, still counts."""
+    path = Path(run_dir) / ".masep-lock.json"
+    try:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o664)
+    except OSError as e:
+        raise LaunchError(f"run folder {run_dir} is not writable ({e.strerror}); "
+                          f"fix its permissions or choose another --out") from e
+    held: dict = {}
+    with contextlib.suppress(OSError, ValueError):
+        held = json.loads(os.pread(fd, 4096, 0) or b"{}")
+    where = f"pid {held.get('pid')} on {held.get('host')} (job {held.get('job_id')}, since {held.get('since')})"
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise LaunchError(f"run folder {run_dir} is in use by {where}; wait for that job or stop "
+                          f"it, then run again") from None
+    if held and _job_alive(held):
+        os.close(fd)
+        raise LaunchError(f"run folder {run_dir}: the job of {where} is still running; stop it "
+                          f"(kill {held.get('job_id')} or scancel) or wait, then run again")
+    if held:
+        print(f"masep launch: taking over the lock of {run_dir} from {where}: that process is gone",
+              flush=True)
+
+    def record(job_id: Optional[str]) -> None:
+        data = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "job_id": job_id,
+                           "executor": executor, "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}).encode()
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, data, 0)
+
+    record(None)
+    try:
+        yield record
+    finally:
+        os.close(fd)  # releases the flock; the file stays (deleting it would race a new holder)
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """SIGTERM (Snakemake stopping its jobs, kill) interrupts the wait like Ctrl-C does, so the
+    job is cancelled rather than left running without its launcher."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def launch(entry: Callable[[], Any], cfg, world_size: int, job_name: str,
-           folder: str | Path) -> list:
-    """Run `entry()` once in each of `world_size` tasks of one job; return their results by rank."""
+           folder: str | Path, run_dir: str | Path | None = None) -> list:
+    """Run `entry()` once in each of `world_size` tasks of one job; return their results by rank.
+    With `run_dir`, the job holds that folder's lock while it runs."""
     lc = cfg.launch
-    ex = make_executor(lc, world_size, job_name, folder)
-    if lc.executor == "debug":
-        return _run_debug(ex, entry, job_name)
-    # Hide the caller's SLURM/torchrun variables from the job (sbatch and the local executor
-    # pass this process' environment on), and give local ranks a free rendezvous port.
-    with submitit.helpers.clean_env():
-        extra = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": _free_port()} if lc.executor == "local" else {}
-        with submitit.helpers.environment_variables(**extra):
-            try:
-                job = ex.submit(entry)
-            except Exception as e:  # sbatch refused, submitit missing binaries, ...
-                raise LaunchError(f"{job_name}: submission to {lc.executor} failed: {e}") from e
-    print(f"masep launch: {job_name}: submitted {_describe(job)} with {world_size} task(s) "
-          f"on {lc.executor}; logs in {Path(folder).resolve()}", flush=True)
-    _wait(job, lc.wait_timeout_s)
-    results = _collect(job)
+    with (run_lock(run_dir, lc.executor) if run_dir is not None else contextlib.nullcontext(None)) as record:
+        try:
+            ex = make_executor(lc, world_size, job_name, folder)
+        except LaunchError:
+            raise
+        except Exception as e:  # e.g. submitit finds no srun/sbatch without SLURM
+            raise LaunchError(f"{job_name}: cannot start the {lc.executor} executor: {e}; "
+                              f"use executor=local without SLURM") from e
+        if lc.executor == "debug":
+            return _run_debug(ex, entry, job_name)
+        # Hide the caller's SLURM/torchrun variables from the job (sbatch and the local executor
+        # pass this process' environment on), and give local ranks a free rendezvous port.
+        with submitit.helpers.clean_env():
+            extra = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": _free_port()} if lc.executor == "local" else {}
+            with submitit.helpers.environment_variables(**extra):
+                try:
+                    job = ex.submit(entry)
+                except Exception as e:  # sbatch refused, submitit missing binaries, ...
+                    raise LaunchError(f"{job_name}: submission to {lc.executor} failed: {e}") from e
+        if record is not None:
+            record(job.job_id)
+        print(f"masep launch: {job_name}: submitted {_describe(job)} with {world_size} task(s) "
+              f"on {lc.executor}; logs in {Path(folder).resolve()}", flush=True)
+        try:
+            with _sigterm_interrupts():
+                _wait(job, lc.wait_timeout_s, cfg.parallel.timeout_s)
+        except KeyboardInterrupt:
+            print(f"masep launch: {job_name}: interrupted; {_cancel(job)}", file=sys.stderr, flush=True)
+            raise
+        results = _collect(job)
     print(f"masep launch: {job_name}: {_describe(job)} finished", flush=True)
     return results
 
@@ -276,6 +604,8 @@ def init_distributed(timeout_s: float) -> DistInfo:
         # which names the wrong GPU when SLURM lists physical ids; _pick_device maps instead.
         tde.export(set_cuda_visible_devices=False, overwrite=True)
         rank, world, local_rank, local_world = tde.rank, tde.world_size, tde.local_rank, tde.local_world_size
+        if job_env.cluster in ("slurm", "local"):
+            _start_heartbeat(job_env.paths.folder, job_id, rank)
     elif "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         local_rank = int(os.environ.get("LOCAL_RANK", rank))

@@ -60,7 +60,7 @@ def test_dry_run_of_the_embedded_default(project):
     assert len(infer) == 6 and all("'infer.context_lengths=[512, 1024, 2048, 4096]'" in c for c in infer)
     assert any("--checkpoint results/runs/train/single/seed=0 --out results/runs/infer/single/ctx=all" in c
                for c in infer)
-    assert "masep collect --runs results/runs --db results/masep.duckdb > logs/collect.log 2>&1" in cmds
+    assert "masep collect --runs results/runs --db results/masep.duckdb 2> logs/collect.log > results/collect.txt" in cmds
     assert "masep report --db results/masep.duckdb --out reports > logs/report.log 2>&1" in cmds
 
 
@@ -230,3 +230,14 @@ def test_end_to_end_embedded_default(project):
     counts = job_counts(snakemake(project, "-n", "results/runs/train/single/seed=0/run.json",
                                   "--configfile", "short.yaml", "--forcerun", "train"))
     assert counts == {"train": 1, "total": 1}
+    # A failed collect (a damaged rank file) keeps the database and loses its summary, so a plain
+    # `snakemake` runs collect again instead of "Nothing to be done".
+    db = project / "results" / "masep.duckdb"
+    before = db.read_bytes()
+    damaged = project / "results/runs/train/ma_sep/seed=0/steps-rank2.parquet"
+    damaged.write_bytes(damaged.read_bytes()[:-100])
+    out = snakemake(project, "--configfile", "short.yaml", "--forcerun", "collect")
+    assert out.returncode != 0 and f"{damaged.relative_to(project)}: damaged (" in (project / "logs/collect.log").read_text()
+    assert db.read_bytes() == before and not (project / "results/collect.txt").exists()
+    assert job_counts(snakemake(project, "-n", "--configfile", "short.yaml")) == {"collect": 1, "report": 1, "all": 1,
+                                                                               "total": 3}

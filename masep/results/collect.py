@@ -6,13 +6,19 @@ kinds without a declared table (`faults`, `telemetry`, ...) become tables of the
 lives in `sql/*.sql`: `00_schema.sql`, `10_load_runs.sql`, the load templates `2*_load_*.sql`,
 then every file numbered 50 or above (views), in name order.
 
+A run.json that lists its files (`files`: name -> rows) is checked first: a missing, damaged or
+short file refuses the whole collect with one line naming it, instead of a database that lacks
+its rows.
+
 The database is built in a temporary file beside the target and renamed over it, so readers
-never see half a database and a failed collect leaves the previous one in place. Rows are
+never see half a database and a failed collect leaves the previous one in place. Temporary
+files of killed collects (their pid gone) are removed. Rows are
 stored in a fixed order: the same run folders give the same database.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import sys
@@ -20,6 +26,10 @@ from collections import defaultdict
 from pathlib import Path
 
 import duckdb
+import psutil
+import pyarrow as pa
+
+from masep.telemetry.writer import parquet_rows
 
 SQL_DIR = Path(__file__).resolve().parent / "sql"
 DECLARED_KINDS = ("steps", "experts", "eval", "inference")
@@ -44,10 +54,30 @@ def _duckdb_version() -> tuple[int, ...]:
     return tuple(int(x) for x in re.findall(r"\d+", duckdb.__version__)[:2])
 
 
+def check_files(run_json: Path) -> None:
+    """Refuse a run whose run.json lists a file that is missing, damaged or holds other rows."""
+    try:
+        listed = json.loads(run_json.read_text()).get("files")
+    except (OSError, ValueError, AttributeError) as e:
+        raise CollectError(f"{run_json}: not a readable run record ({e}); run this run again") from e
+    redo = "run it again afresh (Snakemake: --config fresh=true)"
+    for name, rows in sorted((listed or {}).items()):
+        path = run_json.parent / name
+        if not path.exists():
+            raise CollectError(f"{path}: missing (run.json lists {rows} rows); {redo}")
+        try:
+            found = parquet_rows(path)
+        except (pa.ArrowException, OSError) as e:
+            raise CollectError(f"{path}: damaged ({str(e).splitlines()[0]}); {redo}") from e
+        if found != rows:
+            raise CollectError(f"{path}: {found} rows where run.json lists {rows}; {redo}")
+
+
 def find_runs(runs_root: Path) -> dict[Path, dict[str, list[Path]]]:
     """Complete run folders -> {kind: [parquet files]}, all sorted."""
     runs: dict[Path, dict[str, list[Path]]] = {}
     for run_json in sorted(runs_root.rglob("run.json")):
+        check_files(run_json)
         folder = run_json.parent
         kinds: dict[str, list[Path]] = defaultdict(list)
         for f in sorted(folder.glob("*.parquet")):
@@ -97,6 +127,14 @@ def _build(con: duckdb.DuckDBPyConnection, root: Path, runs: dict) -> None:
         raise CollectError(f"run_id {run_id!r} appears in several run folders: {', '.join(dirs)}")
 
 
+def remove_leftovers(db_path: Path) -> None:
+    """Delete temporary databases (and WAL files) of collects whose process is gone."""
+    for tmp in db_path.parent.glob(f".{db_path.name}.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[1].split(".")[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not psutil.pid_exists(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
 def collect(runs_root: str | Path, db_path: str | Path) -> dict[str, int]:
     """Build `db_path` from the complete runs under `runs_root`; returns rows per table."""
     root = Path(runs_root).resolve()
@@ -105,6 +143,7 @@ def collect(runs_root: str | Path, db_path: str | Path) -> dict[str, int]:
     db_path = Path(db_path)
     db_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = db_path.with_name(f".{db_path.name}.tmp-{os.getpid()}")
+    remove_leftovers(db_path)
     tmp.unlink(missing_ok=True)
     runs = find_runs(root)
     con = duckdb.connect()
@@ -123,10 +162,12 @@ def collect(runs_root: str | Path, db_path: str | Path) -> dict[str, int]:
     except duckdb.Error as e:
         con.close()
         tmp.unlink(missing_ok=True)
+        tmp.with_name(tmp.name + ".wal").unlink(missing_ok=True)
         raise CollectError(str(e).splitlines()[0]) from e
     except BaseException:
         con.close()
         tmp.unlink(missing_ok=True)
+        tmp.with_name(tmp.name + ".wal").unlink(missing_ok=True)
         raise
     con.close()
     os.replace(tmp, db_path)

@@ -32,6 +32,6 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     name = f"infer-{cfg.parallel.strategy}-" + "-".join(map(str, cfg.infer.context_lengths))
     launch(InferEntry(cfg, str(out), args.checkpoint), cfg, layout.world_size, name,
-           Path(cfg.launch.log_dir) / name)
+           Path(cfg.launch.log_dir) / name, run_dir=out)
     print(f"{name}: done; {out / 'run.json'}")
     return 0

@@ -25,6 +25,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = f"train-{cfg.parallel.strategy}-seed{cfg.train.seed}"
-    results = launch(TrainEntry(cfg, str(out)), cfg, layout.world_size, name, Path(cfg.launch.log_dir) / name)
+    results = launch(TrainEntry(cfg, str(out)), cfg, layout.world_size, name, Path(cfg.launch.log_dir) / name,
+                     run_dir=out)
     print(f"{name}: done, final loss {results[0]['final_loss']:.4f}; {out / 'run.json'}")
     return 0

@@ -29,6 +29,19 @@ from masep.telemetry.mfu import flops_record
 from masep.telemetry.nvml import RunTelemetry
 
 
+class ResumeError(RuntimeError):
+    """A resume would lose rows written before its checkpoint."""
+
+
+def _check_rows_before(path: Path, rows: list[dict], start: int) -> None:
+    missing = sorted(set(range(start)) - {r["step"] for r in rows})
+    if missing:
+        raise ResumeError(f"{path}: rows of {len(missing)} step(s) before the checkpoint's step {start} "
+                          f"are missing (first: step {missing[0]}); they cannot be recomputed from the "
+                          f"checkpoint: start this run afresh (Snakemake: --config fresh=true; "
+                          f"masep train: delete {path.parent})")
+
+
 def _cpu_threads(info: DistInfo) -> None:
     """Share the cores among this node's CPU ranks: oversubscribed intra-op thread pools
     make small CPU kernels hundreds of times slower."""
@@ -93,8 +106,11 @@ def train_rank(cfg: Config, out_dir: Path, info: DistInfo) -> dict:
     files = {k: out_dir / f"{k}-rank{rank}.parquet" for k in ("steps", "experts", "eval", "memory")}
     # Keep rows from before the checkpoint we resume from; drop any written after it.
     rows = {k: [r for r in w.read_parquet_rows(p) if r.get("step", -1) < start] for k, p in files.items()}
-    if rank == 0 and start:
-        print(f"resuming from step {start} ({ckpt_dir})", flush=True)
+    if start:
+        _check_rows_before(files["steps"], rows["steps"], start)
+        if rank == 0:
+            _check_rows_before(files["experts"], rows["experts"], start)
+            print(f"resuming from step {start} ({ckpt_dir})", flush=True)
     telemetry = RunTelemetry(out_dir, run_id, rank, info.device, t.steps)  # NVML / RAPL sampler thread
 
     def flush() -> None:
@@ -135,7 +151,7 @@ def train_rank(cfg: Config, out_dir: Path, info: DistInfo) -> dict:
     if rank == 0:
         w.atomic_write_json(out_dir / "run.json", run_record(
             cfg, out_dir, "train", info, started_at, "completed",
-            {"resumed_from_step": start or None, "steps_completed": t.steps,
+            {"resumed_from_step": start or None, "steps_completed": t.steps, "files": w.file_manifest(out_dir),
              "flops": flops_record(cfg, info.device)}))
     return {"rank": rank, "final_loss": rows["steps"][-1]["loss"] if rows["steps"] else None}
 
@@ -194,7 +210,8 @@ def infer_rank(cfg: Config, out_dir: Path, checkpoint_run: Optional[Path], info:
     _barrier()
     if rank == 0:
         w.atomic_write_json(out_dir / "run.json", run_record(
-            cfg, out_dir, "infer", info, started_at, "completed", {"weights": source}))
+            cfg, out_dir, "infer", info, started_at, "completed",
+            {"weights": source, "files": w.file_manifest(out_dir)}))
     return {"rank": rank, "rows": len(rows)}
 
 

@@ -1,7 +1,8 @@
 """The run folder: each rank writes its own Parquet files; rank 0 writes run.json last.
 
 Every file is written to a temporary name in the same folder and renamed into place, so a
-reader (or Snakemake) never sees a half-written file.
+reader (or Snakemake) never sees a half-written file. Files get the usual permissions (0666 less
+the umask, so the group of a shared results folder can collect them), not mkstemp's 0600.
 """
 from __future__ import annotations
 
@@ -21,10 +22,20 @@ import torch
 from masep.provenance import git_commit, package_versions  # noqa: F401 - run records use w.<name>
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path = Path(path)
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
+def _temp_beside(path: Path) -> tuple[int, str]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, 0o666 & ~_UMASK)
+    return fd, tmp
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    fd, tmp = _temp_beside(path)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -47,8 +58,7 @@ def write_parquet(path: Path, rows: list[dict]) -> None:
         return
     table = pa.Table.from_pylist(rows)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _temp_beside(path)
     os.close(fd)
     try:
         pq.write_table(table, tmp)
@@ -62,6 +72,17 @@ def write_parquet(path: Path, rows: list[dict]) -> None:
 def read_parquet_rows(path: Path) -> list[dict]:
     path = Path(path)
     return pq.read_table(path).to_pylist() if path.exists() else []
+
+
+def parquet_rows(path: Path) -> int:
+    """Rows of a Parquet file, from its footer (raises pyarrow's error when damaged)."""
+    return pq.ParquetFile(path).metadata.num_rows
+
+
+def file_manifest(folder: Path) -> dict[str, int]:
+    """Every Parquet file of a run folder with its row count: run.json lists them so that a
+    lost or damaged file is found before its rows go missing from the database."""
+    return {f.name: parquet_rows(f) for f in sorted(Path(folder).glob("*.parquet"))}
 
 
 def now_iso() -> str:

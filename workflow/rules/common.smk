@@ -111,6 +111,9 @@ BASE = check_masep_configs()
 RUNS = BASE.runs_dir
 TOKENS = f"{BASE.data.tokens_dir}/{BASE.data.source}"
 DB = "results/masep.duckdb"
+# What the collect job outputs: its summary line. Not the database itself, which Snakemake would
+# delete before the job runs; masep collect replaces the database only by a complete new one.
+COLLECTED = "results/collect.txt"
 # Software of every rule (for the linter and --software-deployment-method conda; see environment.yml).
 CONDA_ENV = "../../environment.yml"
 REPORTS = "reports"

@@ -7,27 +7,30 @@ BENCH_FILES = sorted(glob.glob(f"{BENCH_DIR}/*.json"))
 
 
 rule collect:
-    """Build the DuckDB database from every complete run folder under the runs root."""
+    """Build the DuckDB database from every complete run folder under the runs root. The output
+    is the summary line: a failed collect leaves the previous database in place and no summary,
+    so the next `snakemake` runs collect again."""
     input:
         TRAIN_RUNS,
         INFER_RUNS,
     output:
-        db=DB,
+        summary=COLLECTED,
     log:
         "logs/collect.log",
     params:
         # the runs root: <runs>/train/<strategy>/seed=<k>/run.json
         runs=lambda wc, input: os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(input[0])))),
+        db=DB,
     conda:
         CONDA_ENV
     shell:
-        "masep collect --runs {params.runs:q} --db {output.db:q} > {log} 2>&1"
+        "masep collect --runs {params.runs:q} --db {params.db:q} 2> {log} > {output.summary:q}"
 
 
 rule report:
     """Figures and HTML from the database, plus the committed GPU benchmark summaries."""
     input:
-        db=DB,
+        collected=COLLECTED,
         bench=BENCH_FILES,
     output:
         index=f"{REPORTS}/index.html",
@@ -51,9 +54,10 @@ rule report:
         "logs/report.log",
     params:
         out=lambda wc, output: os.path.dirname(output.index),
+        db=DB,
         # the benchmark folder, named where it holds files (without, the section says "not measured")
         bench=f" --bench {BENCH_DIR}" if BENCH_FILES else "",
     conda:
         CONDA_ENV
     shell:
-        "masep report --db {input.db:q} --out {params.out:q}{params.bench} > {log} 2>&1"
+        "masep report --db {params.db:q} --out {params.out:q}{params.bench} > {log} 2>&1"
