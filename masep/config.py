@@ -68,6 +68,7 @@ class DataConfig:
     split_seed: int = 1234
     seq_len: int = 2048
     packing: bool = False
+    verify_checksums: bool = False  # jobs re-hash every shard file (default: sizes + sampled fingerprint)
 
 
 @dataclass

@@ -27,13 +27,14 @@ from masep.data.shards import ShardError, check_shard, data_config, shard_dir, s
 from masep.data.tokenizer import EOT_ID
 
 
-def shard_dirs(cfg, verify_checksums: bool = True) -> list[Path]:
-    """The token shards for `cfg.data`, each checked against its manifest and the config."""
+def shard_dirs(cfg) -> list[Path]:
+    """The token shards for `cfg.data`, each checked against its manifest and the config
+    (sizes and sampled fingerprints; every byte with `data.verify_checksums`)."""
     data = data_config(cfg)
     out = []
     for index in data.shards:
         directory = shard_dir(data, index)
-        reason = check_shard(directory, shard_params(data, index), checksums=verify_checksums)
+        reason = check_shard(directory, shard_params(data, index), checksums=data.verify_checksums)
         if reason is not None:
             raise ShardError(f"{directory}: token shard {reason}; run `masep tokenize` with this "
                              f"config first")

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from masep.data.c4 import (HUB_DATASET, SHARD_COUNT, C4ReadError, load_c4_shard, shard_name,
                            shard_path)
-from masep.data.shards import (FORMAT, MANIFEST, SPLITS, check_shard, fsync_dir, publish,
+from masep.data.shards import (FORMAT, MANIFEST, SPLITS, check_shard, file_meta, fsync_dir, publish,
                                read_manifest, remove_stale_temps, sha256_file, shard_dir,
                                shard_params, split_files, temp_dir_for)
 from masep.data.tokenizer import EOT_ID, encode_ordinary_numpy, get_tokenizer
@@ -88,8 +88,8 @@ class SplitWriter:
             "docs": len(self.lengths),
             "tokens": int(offsets[-1]),
             "files": {
-                self.bin_name: {"bytes": bin_path.stat().st_size, "sha256": self.sha.hexdigest()},
-                self.idx_name: {"bytes": idx_path.stat().st_size, "sha256": sha256_file(idx_path)},
+                self.bin_name: file_meta(bin_path, self.sha.hexdigest()),
+                self.idx_name: file_meta(idx_path, sha256_file(idx_path)),
             },
         }
 

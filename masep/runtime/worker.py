@@ -11,6 +11,7 @@ import math
 import statistics
 import sys
 import time
+import zlib
 from pathlib import Path
 from typing import Optional
 
@@ -71,6 +72,12 @@ def _as_batch(b) -> GlobalBatch:
     return GlobalBatch(inputs, targets, mask.float())
 
 
+def batch_crc32(batch) -> int:
+    """Fingerprint of a step's token ids (inputs, then targets): shows which data a step saw."""
+    inputs, targets, _ = batch
+    return zlib.crc32(targets.numpy().tobytes(), zlib.crc32(inputs.numpy().tobytes()))
+
+
 def run_record(cfg: Config, out_dir: Path, experiment: str, info: DistInfo, started_at: str,
                status: str, extra: Optional[dict] = None) -> dict:
     layout = make_layout(cfg)
@@ -121,8 +128,10 @@ def train_rank(cfg: Config, out_dir: Path, info: DistInfo) -> dict:
     batches = train_ds.batches(t.global_batch, t.seed, start)
     t_begin = time.perf_counter()
     for step in range(start, t.steps):
-        row = trainer.train_step(_as_batch(next(batches)))
-        rows["steps"].append({"run_id": run_id, **row, "t_end_unix_s": time.time()})  # aligns telemetry
+        batch = next(batches)
+        row = trainer.train_step(_as_batch(batch))
+        rows["steps"].append({"run_id": run_id, **row, "t_end_unix_s": time.time(),  # aligns telemetry
+                              "batch_crc32": batch_crc32(batch)})
         stats = trainer.last_stats
         if rank == 0:
             tpe = stats.tokens_per_expert
