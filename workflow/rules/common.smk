@@ -6,7 +6,7 @@ import shlex
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
-from masep.config import ConfigError, load_config
+from masep.config import ConfigError, load_config, parse_number
 from masep.parallel.layout import make_layout
 
 
@@ -19,10 +19,8 @@ def normalize_cli_config(cfg):
         if isinstance(v, dict):
             return {k: fix(x) for k, x in v.items()}
         if isinstance(v, str):
-            if re.fullmatch(r"-?\d+", v):
-                return int(v)
-            if re.fullmatch(r"-?\d+\.\d*(e-?\d+)?", v):
-                return float(v)
+            if parse_number(v) is not None:
+                return parse_number(v)
             if v in ("true", "false"):
                 return v == "true"
             if v == "null":
