@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -49,12 +49,26 @@ class CheckpointError(RuntimeError):
     """A checkpoint exists but cannot be loaded (truncated, corrupt, from another layout)."""
 
 
-def latest_checkpoint(ckpt_dir: Path) -> Optional[Path]:
-    marker = Path(ckpt_dir) / "latest"
-    if not marker.exists():
+def _step_of(path: Path) -> int:
+    return int(path.name.removeprefix("step-"))
+
+
+def latest_checkpoint(ckpt_dir: Path, warn: Callable[[str], None] = lambda line: None) -> Optional[Path]:
+    """The checkpoint `latest` names; when that folder is gone (or the marker is, after a kill
+    between rename and marker), the newest `step-N/` beside it, reported through `warn`."""
+    ckpt_dir = Path(ckpt_dir)
+    marker = ckpt_dir / "latest"
+    named = marker.read_text().strip() if marker.is_file() else None
+    if named and (ckpt_dir / named).is_dir():
+        return ckpt_dir / named
+    steps = sorted((p for p in ckpt_dir.glob("step-*") if p.is_dir() and p.name[5:].isdigit()),
+                   key=_step_of)
+    if named is None and not steps:
         return None
-    path = Path(ckpt_dir) / marker.read_text().strip()
-    return path if path.is_dir() else None
+    what = f"{marker} names {named}, which is missing" if named else f"{marker} is missing"
+    warn(f"{what}; " + (f"resuming from {steps[-1].name}, the newest checkpoint beside it"
+                        if steps else "no other checkpoint is there, so training starts at step 0"))
+    return steps[-1] if steps else None
 
 
 def save(ckpt_dir: Path, step: int, strategy, opt, rank: int) -> Path:
