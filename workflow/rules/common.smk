@@ -7,6 +7,7 @@ from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 from masep.config import ConfigError, load_config, parse_number
+from masep.data.c4 import shard_path
 from masep.parallel.layout import make_layout
 
 
@@ -121,6 +122,13 @@ TOKENS_DONE = f"{TOKENS}/shards-{hashlib.sha1(json.dumps(SHARDS).encode()).hexdi
 MANIFESTS = expand(f"{TOKENS}/shard-{{shard}}/manifest.json", shard=SHARD_IDS)
 TRAIN_RUNS = expand(f"{RUNS}/train/{{strategy}}/seed={{seed}}/run.json", strategy=STRATEGIES, seed=SEEDS)
 INFER_RUNS = expand(f"{RUNS}/infer/{{strategy}}/ctx={{ctx}}/run.json", strategy=STRATEGIES, ctx=INFER_CTX)
+
+
+def corpus_file(wc):
+    """The local or embedded C4 file a tokenize job reads (none for the Hub): an input, so that
+    replacing it makes Snakemake tokenize the shard again."""
+    path = shard_path(BASE.data, int(wc.shard))
+    return [] if path is None else str(path)
 
 
 def infer_contexts(ctx):
