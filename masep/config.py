@@ -16,12 +16,14 @@ from typing import Any, Optional
 
 import yaml
 
+from masep.errors import ExpectedError
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
 
 STRATEGIES = ("single", "tp", "pp", "tp_pp", "ep_dp", "ma_sep")
 
 
-class ConfigError(ValueError):
+class ConfigError(ExpectedError, ValueError):
     """A configuration problem; the message names the offending key."""
 
 

@@ -42,6 +42,8 @@ from typing import Any, Callable, Optional
 import submitit
 from submitit.helpers import Checkpointable, DelayedSubmission
 
+from masep.errors import ExpectedError
+
 # How often the waiting process looks at the job. SLURM states come from sacct, which submitit
 # itself rate-limits; a job that ends without results (FAILED, CANCELLED, NODE_FAIL ...) counts
 # as done and fails in _collect. Without accounting submitit sees UNKNOWN forever: the wait
@@ -49,7 +51,7 @@ from submitit.helpers import Checkpointable, DelayedSubmission
 POLL_S = 0.5
 
 
-class LaunchError(RuntimeError):
+class LaunchError(ExpectedError, RuntimeError):
     """A job failed, timed out, or could not be submitted; the message names its logs."""
 
 

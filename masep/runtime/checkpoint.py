@@ -17,6 +17,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
+from masep.errors import ExpectedError
 from masep.telemetry.writer import atomic_write_bytes
 
 
@@ -45,7 +46,7 @@ def _state(strategy, opt: Optional[torch.optim.Optimizer]) -> dict:
     return {"model": model, "optim": optim}
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(ExpectedError, RuntimeError):
     """A checkpoint exists but cannot be loaded (truncated, corrupt, from another layout)."""
 
 
@@ -110,8 +111,11 @@ def load(path: Path, strategy, opt: Optional[torch.optim.Optimizer], rank: int) 
     try:
         dcp.load(state, checkpoint_id=str(path))
     except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}: {first[:300]}); "
+        # DCP wraps each rank's own exception; that one says what is wrong with the files.
+        failures = getattr(e, "failures", None)
+        cause = next(iter(failures.values()))[0] if failures else e
+        first = str(cause).strip().splitlines()[0][:300] if str(cause).strip() else ""
+        raise CheckpointError(f"checkpoint {path} cannot be read ({type(cause).__name__}{': ' * bool(first)}{first}); "
                               f"move it away to start this run over") from e
     if opt is not None and state.get(f"rng_rank{rank}"):
         rng = torch.load(io.BytesIO(state[f"rng_rank{rank}"]), weights_only=False)
