@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except SystemExit as e:  # SIGTERM handlers exit with 128 + the signal's number
         if isinstance(e.code, int) and e.code > 128:
-            print(f"masep {name}: stopped by {signal.strsignal(e.code - 128) or e.code - 128}; files are written whole "
+            print(f"masep {name}: stopped by signal {e.code - 128} ({signal.strsignal(e.code - 128)}); files are written whole "
                   f"or not at all: run the same command again to continue", file=sys.stderr)
         raise
     except ExpectedError as e:

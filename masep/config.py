@@ -274,7 +274,9 @@ def load_yaml_chain(path: Path, seen: tuple = ()) -> list[dict]:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})") from e
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML ({getattr(e, 'problem', None) or e}{where})") from e
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at top level")
     chain: list[dict] = []

@@ -61,11 +61,13 @@ def strategy_overrides(strategy):
     ] + list(config["overrides"].get(strategy, []))
 
 
-def local_threads_env(threads, world_size):
-    """Local ranks share the job's cores: one OpenMP/intra-op thread share each."""
+def local_threads_env(world_size):
+    """Every local job gets the same CPU budget, CPU_THREADS intra-op threads over its ranks, so
+    that strategies are timed on equal terms (single's one rank does not get more threads than
+    the four ranks of another strategy together)."""
     if config["executor"] != "local":
         return ""
-    return f"OMP_NUM_THREADS={max(1, threads // world_size)} "
+    return f"OMP_NUM_THREADS={max(1, CPU_THREADS // world_size)} "
 
 
 def fresh_prefix(outdir):
@@ -79,6 +81,7 @@ PRESETS = [config["preset"]] if isinstance(config["preset"], str) else list(conf
 SHARDS = shard_list(config["shards"])
 STRATEGIES = list(config["strategies"])
 WORLD = {s: config["world_size"].get(s, 1) for s in STRATEGIES}
+CPU_THREADS = max(WORLD.values())  # threads per local job: one per rank of the widest strategy
 SEEDS = list(config["seeds"])
 CONTEXTS = list(config["context_lengths"])
 # per_context: one inference job per strategy and context length (the study's DAG);
