@@ -150,3 +150,39 @@ def test_bad_input_ends_in_its_one_line(case, tmp_path, monkeypatch, capsys):
     pattern = "^" + ".*".join(re.escape(part) for part in expected.split("…")) + "$"
     assert lines and re.match(pattern, lines[-1]), f"\n got: {lines[-1] if lines else err}\nwant: {expected}"
     assert (rc == 0) == name.startswith("warn-")
+
+
+def test_a_failed_rank_is_reported_with_its_own_message_and_log():
+    """What the launcher raises for a rank that failed (submitit's text around the rank's
+    traceback) becomes the rank's message and its log file."""
+    from masep.errors import one_line
+    from masep.launch import LaunchError
+
+    trace = ("Job (task=1) failed during processing with trace:\n----------------------\n"
+             "Traceback (most recent call last):\n  File \"worker.py\", line 3, in train_rank\n"
+             "torch.distributed.checkpoint.api.CheckpointException: CheckpointException ranks:dict_keys([1])\n\n"
+             "The above exception was the direct cause of the following exception:\n\n"
+             "Traceback (most recent call last):\n  File \"checkpoint.py\", line 9, in load\n"
+             "masep.runtime.checkpoint.CheckpointError: checkpoint run/checkpoint/step-2 cannot be read "
+             "(EOFError); move it away to start this run over\n----------------------\n"
+             "You can check full logs with 'job.stderr(1)' and 'job.stdout(1)'or at paths:\n"
+             "  - logs/7_1_log.err\n  - logs/7_1_log.out\n")
+    e = LaunchError(f"job 7 task 1 of 4 failed:\n{trace}\nLogs:\n  stdout: logs/7_1_log.out\n  stderr: logs/7_1_log.err")
+    assert one_line(e) == ("rank 1: checkpoint run/checkpoint/step-2 cannot be read (EOFError); move it away "
+                           "to start this run over (traceback: logs/7_1_log.err)")
+    other = LaunchError(e.args[0].replace("masep.runtime.checkpoint.CheckpointError", "ZeroDivisionError"))
+    assert one_line(other).startswith("rank 1: ZeroDivisionError: checkpoint")
+
+
+@pytest.mark.parametrize("how", ["-v", "MASEP_TRACEBACK=1"])
+def test_verbose_shows_the_traceback_before_the_line(how, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    argv = ["train", "--out", "run"]
+    if how == "-v":
+        argv.append("-v")
+    else:
+        monkeypatch.setenv("MASEP_TRACEBACK", "1")
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "raise ShardError" in err
+    assert err.splitlines()[-1].startswith("masep train: data/tokens/sample/shard-00000: token shard missing")
