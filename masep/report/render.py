@@ -210,8 +210,9 @@ Values the database does not hold are shown as <span class="nm">{nm}</span>.</p>
 CAPTIONS = {
     "loss_curves": ("Loss curves", "Training loss per step (mean over the ranks that report it) and "
                     "validation loss, per strategy and seed."),
-    "throughput": ("Throughput", "Tokens per second reported by rank 0, averaged over steps after "
-                   "warm-up (the first 10% of steps) and over seeds."),
+    "throughput": ("Throughput", "Tokens of rank 0's steps after warm-up (the first 10% of steps) "
+                   "over their time, averaged over seeds: table1_performance's throughput. On CPU "
+                   "ranks it shows the pipeline at work, not the paper's 16-GPU comparison."),
     "tpot": ("Inference: time per output token", "Median TPOT on rank 0 per context length."),
 }
 
