@@ -17,6 +17,7 @@ from masep import __version__
 from masep.config import ConfigError
 from masep.errors import ExpectedError, one_line
 
+AGAIN = "files are written whole or not at all: run the same command again to continue"
 COMMANDS = {
     "tokenize": ("masep.data.tokenize", "tokenize one C4 shard into uint16 token files"),
     "train": ("masep.runtime.train_cmd", "train one strategy (launches its ranks)"),
@@ -74,13 +75,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(module.run(args) or 0)
     except KeyboardInterrupt:
-        print(f"masep {name}: interrupted; files are written whole or not at all: run the same "
-              f"command again to continue", file=sys.stderr)
+        print(f"masep {name}: interrupted; {AGAIN}", file=sys.stderr)
         return 130
     except SystemExit as e:  # SIGTERM handlers exit with 128 + the signal's number
         if isinstance(e.code, int) and e.code > 128:
-            print(f"masep {name}: stopped by signal {e.code - 128} ({signal.strsignal(e.code - 128)}); files are written whole "
-                  f"or not at all: run the same command again to continue", file=sys.stderr)
+            print(f"masep {name}: stopped by signal {e.code - 128} ({signal.strsignal(e.code - 128)}); {AGAIN}",
+                  file=sys.stderr)
         raise
     except ExpectedError as e:
         if args.verbose or os.environ.get("MASEP_TRACEBACK") == "1":

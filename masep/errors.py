@@ -11,6 +11,10 @@ import re
 
 # The last line of a Python traceback: `package.module.SomeError: message`.
 _EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?([A-Za-z_]\w*(?:Error|Exception|Interrupt|Exit)): (.+)$")
+_FAILED_TASK = re.compile(r"task (\d+) of \d+ failed")
+# Expected errors whose message needs no class name in front of it.
+EXPECTED_NAMES = {"ConfigError", "ShardError", "CheckpointError", "C4ReadError", "TokenizerFilesError",
+                  "LaunchError", "PeerCommError"}
 
 
 class ExpectedError(Exception):
@@ -24,7 +28,7 @@ def one_line(e: BaseException) -> str:
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
     if not lines:
         return type(e).__name__
-    failed = next((m for m in map(re.compile(r"task (\d+) of \d+ failed").search, lines) if m), None)
+    failed = next((m for m in map(_FAILED_TASK.search, lines) if m), None)
     causes = [m for m in map(_EXCEPTION_LINE.match, lines) if m]
     stderr = next((line.split("stderr: ", 1)[1] for line in lines if line.startswith("stderr: ")), None)
     if failed is None or not causes:
@@ -33,7 +37,3 @@ def one_line(e: BaseException) -> str:
     shown = message if name in EXPECTED_NAMES else f"{name}: {message}"
     return f"rank {failed[1]}: {shown}" + (f" (traceback: {stderr})" if stderr else "")
 
-
-# Expected errors whose message needs no class name in front of it.
-EXPECTED_NAMES = {"ConfigError", "ShardError", "CheckpointError", "C4ReadError", "TokenizerFilesError",
-                  "LaunchError", "PeerCommError"}
