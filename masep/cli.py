@@ -8,10 +8,16 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import signal
 import sys
+import traceback
 
+from masep import __version__
 from masep.config import ConfigError
+from masep.errors import ExpectedError, one_line
 
+AGAIN = "files are written whole or not at all: run the same command again to continue"
 COMMANDS = {
     "tokenize": ("masep.data.tokenize", "tokenize one C4 shard into uint16 token files"),
     "train": ("masep.runtime.train_cmd", "train one strategy (launches its ranks)"),
@@ -52,6 +58,7 @@ def config_from_args(args: argparse.Namespace):
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="masep", description="MA Separation experiment pipeline")
+    parser.add_argument("--version", action="version", version=f"masep {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (_, help_text) in COMMANDS.items():
         sub.add_parser(name, help=help_text, add_help=False)
@@ -62,12 +69,25 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(COMMANDS[name][0])
     cmd = argparse.ArgumentParser(prog=f"masep {name}", description=COMMANDS[name][1])
     module.add_arguments(cmd)
+    cmd.add_argument("-v", "--verbose", action="store_true",
+                     help="on a failure, show the traceback too (or set MASEP_TRACEBACK=1)")
     args = cmd.parse_args(argv[1:])
     try:
         return int(module.run(args) or 0)
-    except ConfigError as e:
-        print(f"masep {name}: config error: {e}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print(f"masep {name}: interrupted; {AGAIN}", file=sys.stderr)
+        return 130
+    except SystemExit as e:  # SIGTERM handlers exit with 128 + the signal's number
+        if isinstance(e.code, int) and e.code > 128:
+            print(f"masep {name}: stopped by signal {e.code - 128} ({signal.strsignal(e.code - 128)}); {AGAIN}",
+                  file=sys.stderr)
+        raise
+    except ExpectedError as e:
+        if args.verbose or os.environ.get("MASEP_TRACEBACK") == "1":
+            traceback.print_exc()
+        kind = "config error: " if isinstance(e, ConfigError) else ""
+        print(f"masep {name}: {kind}{one_line(e)}", file=sys.stderr)
+        return 2 if isinstance(e, ConfigError) else 1
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ that do not fit together fail at once with a `ConfigError` naming the key.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -15,12 +16,14 @@ from typing import Any, Optional
 
 import yaml
 
+from masep.errors import ExpectedError
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
 
 STRATEGIES = ("single", "tp", "pp", "tp_pp", "ep_dp", "ma_sep")
 
 
-class ConfigError(ValueError):
+class ConfigError(ExpectedError, ValueError):
     """A configuration problem; the message names the offending key."""
 
 
@@ -167,6 +170,20 @@ class Config:
 
 # ---------------------------------------------------------------- loading
 
+# A number as people write it: YAML 1.1 (PyYAML) reads `1e-3` or `.5e2` as strings, so
+# every config path (YAML, --set, Snakemake --config) turns them into numbers through this.
+NUMBER = re.compile(r"[-+]?(\d[\d_]*(\.\d*)?|\.\d+)([eE][-+]?\d+)?")
+
+
+def parse_number(text: str) -> int | float | None:
+    """`text` as an int (plain integer notation) or float (any other number notation), else None."""
+    t = text.strip()
+    if not NUMBER.fullmatch(t):
+        return None
+    t = t.replace("_", "")
+    return int(t) if re.fullmatch(r"[-+]?\d+", t) else float(t)
+
+
 
 def _is_dataclass_type(tp) -> bool:
     return isinstance(tp, type) and dataclasses.is_dataclass(tp)
@@ -197,7 +214,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, bool):
             return value
         raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp in (int, float) and isinstance(value, str) and parse_number(value) is not None:
+        value = parse_number(value)
     if tp is int:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)  # 1e3 or 1.0e3 steps
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         raise ConfigError(f"{key}: expected an integer, got {value!r}")
@@ -267,7 +288,9 @@ def load_yaml_chain(path: Path, seen: tuple = ()) -> list[dict]:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})") from e
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML ({getattr(e, 'problem', None) or e}{where})") from e
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at top level")
     chain: list[dict] = []

@@ -58,6 +58,8 @@ from typing import Any, Callable, Optional
 import submitit
 from submitit.helpers import Checkpointable, DelayedSubmission
 
+from masep.errors import ExpectedError
+
 # How often the waiting process looks at the job. SLURM states come from sacct, which submitit
 # itself rate-limits; a job that ends without results (FAILED, CANCELLED, NODE_FAIL ...) counts
 # as done and fails in _collect. Without accounting submitit sees UNKNOWN forever: the wait
@@ -74,7 +76,7 @@ PEER_LOST = re.compile(r"Connection (closed|reset) by peer|Broken pipe|[Tt]imed 
 CANCEL_GRACE_S = 3.0  # time each signal of a cancel gets before the next, stronger one
 
 
-class LaunchError(RuntimeError):
+class LaunchError(ExpectedError, RuntimeError):
     """A job failed, timed out, or could not be submitted; the message names its logs."""
 
 

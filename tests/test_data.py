@@ -378,3 +378,17 @@ def test_embedded_sample_tokenizes_through_the_cli(tmp_path, capsys):
     ds = TokenDataset([directory], "train", cfg.data.seq_len)
     x, y, m = ds.batch(0, cfg.train.global_batch, cfg.train.seed)
     assert x.shape == (cfg.train.global_batch, cfg.data.seq_len) and int(x.max()) < 50257
+
+
+def test_training_refuses_a_shard_whose_corpus_file_changed(local_shard):
+    """A corpus replaced after tokenizing is not trained on silently."""
+    cfg, docs, _ = local_shard
+    directory = shard_dir(cfg.data, 0)
+    corpus = Path(cfg.data.local_dir) / shard_name(0)
+    write_gz(corpus, docs[:100])
+    with pytest.raises(ShardError) as e:
+        shard_dirs(cfg)
+    assert str(e.value) == (f"{directory}: token shard was made from {corpus} before that file changed; "
+                            "run `masep tokenize` with this config first")
+    assert tok.tokenize_shard(cfg.data, 0)[0] == "rebuilt"
+    assert shard_dirs(cfg) == [directory]

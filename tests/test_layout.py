@@ -58,3 +58,14 @@ def test_impossible_layouts_fail_naming_the_numbers(sets, message):
 def test_batch_that_replicas_cannot_share_is_refused():
     with pytest.raises(ConfigError, match="train.global_batch: 3 micro-batches"):
         make_layout(load_config("tiny", ["train.global_batch=6", "parallel.strategy=ep_dp", "parallel.world_size=4"]))
+
+
+def test_masep_layout_prints_one_json_document(capsys):
+    import json
+
+    from masep.cli import main
+
+    assert main(["layout", "--config", "tiny", "--set", "parallel.strategy=tp", "parallel.world_size=4"]) == 0
+    layout = json.loads(capsys.readouterr().out)
+    assert layout["tp"] == 2 and [r["rank"] for r in layout["ranks"]] == [0, 1, 2, 3]
+    assert layout["ranks"][1] == {"rank": 1, "role": "model", "dp": 0, "stage": 0, "tp": 1}

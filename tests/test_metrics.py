@@ -534,3 +534,14 @@ def test_t_table_matches_scipy(tmp_path):
     table = query(tmp_path / "db.duckdb", "SELECT df, t FROM t_critical_95 ORDER BY df")
     assert [df for df, _ in table] == list(range(1, 101))
     assert all(t == pytest.approx(stats.t.ppf(0.975, df), rel=1e-9) for df, t in table)
+
+
+def test_cpu_figures_beside_claims_say_they_are_not_comparable(gpu_study, tmp_path):
+    """A figure from CPU ranks (the embedded default) is marked beside the paper's 16-GPU claim."""
+    write_run(gpu_study, "tp", "seed=0", 4, {"steps": train_steps(4, 10, 4000, 2.0)}, {"device": "cpu"})
+    db = tmp_path / "db.duckdb"
+    collect(gpu_study, db)
+    note = dict(query(db, "SELECT strategy, note FROM table1_performance WHERE metric = 'throughput_tok_s' "
+                          "AND measured IS NOT NULL"))
+    assert note["tp"].startswith("CPU run: not comparable with the paper's 16-GPU figure")
+    assert "CPU run" not in (note["tp_pp"] or "")

@@ -53,7 +53,8 @@ def test_report_from_a_study(tmp_path):
     assert "3 training run(s), 3 inference run(s)" in page
     # throughput table: strategy, world size, runs, measured, mean, min, max, step time
     throughput = page[page.index("<h2>Throughput"):]
-    assert _cells(throughput, "single")[:7] == ["single", "1", "2", "2", "512.5", "512", "513"]
+    # (tokens over time of the steady steps: 256 / 0.5 for both seeds)
+    assert _cells(throughput, "single")[:7] == ["single", "1", "2", "2", "512", "512", "512"]
     assert _cells(throughput, "ep_dp")[:5] == ["ep_dp", "2", "1", "1", "512"]
     # TPOT table: ep_dp never ran at 2048 -> not measured, not 0
     tpot = page[page.index("Inference: time per output token"):]
@@ -62,6 +63,8 @@ def test_report_from_a_study(tmp_path):
     # loss table: ep_dp has no eval -> not measured
     loss = page[page.index("Loss curves"):]
     assert _cells(loss, "ep_dp")[5:7] == ["not measured", "not measured"]
+    # local runs have no SLURM job: not applicable rather than not measured
+    assert "not applicable (local run)" in page
     # same database, same files
     before = {f: (out / f).read_bytes() for f in FILES if not f.endswith(".png")}
     render(db, out)

@@ -106,3 +106,22 @@ def test_fused_adamw_steps_refresh_the_bf16_weight_copies():
         x = torch.randint(0, bf16.cfg.model.vocab_size, (8, 33), generator=gen)
         batch = GlobalBatch(x[:, :-1], x[:, 1:], torch.ones(8, 32))
         assert bf16.train_step(batch)["grad_norm"] == pytest.approx(fp32.train_step(batch)["grad_norm"], rel=0.05)
+
+
+@pytest.mark.parametrize("other_step", [True, False])
+def test_latest_naming_a_missing_step_resumes_from_the_newest_one_beside_it(tmp_path, capsys, other_step):
+    """`latest` naming a folder that is gone never restarts silently: it resumes from the newest
+    step-N/ beside it, or says that there is none."""
+    cfg = load_config("tiny", SETS)
+    tr = Trainer(cfg)
+    tr.train_step(batch_for(0, cfg))
+    tr.save(tmp_path / "ckpt")
+    if not other_step:
+        import shutil
+        shutil.rmtree(tmp_path / "ckpt" / "step-1")
+    (tmp_path / "ckpt" / "latest").write_text("step-30\n")
+    assert Trainer(cfg).resume(tmp_path / "ckpt") == (1 if other_step else 0)
+    line = capsys.readouterr().err.strip()
+    assert line == (f"masep train: {tmp_path / 'ckpt' / 'latest'} names step-30, which is missing; "
+                    + ("resuming from step-1, the newest checkpoint beside it" if other_step
+                       else "no other checkpoint is there, so training starts at step 0"))

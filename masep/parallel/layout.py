@@ -128,7 +128,6 @@ def run(args: argparse.Namespace) -> int:
     from masep.cli import config_from_args
 
     layout = make_layout(config_from_args(args))
-    print(json.dumps(layout.to_dict(), indent=2))
-    for r in range(layout.world_size):
-        print(r, layout.coords(r))
+    ranks = [{"rank": r, **layout.coords(r)} for r in range(layout.world_size)]
+    print(json.dumps({**layout.to_dict(), "ranks": ranks}, indent=2))
     return 0

@@ -28,6 +28,7 @@ matplotlib.use("Agg")
 from matplotlib.figure import Figure  # noqa: E402  (after choosing the backend)
 
 NOT_MEASURED = "not measured"
+NOT_APPLICABLE = {"slurm_job_id": "not applicable (local run)"}  # NULL columns that are not missing data
 FIGURES = ("loss_curves", "throughput", "tpot")
 # Fixed ids and no timestamps in SVGs: the same database renders the same files.
 matplotlib.rcParams["svg.hashsalt"] = "masep"
@@ -176,9 +177,13 @@ def _html_table(t: Table) -> str:
     if not t.rows:
         return f"<p class='nm'>No rows: {NOT_MEASURED}.</p>"
     head = "".join(f"<th>{html.escape(c)}</th>" for c in t.columns)
-    body = "".join("<tr>" + "".join(
-        f"<td class='{'nm' if _fmt(v) == NOT_MEASURED else ''}'>{html.escape(_fmt(v))}</td>" for v in row)
-        + "</tr>" for row in t.rows)
+
+    def cell(column: str, v) -> str:
+        if v is None and column in NOT_APPLICABLE:
+            return f"<td>{NOT_APPLICABLE[column]}</td>"
+        return f"<td class='{'nm' if _fmt(v) == NOT_MEASURED else ''}'>{html.escape(_fmt(v))}</td>"
+
+    body = "".join("<tr>" + "".join(cell(c, v) for c, v in zip(t.columns, row)) + "</tr>" for row in t.rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
@@ -205,8 +210,9 @@ Values the database does not hold are shown as <span class="nm">{nm}</span>.</p>
 CAPTIONS = {
     "loss_curves": ("Loss curves", "Training loss per step (mean over the ranks that report it) and "
                     "validation loss, per strategy and seed."),
-    "throughput": ("Throughput", "Tokens per second reported by rank 0, averaged over steps after "
-                   "warm-up (the first 10% of steps) and over seeds."),
+    "throughput": ("Throughput", "Tokens of rank 0's steps after warm-up (the first 10% of steps) "
+                   "over their time, averaged over seeds: table1_performance's throughput. On CPU "
+                   "ranks it shows the pipeline at work, not the paper's 16-GPU comparison."),
     "tpot": ("Inference: time per output token", "Median TPOT on rank 0 per context length."),
 }
 

@@ -10,13 +10,14 @@ from __future__ import annotations
 import io
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
+from masep.errors import ExpectedError
 from masep.telemetry.writer import atomic_write_bytes
 
 
@@ -45,16 +46,30 @@ def _state(strategy, opt: Optional[torch.optim.Optimizer]) -> dict:
     return {"model": model, "optim": optim}
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(ExpectedError, RuntimeError):
     """A checkpoint exists but cannot be loaded (truncated, corrupt, from another layout)."""
 
 
-def latest_checkpoint(ckpt_dir: Path) -> Optional[Path]:
-    marker = Path(ckpt_dir) / "latest"
-    if not marker.exists():
+def _step_of(path: Path) -> int:
+    return int(path.name.removeprefix("step-"))
+
+
+def latest_checkpoint(ckpt_dir: Path, warn: Callable[[str], None] = lambda line: None) -> Optional[Path]:
+    """The checkpoint `latest` names; when that folder is gone (or the marker is, after a kill
+    between rename and marker), the newest `step-N/` beside it, reported through `warn`."""
+    ckpt_dir = Path(ckpt_dir)
+    marker = ckpt_dir / "latest"
+    named = marker.read_text().strip() if marker.is_file() else None
+    if named and (ckpt_dir / named).is_dir():
+        return ckpt_dir / named
+    steps = sorted((p for p in ckpt_dir.glob("step-*") if p.is_dir() and p.name[5:].isdigit()),
+                   key=_step_of)
+    if named is None and not steps:
         return None
-    path = Path(ckpt_dir) / marker.read_text().strip()
-    return path if path.is_dir() else None
+    what = f"{marker} names {named}, which is missing" if named else f"{marker} is missing"
+    warn(f"{what}; " + (f"resuming from {steps[-1].name}, the newest checkpoint beside it"
+                        if steps else "no other checkpoint is there, so training starts at step 0"))
+    return steps[-1] if steps else None
 
 
 def save(ckpt_dir: Path, step: int, strategy, opt, rank: int) -> Path:
@@ -96,8 +111,11 @@ def load(path: Path, strategy, opt: Optional[torch.optim.Optimizer], rank: int) 
     try:
         dcp.load(state, checkpoint_id=str(path))
     except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}: {first[:300]}); "
+        # DCP wraps each rank's own exception; that one says what is wrong with the files.
+        failures = getattr(e, "failures", None)
+        cause = next(iter(failures.values()))[0] if failures else e
+        first = str(cause).strip().splitlines()[0][:300] if str(cause).strip() else ""
+        raise CheckpointError(f"checkpoint {path} cannot be read ({type(cause).__name__}{': ' * bool(first)}{first}); "
                               f"move it away to start this run over") from e
     if opt is not None and state.get(f"rng_rank{rank}"):
         rng = torch.load(io.BytesIO(state[f"rng_rank{rank}"]), weights_only=False)

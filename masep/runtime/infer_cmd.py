@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from masep.cli import add_config_arguments, add_strategy_arguments, config_from_args
@@ -20,14 +21,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from masep.data.batches import shard_dirs
     from masep.launch import launch
-    from masep.runtime.checkpoint import latest_checkpoint
+    from masep.runtime.checkpoint import CheckpointError, latest_checkpoint
     from masep.runtime.worker import InferEntry
 
     cfg = config_from_args(args)
     layout = make_layout(cfg)
+    warn = lambda line: print(f"masep infer: {line}", file=sys.stderr)  # noqa: E731
+    if args.checkpoint and latest_checkpoint(Path(args.checkpoint) / "checkpoint", warn) is None:
+        raise CheckpointError(f"--checkpoint: no checkpoint under {args.checkpoint}/checkpoint; "
+                              f"train that run first or name another run folder")
     shard_dirs(cfg)
-    if args.checkpoint and latest_checkpoint(Path(args.checkpoint) / "checkpoint") is None:
-        raise SystemExit(f"masep infer: no complete checkpoint under {args.checkpoint}/checkpoint")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = f"infer-{cfg.parallel.strategy}-" + "-".join(map(str, cfg.infer.context_lengths))

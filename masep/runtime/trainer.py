@@ -9,6 +9,7 @@ RNG state is checkpointed).
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,7 +103,9 @@ class Trainer:
     # ---- checkpoints
     def resume(self, ckpt_dir: Path) -> int:
         """Load the newest complete checkpoint, if any; return the step to continue from."""
-        path = checkpoint.latest_checkpoint(ckpt_dir)
+        warn = (lambda line: print(f"masep train: {line}", file=sys.stderr, flush=True)) if self.rank == 0 \
+            else (lambda line: None)
+        path = checkpoint.latest_checkpoint(ckpt_dir, warn)
         if path is not None:
             self.step = checkpoint.load(path, self.strategy, self.opt, self.rank)
         return self.step

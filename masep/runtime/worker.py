@@ -45,10 +45,11 @@ def _check_rows_before(path: Path, rows: list[dict], start: int) -> None:
 
 def _cpu_threads(info: DistInfo) -> None:
     """Share the cores among this node's CPU ranks: oversubscribed intra-op thread pools
-    make small CPU kernels hundreds of times slower."""
-    if torch.device(info.device).type == "cpu":
-        import os
+    make small CPU kernels hundreds of times slower. OMP_NUM_THREADS, where set (the workflow
+    gives every strategy the same budget through it), is kept."""
+    import os
 
+    if torch.device(info.device).type == "cpu" and not os.environ.get("OMP_NUM_THREADS"):
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         torch.set_num_threads(max(1, cores // max(info.local_world_size, 1)))
 

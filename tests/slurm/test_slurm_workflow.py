@@ -95,16 +95,48 @@ def snakemake(project: Path, *args: str, timeout_s: float = RUN_TIMEOUT_S) -> Ru
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, cwd=project, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
+    lines: list[str] = []
+
+    def read() -> None:
+        for line in proc.stdout:
+            lines.append(line)
+            if SHOW_PROGRESS is not None and PROGRESS.search(line):
+                SHOW_PROGRESS(line)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
     try:
-        out, _ = proc.communicate(timeout=timeout_s)
+        proc.wait(timeout=timeout_s)
     except BaseException as e:  # this timeout, pytest's, Ctrl-C: stop Snakemake, its jobs and theirs
         os.killpg(proc.pid, signal.SIGTERM)
-        out, _ = proc.communicate()
+        proc.wait()
+        reader.join()
         cancel_project_jobs(project)
         if isinstance(e, subprocess.TimeoutExpired):
-            pytest.fail(f"{' '.join(cmd)} did not finish within {timeout_s:g} s:\n{out[-4000:]}")
+            pytest.fail(f"{' '.join(cmd)} did not finish within {timeout_s:g} s:\n{''.join(lines)[-4000:]}")
         raise
-    return Run(proc.returncode, out, time.monotonic() - t0)
+    reader.join()
+    return Run(proc.returncode, "".join(lines), time.monotonic() - t0)
+
+
+# Snakemake's "N of M steps (P%) done" lines reach the console while a run goes (pytest
+# captures everything else), so a run of many minutes shows its progress.
+PROGRESS = re.compile(r"\d+ of \d+ steps \(\d+%\) done")
+SHOW_PROGRESS: Optional[Callable[[str], None]] = None
+
+
+@pytest.fixture(scope="module", autouse=True)
+def live_progress(pytestconfig):
+    global SHOW_PROGRESS
+    capture = pytestconfig.pluginmanager.getplugin("capturemanager")
+
+    def show(line: str) -> None:
+        with capture.global_and_fixture_disabled():
+            print(f"\n    snakemake: {line.strip()}", end="", flush=True)
+
+    SHOW_PROGRESS = show
+    yield
+    SHOW_PROGRESS = None
 
 
 def job_counts(run: Run) -> dict[str, int]:

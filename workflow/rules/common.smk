@@ -6,7 +6,8 @@ import shlex
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
-from masep.config import ConfigError, load_config
+from masep.config import ConfigError, load_config, parse_number
+from masep.data.c4 import shard_path
 from masep.parallel.layout import make_layout
 
 
@@ -19,10 +20,8 @@ def normalize_cli_config(cfg):
         if isinstance(v, dict):
             return {k: fix(x) for k, x in v.items()}
         if isinstance(v, str):
-            if re.fullmatch(r"-?\d+", v):
-                return int(v)
-            if re.fullmatch(r"-?\d+\.\d*(e-?\d+)?", v):
-                return float(v)
+            if parse_number(v) is not None:
+                return parse_number(v)
             if v in ("true", "false"):
                 return v == "true"
             if v == "null":
@@ -62,11 +61,13 @@ def strategy_overrides(strategy):
     ] + list(config["overrides"].get(strategy, []))
 
 
-def local_threads_env(threads, world_size):
-    """Local ranks share the job's cores: one OpenMP/intra-op thread share each."""
+def local_threads_env(world_size):
+    """Every local job gets the same CPU budget, CPU_THREADS intra-op threads over its ranks, so
+    that strategies are timed on equal terms (single's one rank does not get more threads than
+    the four ranks of another strategy together)."""
     if config["executor"] != "local":
         return ""
-    return f"OMP_NUM_THREADS={max(1, threads // world_size)} "
+    return f"OMP_NUM_THREADS={max(1, CPU_THREADS // world_size)} "
 
 
 def fresh_prefix(outdir):
@@ -80,6 +81,7 @@ PRESETS = [config["preset"]] if isinstance(config["preset"], str) else list(conf
 SHARDS = shard_list(config["shards"])
 STRATEGIES = list(config["strategies"])
 WORLD = {s: config["world_size"].get(s, 1) for s in STRATEGIES}
+CPU_THREADS = max(WORLD.values())  # threads per local job: one per rank of the widest strategy
 SEEDS = list(config["seeds"])
 CONTEXTS = list(config["context_lengths"])
 # per_context: one inference job per strategy and context length (the study's DAG);
@@ -126,6 +128,13 @@ TOKENS_DONE = f"{TOKENS}/shards-{hashlib.sha1(json.dumps(SHARDS).encode()).hexdi
 MANIFESTS = expand(f"{TOKENS}/shard-{{shard}}/manifest.json", shard=SHARD_IDS)
 TRAIN_RUNS = expand(f"{RUNS}/train/{{strategy}}/seed={{seed}}/run.json", strategy=STRATEGIES, seed=SEEDS)
 INFER_RUNS = expand(f"{RUNS}/infer/{{strategy}}/ctx={{ctx}}/run.json", strategy=STRATEGIES, ctx=INFER_CTX)
+
+
+def corpus_file(wc):
+    """The local or embedded C4 file a tokenize job reads (none for the Hub): an input, so that
+    replacing it makes Snakemake tokenize the shard again."""
+    path = shard_path(BASE.data, int(wc.shard))
+    return [] if path is None else str(path)
 
 
 def infer_contexts(ctx):

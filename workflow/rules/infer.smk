@@ -15,8 +15,8 @@ rule infer:
         ),
         checkpoint=lambda wc, input: os.path.dirname(input.train),
         outdir=lambda wc, output: os.path.dirname(output.run),
-        prefix=lambda wc, output, threads: fresh_prefix(os.path.dirname(output.run))
-        + local_threads_env(threads, WORLD[wc.strategy]),
+        prefix=lambda wc, output: fresh_prefix(os.path.dirname(output.run))
+        + local_threads_env(WORLD[wc.strategy]),
     conda:
         CONDA_ENV
     shell:

@@ -1,5 +1,7 @@
 rule tokenize:
     """Tokenize one C4 shard; its manifest (written last) marks the shard done."""
+    input:
+        corpus=corpus_file,
     output:
         manifest=f"{TOKENS}/shard-{{shard}}/manifest.json",
     log:

@@ -12,8 +12,8 @@ rule train:
     params:
         args=lambda wc: masep_args(strategy_overrides(wc.strategy) + [f"train.seed={wc.seed}"]),
         outdir=lambda wc, output: os.path.dirname(output.run),
-        prefix=lambda wc, output, threads: fresh_prefix(os.path.dirname(output.run))
-        + local_threads_env(threads, WORLD[wc.strategy]),
+        prefix=lambda wc, output: fresh_prefix(os.path.dirname(output.run))
+        + local_threads_env(WORLD[wc.strategy]),
     conda:
         CONDA_ENV
     shell:

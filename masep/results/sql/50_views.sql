@@ -23,7 +23,9 @@ throughput AS (
     SELECT run_id,
            any_value(n_steps)                         AS steps,
            CAST(ceil(0.1 * any_value(n_steps)) AS BIGINT) AS warmup_steps_excluded,
-           avg(tokens_per_s) FILTER (WHERE rank = 0 AND step_index > ceil(0.1 * n_steps)) AS tokens_per_s,
+           -- the throughput definition of every view: tokens over time of rank 0's steady steps
+           sum(tokens) FILTER (WHERE rank = 0 AND step_index > ceil(0.1 * n_steps))
+               / sum(step_time_s) FILTER (WHERE rank = 0 AND step_index > ceil(0.1 * n_steps)) AS tokens_per_s,
            avg(step_time_s)  FILTER (WHERE rank = 0 AND step_index > ceil(0.1 * n_steps)) AS step_time_s,
            max(peak_mem_bytes)                        AS peak_mem_bytes_max_rank,
            -- every rank reports the step's global count: take rank 0's

@@ -12,7 +12,8 @@ WITH g AS (
     SELECT strategy, world_size, metric, x, any_value(unit) AS unit,
            avg(value) AS measured, count(value) AS runs,
            any_value(reason) FILTER (WHERE value IS NULL) AS reason,
-           any_value(method) AS method
+           any_value(method) AS method,
+           bool_and(run_id IN (SELECT run_id FROM run_info WHERE on_gpu)) AS on_gpu
     FROM run_values WHERE run_id IS NOT NULL
     GROUP BY ALL
 ),
@@ -22,7 +23,7 @@ improved AS (
                / nullif(b.measured, 0) AS measured,
            least(a.runs, b.runs) AS runs,
            CASE WHEN a.measured IS NULL OR b.measured IS NULL THEN coalesce(a.reason, b.reason) END AS reason,
-           'ma_sep mean vs tp_pp mean' AS method
+           'ma_sep mean vs tp_pp mean' AS method, a.on_gpu AND b.on_gpu AS on_gpu
     FROM g a
     JOIN g b ON a.strategy = 'ma_sep' AND b.strategy = 'tp_pp' AND a.metric = b.metric
             AND a.world_size = b.world_size AND a.x IS NOT DISTINCT FROM b.x
@@ -79,7 +80,10 @@ SELECT coalesce(m.metric, c.metric) AS metric,
                      ELSE 'no run of this strategy in the study' END)
             ELSE coalesce(m.reason, 'not measured') END AS reason,
        m.method,
-       c.note
+       -- A CPU run (the embedded default) measures the pipeline, not the paper's 16 GPUs.
+       nullif(concat_ws('; ', CASE WHEN m.measured IS NOT NULL AND c.value IS NOT NULL AND NOT m.on_gpu
+                                   THEN 'CPU run: not comparable with the paper''s 16-GPU figure' END,
+                        c.note), '') AS note
 FROM m FULL JOIN c ON c.metric = m.metric AND c.strategy = m.strategy AND c.x IS NOT DISTINCT FROM m.x
 LEFT JOIN metric_rank r ON r.metric = coalesce(m.metric, c.metric)
 ORDER BY coalesce(r.o, 100000 + list_position(extra, coalesce(m.metric, c.metric))),
