@@ -17,7 +17,6 @@ COMMANDS = {
     "train": ("masep.runtime.train_cmd", "train one strategy (launches its ranks)"),
     "infer": ("masep.runtime.infer_cmd", "decode with a KV cache and measure TPOT"),
     "collect": ("masep.results.collect", "build results/masep.duckdb from run folders"),
-    "bench-import": ("masep.bench_ingest", "turn GPU benchmark summaries (bench/*.json) into run folders"),
     "report": ("masep.report.render", "render reports/ from the database"),
     "sql": ("masep.results.sql_cmd", "query the results database"),
     "layout": ("masep.parallel.layout", "show or check the rank layout of a strategy"),

@@ -226,7 +226,7 @@ def trained(tmp_path_factory):
     """One single-rank training run through the worker (6 steps), collected."""
     from masep.data import tokenize as tok
     from masep.data.c4 import shard_name
-    from masep.launch import DistInfo
+    from masep.runtime.distributed import DistInfo
     from masep.runtime.worker import train_rank
 
     tmp = tmp_path_factory.mktemp("trained")

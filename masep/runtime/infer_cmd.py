@@ -2,10 +2,31 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
+from typing import Optional
 
 from masep.cli import add_config_arguments, add_strategy_arguments, config_from_args
+from masep.config import Config, config_from_dict
+from masep.launch import RankEntry, launch
 from masep.parallel.layout import make_layout
+from masep.runtime.distributed import init_distributed, shutdown_distributed
+from masep.runtime.worker import infer_rank
+
+
+class InferEntry(RankEntry):
+    def __init__(self, cfg: Config, out_dir: str, checkpoint_run: Optional[str]):
+        self.cfg_dict, self.out_dir, self.checkpoint_run = cfg.to_dict(), str(out_dir), checkpoint_run
+
+    def __call__(self):
+        cfg = config_from_dict(self.cfg_dict)
+        info = init_distributed(cfg.parallel.timeout_s)
+        try:
+            return infer_rank(cfg, Path(self.out_dir),
+                              Path(self.checkpoint_run) if self.checkpoint_run else None, info)
+        finally:
+            sys.stdout.flush()
+            shutdown_distributed()
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -19,9 +40,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from masep.data.batches import shard_dirs
-    from masep.launch import launch
     from masep.runtime.checkpoint import latest_checkpoint
-    from masep.runtime.worker import InferEntry
 
     cfg = config_from_args(args)
     layout = make_layout(cfg)

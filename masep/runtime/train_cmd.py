@@ -2,10 +2,29 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from masep.cli import add_config_arguments, add_strategy_arguments, config_from_args
+from masep.config import Config, config_from_dict
+from masep.launch import RankEntry, launch
 from masep.parallel.layout import make_layout
+from masep.runtime.distributed import init_distributed, shutdown_distributed
+from masep.runtime.worker import train_rank
+
+
+class TrainEntry(RankEntry):
+    def __init__(self, cfg: Config, out_dir: str):
+        self.cfg_dict, self.out_dir = cfg.to_dict(), str(out_dir)
+
+    def __call__(self):
+        cfg = config_from_dict(self.cfg_dict)
+        info = init_distributed(cfg.parallel.timeout_s)
+        try:
+            return train_rank(cfg, Path(self.out_dir), info)
+        finally:
+            sys.stdout.flush()
+            shutdown_distributed()
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -16,8 +35,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from masep.data.batches import shard_dirs
-    from masep.launch import launch
-    from masep.runtime.worker import TrainEntry
 
     cfg = config_from_args(args)
     layout = make_layout(cfg)  # an impossible layout fails here, before any process starts

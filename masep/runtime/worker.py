@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -17,11 +16,11 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from masep.config import Config, config_from_dict
-from masep.launch import DistInfo, RankEntry, init_distributed, shutdown_distributed
+from masep.config import Config
 from masep.parallel.base import GlobalBatch
 from masep.parallel.layout import make_layout
 from masep.runtime import checkpoint
+from masep.runtime.distributed import DistInfo
 from masep.runtime.trainer import Trainer
 from masep.telemetry import writer as w
 from masep.telemetry.memory import peak_bytes
@@ -29,7 +28,7 @@ from masep.telemetry.mfu import flops_record
 from masep.telemetry.nvml import RunTelemetry
 
 
-def _cpu_threads(info: DistInfo) -> None:
+def cpu_threads(info: DistInfo) -> None:
     """Share the cores among this node's CPU ranks: oversubscribed intra-op thread pools
     make small CPU kernels hundreds of times slower."""
     if torch.device(info.device).type == "cpu":
@@ -83,7 +82,7 @@ def run_id_of(out_dir: Path) -> str:
 def train_rank(cfg: Config, out_dir: Path, info: DistInfo) -> dict:
     out_dir = Path(out_dir)
     rank, t = info.rank, cfg.train
-    _cpu_threads(info)
+    cpu_threads(info)
     started_at = w.now_iso()
     train_ds, val_ds = _datasets(cfg)
     trainer = Trainer(cfg, rank, info.device)
@@ -151,29 +150,22 @@ def _prompt(val_ds, context_len: int, batch: int) -> torch.Tensor:
     return flat.view(batch, context_len)
 
 
-def infer_rank(cfg: Config, out_dir: Path, checkpoint_run: Optional[Path], info: DistInfo) -> dict:
-    out_dir = Path(out_dir)
-    rank, i = info.rank, cfg.infer
-    _cpu_threads(info)
-    started_at = w.now_iso()
-    _, val_ds = _datasets(cfg)
-    trainer = Trainer(cfg, rank, info.device)
-    source = "initial weights (seed)"
-    if checkpoint_run is not None:
-        path = checkpoint.latest_checkpoint(Path(checkpoint_run) / "checkpoint")
-        if path is None:
-            raise FileNotFoundError(f"no complete checkpoint under {checkpoint_run}/checkpoint")
-        checkpoint.load(path, trainer.strategy, None, rank)
-        source = str(path)
+def serving(trainer: Trainer):
+    """The trainer's strategy ready to decode: eval mode, no optimizer, bf16 weights where it
+    computes in bf16 (as served)."""
     strategy = trainer.strategy
     strategy.train(False)
     del trainer.opt
     if strategy.compute_dtype() == torch.bfloat16:
-        strategy.cast_parameters(torch.bfloat16)  # serve bf16 weights
-    run_id = run_id_of(out_dir)
-    rows = []
-    for ctx in i.context_lengths:
-        prompt = _prompt(val_ds, ctx, i.batch)
+        strategy.cast_parameters(torch.bfloat16)
+    return strategy
+
+
+def decode_rows(strategy, cfg: Config, run_id: str, rank: int, prompts) -> list[dict]:
+    """One inference row per (context length, prompt) of `prompts`: prefill time and TPOT of
+    `infer.new_tokens` greedy tokens, after `infer.warmup_tokens` untimed ones."""
+    i, rows = cfg.infer, []
+    for ctx, prompt in prompts:
         if i.warmup_tokens:
             strategy.generate(prompt, i.warmup_tokens)
         gen = strategy.generate(prompt, i.new_tokens)
@@ -190,41 +182,28 @@ def infer_rank(cfg: Config, out_dir: Path, checkpoint_run: Optional[Path], info:
         })
         if rank == 0:
             print(f"context {ctx}: prefill {gen.prefill_s * 1e3:.1f} ms, TPOT {tpot * 1e3:.2f} ms", flush=True)
+    return rows
+
+
+def infer_rank(cfg: Config, out_dir: Path, checkpoint_run: Optional[Path], info: DistInfo) -> dict:
+    out_dir = Path(out_dir)
+    rank, i = info.rank, cfg.infer
+    cpu_threads(info)
+    started_at = w.now_iso()
+    _, val_ds = _datasets(cfg)
+    trainer = Trainer(cfg, rank, info.device)
+    source = "initial weights (seed)"
+    if checkpoint_run is not None:
+        path = checkpoint.latest_checkpoint(Path(checkpoint_run) / "checkpoint")
+        if path is None:
+            raise FileNotFoundError(f"no complete checkpoint under {checkpoint_run}/checkpoint")
+        checkpoint.load(path, trainer.strategy, None, rank)
+        source = str(path)
+    rows = decode_rows(serving(trainer), cfg, run_id_of(out_dir), rank,
+                       ((ctx, _prompt(val_ds, ctx, i.batch)) for ctx in i.context_lengths))
     w.write_parquet(out_dir / f"inference-rank{rank}.parquet", rows)
     _barrier()
     if rank == 0:
         w.atomic_write_json(out_dir / "run.json", run_record(
             cfg, out_dir, "infer", info, started_at, "completed", {"weights": source}))
     return {"rank": rank, "rows": len(rows)}
-
-
-# ------------------------------------------------------------------ submitit entries
-
-
-class TrainEntry(RankEntry):
-    def __init__(self, cfg: Config, out_dir: str):
-        self.cfg_dict, self.out_dir = cfg.to_dict(), str(out_dir)
-
-    def __call__(self):
-        cfg = config_from_dict(self.cfg_dict)
-        info = init_distributed(cfg.parallel.timeout_s)
-        try:
-            return train_rank(cfg, Path(self.out_dir), info)
-        finally:
-            sys.stdout.flush()
-            shutdown_distributed()
-
-
-class InferEntry(RankEntry):
-    def __init__(self, cfg: Config, out_dir: str, checkpoint_run: Optional[str]):
-        self.cfg_dict, self.out_dir, self.checkpoint_run = cfg.to_dict(), str(out_dir), checkpoint_run
-
-    def __call__(self):
-        cfg = config_from_dict(self.cfg_dict)
-        info = init_distributed(cfg.parallel.timeout_s)
-        try:
-            return infer_rank(cfg, Path(self.out_dir),
-                              Path(self.checkpoint_run) if self.checkpoint_run else None, info)
-        finally:
-            sys.stdout.flush()
-            shutdown_distributed()

@@ -68,8 +68,8 @@ FROM t;
 
 CREATE VIEW run_metrics AS
 WITH
--- Training figures come from training runs and from imported GPU benchmark runs (`masep
--- bench-import`: timed steps of synthetic batches, so no quality figures for them).
+-- Training figures come from training runs and from GPU benchmark runs (`python -m masep.bench`:
+-- steps of synthetic batches, so no quality figures for them).
 train AS (SELECT * FROM run_info WHERE experiment IN ('train', 'bench')),
 -- Speed: rank 0's steady steps (rank 0 waits for every rank at the end of a step, and `tokens`
 -- is the global batch's), tokens over time.
