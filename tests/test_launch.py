@@ -13,7 +13,7 @@ import submitit
 
 from masep.config import load_config
 from masep.launch import LaunchError, RankEntry, executor_parameters, launch
-from masep.runtime.distributed import DistInfo, init_distributed, shutdown_distributed
+from masep.runtime.distributed import init_distributed, shutdown_distributed
 
 # The entries below live in this test module, which the task processes cannot import:
 # ship them by value.
@@ -189,7 +189,3 @@ def test_torchrun_environment_fallback():
     outs = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [o[1] for o in outs]
     assert [o[0].split() for o in outs] == [["0", "2", "11.0", "None"], ["1", "2", "11.0", "None"]]
-
-
-def test_distinfo_is_main():
-    assert DistInfo(0, 2, 0, "cpu").is_main and not DistInfo(1, 2, 1, "cpu").is_main

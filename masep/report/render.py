@@ -25,7 +25,6 @@ matplotlib.use("Agg")
 from matplotlib.figure import Figure  # noqa: E402  (after choosing the backend)
 
 NOT_MEASURED = "not measured"
-FIGURES = ("loss_curves", "throughput", "tpot")
 # Fixed ids and no timestamps in SVGs: the same database renders the same files.
 matplotlib.rcParams["svg.hashsalt"] = "masep"
 

@@ -28,10 +28,6 @@ class DistInfo:
     job_id: Optional[str] = None  # submitit's id of the job (SLURM job id, local pid, debug id)
     slurm_job_id: Optional[str] = None  # only when running under SLURM
 
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
 
 def current_job() -> tuple[Optional[str], Optional[str]]:
     """(submitit job id, SLURM job id) of the job this process runs in; Nones outside submitit."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
@@ -51,15 +50,6 @@ def make_optimizer(strategy: Strategy, cfg) -> torch.optim.AdamW:
     cuda = strategy.device.type == "cuda"
     return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8,
                              fused=True if cuda else None)
-
-
-@dataclass
-class TrainResult:
-    steps: list[dict] = field(default_factory=list)  # this rank's step rows
-    experts: list[dict] = field(default_factory=list)  # rank 0: tokens per (step, layer, expert)
-    evals: list[dict] = field(default_factory=list)  # rank 0
-    memory: dict = field(default_factory=dict)
-    start_step: int = 0
 
 
 class Trainer:

@@ -19,6 +19,7 @@ import torch.distributed as dist
 from masep.config import Config
 from masep.parallel.base import GlobalBatch
 from masep.parallel.layout import make_layout
+from masep.provenance import git_commit, package_versions
 from masep.runtime import checkpoint
 from masep.runtime.distributed import DistInfo
 from masep.runtime.trainer import Trainer
@@ -63,7 +64,7 @@ def run_record(cfg: Config, out_dir: Path, experiment: str, info: DistInfo, star
     return {
         "run_id": run_id_of(out_dir), "experiment": experiment, "strategy": cfg.parallel.strategy,
         "seed": cfg.train.seed, "world_size": cfg.parallel.world_size, "config": cfg.to_dict(),
-        "layout": layout.to_dict(), "versions": w.package_versions(), "git_commit": w.git_commit(),
+        "layout": layout.to_dict(), "versions": package_versions(), "git_commit": git_commit(),
         "host": w.host(), "hardware": w.hardware(), "device": str(info.device), "status": status,
         "started_at": started_at, "ended_at": w.now_iso(), "slurm_job_id": info.slurm_job_id,
         "job_id": info.job_id, **(extra or {}),

@@ -18,8 +18,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from masep.provenance import git_commit, package_versions  # noqa: F401 - run records use w.<name>
-
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
