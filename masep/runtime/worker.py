@@ -1,4 +1,5 @@
-"""What one rank does in a `masep train` or `masep infer` job.
+"""What one rank does in a `masep train` or `masep infer` job (the GPU benchmark, `masep.bench`,
+reuses its run record, decoding and thread set-up).
 
 Each rank writes its own `<kind>-rank<R>.parquet` files into the run folder; rank 0 writes
 `run.json` last, once every rank has finished (the folder's completion marker). Rows written
