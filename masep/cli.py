@@ -1,8 +1,7 @@
 """`masep` command line: every Snakemake rule calls one of these subcommands.
 
-Each subcommand lives in its own module, exposing `add_arguments(parser)` and
-`run(args) -> int`; modules are imported only when their command runs so that
-`masep --help` stays fast.
+Each subcommand is a module `masep/commands/<name>.py` exposing `add_arguments(parser)` and
+`run(args) -> int`; it is imported only when its command runs so that `masep --help` stays fast.
 """
 from __future__ import annotations
 
@@ -18,15 +17,14 @@ from masep.config import ConfigError
 from masep.errors import ExpectedError, one_line
 
 AGAIN = "files are written whole or not at all: run the same command again to continue"
-COMMANDS = {
-    "tokenize": ("masep.data.tokenize", "tokenize one C4 shard into uint16 token files"),
-    "train": ("masep.runtime.train_cmd", "train one strategy (launches its ranks)"),
-    "infer": ("masep.runtime.infer_cmd", "decode with a KV cache and measure TPOT"),
-    "collect": ("masep.results.collect", "build results/masep.duckdb from run folders"),
-    "bench-import": ("masep.bench_ingest", "turn GPU benchmark summaries (bench/*.json) into run folders"),
-    "report": ("masep.report.render", "render reports/ from the database"),
-    "sql": ("masep.results.sql_cmd", "query the results database"),
-    "layout": ("masep.parallel.layout", "show or check the rank layout of a strategy"),
+COMMANDS = {  # name -> help; the command is masep/commands/<name>.py
+    "tokenize": "tokenize one C4 shard into uint16 token files",
+    "train": "train one strategy (launches its ranks)",
+    "infer": "decode with a KV cache and measure TPOT",
+    "collect": "build results/masep.duckdb from run folders",
+    "report": "render reports/ from the database",
+    "sql": "query the results database",
+    "layout": "show or check the rank layout of a strategy",
 }
 
 
@@ -60,14 +58,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="masep", description="MA Separation experiment pipeline")
     parser.add_argument("--version", action="version", version=f"masep {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, (_, help_text) in COMMANDS.items():
+    for name, help_text in COMMANDS.items():
         sub.add_parser(name, help=help_text, add_help=False)
     if not argv or argv[0] not in COMMANDS:
         parser.parse_args(argv)  # prints usage / error and exits
         return 2
     name = argv[0]
-    module = importlib.import_module(COMMANDS[name][0])
-    cmd = argparse.ArgumentParser(prog=f"masep {name}", description=COMMANDS[name][1])
+    module = importlib.import_module(f"masep.commands.{name}")
+    cmd = argparse.ArgumentParser(prog=f"masep {name}", description=COMMANDS[name])
     module.add_arguments(cmd)
     cmd.add_argument("-v", "--verbose", action="store_true",
                      help="on a failure, show the traceback too (or set MASEP_TRACEBACK=1)")

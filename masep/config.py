@@ -105,7 +105,6 @@ class InferConfig:
     batch: int = 1
     new_tokens: int = 32
     warmup_tokens: int = 4
-    seed: int = 0
     # On a GPU, decode steps without collectives (single; tp with tp=1) replay one captured graph per token
     cuda_graph: bool = True
     # torch.compile of single's decode step (fused small kernels): eager (not compiled) | default | max-autotune

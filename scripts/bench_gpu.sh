@@ -3,7 +3,8 @@
 # preset, one after another in one job (same machine state), then one table.
 #   scripts/bench_gpu.sh OUT_DIR [label ...]      (labels: single tp2 pp2 ep_dp2 ma_sep; on one GPU
 #   also tp1 ep_dp1: those strategies' code paths with one rank, to set beside single)
-# Writes OUT_DIR/<label>.json (rows for `python -m masep.bench_table`) and prints the table.
+# Writes one run folder per label, OUT_DIR/bench/<label>/<UTC stamp>/ (`masep collect --runs OUT_DIR` loads
+# them), and prints their table (`python -m masep.bench.table OUT_DIR`).
 set -uo pipefail
 out=${1:?usage: scripts/bench_gpu.sh OUT_DIR [label ...]}
 shift
@@ -14,7 +15,7 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 export PYTHONPATH="$(cd "$(dirname "$0")/.." && pwd)${PYTHONPATH:+:$PYTHONPATH}"
 # Batch sizes are the preset's unless GLOBAL_BATCH / MICRO_BATCH say otherwise.
 common="train.deterministic=false${GLOBAL_BATCH:+ train.global_batch=$GLOBAL_BATCH}${MICRO_BATCH:+ train.micro_batch=$MICRO_BATCH}"
-steps=${STEPS:-6}
+steps=${STEPS:-12}  # the first 10% (at least one) are warm-up
 declare -A sets=(
   [single]="parallel.strategy=single"
   [tp2]="parallel.strategy=tp parallel.tp=2"
@@ -28,8 +29,8 @@ declare -A ranks=([single]=1 [tp2]=2 [pp2]=2 [ep_dp2]=2 [ma_sep]=2 [tp1]=1 [ep_d
 for label in $labels; do
   echo "=== $label"
   timeout "${RUN_TIMEOUT:-420}" torchrun --standalone --nproc_per_node "${ranks[$label]}" -m masep.bench \
-    --config h200 --set $common ${sets[$label]} ${EXTRA_SET:-} --warmup 2 --steps "$steps" --decode \
-    --label "$label" --out "$out/$label.json" ${PROFILE:+--profile "$out/profile"} 2>&1 \
+    --config h200 --set $common ${sets[$label]} ${EXTRA_SET:-} --steps "$steps" --decode \
+    --label "$label" --out "$out" ${PROFILE:+--profile "$out/profile"} 2>&1 \
     | grep -vE "Warning|warnings.warn|^\s*$" | tail -40
 done
-python3 -m masep.bench_table "$out"/*.json | tee "$out/table.md"
+python3 -m masep.bench.table "$out" | tee "$out/table.md"

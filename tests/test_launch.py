@@ -12,8 +12,8 @@ import pytest
 import submitit
 
 from masep.config import load_config
-from masep.launch import (DistInfo, LaunchError, RankEntry, executor_parameters, init_distributed,
-                          launch, shutdown_distributed)
+from masep.launch import LaunchError, RankEntry, executor_parameters, launch
+from masep.runtime.distributed import init_distributed, shutdown_distributed
 
 # The entries below live in this test module, which the task processes cannot import:
 # ship them by value.
@@ -152,7 +152,7 @@ def test_local_parameters_set_the_time_limit():
 def test_single_process_without_any_environment():
     code = textwrap.dedent("""
         import os, torch, torch.distributed as dist
-        from masep.launch import init_distributed, shutdown_distributed
+        from masep.runtime.distributed import init_distributed, shutdown_distributed
         for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
             assert k not in os.environ
         info = init_distributed(10)
@@ -170,7 +170,7 @@ def test_single_process_without_any_environment():
 def test_torchrun_environment_fallback():
     code = textwrap.dedent("""
         import torch, torch.distributed as dist
-        from masep.launch import init_distributed, shutdown_distributed
+        from masep.runtime.distributed import init_distributed, shutdown_distributed
         info = init_distributed(30)
         t = torch.tensor([10.0 ** info.rank]); dist.all_reduce(t)
         print(info.rank, info.world_size, t.item(), info.job_id)
@@ -189,7 +189,3 @@ def test_torchrun_environment_fallback():
     outs = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [o[1] for o in outs]
     assert [o[0].split() for o in outs] == [["0", "2", "11.0", "None"], ["1", "2", "11.0", "None"]]
-
-
-def test_distinfo_is_main():
-    assert DistInfo(0, 2, 0, "cpu").is_main and not DistInfo(1, 2, 1, "cpu").is_main

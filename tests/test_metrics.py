@@ -226,7 +226,7 @@ def trained(tmp_path_factory):
     """One single-rank training run through the worker (6 steps), collected."""
     from masep.data import tokenize as tok
     from masep.data.c4 import shard_name
-    from masep.launch import DistInfo
+    from masep.runtime.distributed import DistInfo
     from masep.runtime.worker import train_rank
 
     tmp = tmp_path_factory.mktemp("trained")
@@ -394,7 +394,7 @@ def test_injected_delay_raises_exactly_that_kinds_share(tmp_path):
     slow = {m: v for (d, m), v in shares.items() if d}
     assert base["comm_moe_dispatch_pct"] > 0 and base["comm_grad_sync_pct"] > 0  # ep_dp uses both
     assert slow["comm_grad_sync_pct"] > base["comm_grad_sync_pct"] + 10
-    for kind in ("comm_attn_allreduce_pct", "comm_moe_dispatch_pct", "comm_param_bcast_pct", "comm_p2p_pct"):
+    for kind in ("comm_attn_allreduce_pct", "comm_moe_dispatch_pct", "comm_p2p_pct"):
         assert slow[kind] <= base[kind] + 1.0, kind
 
 
@@ -406,7 +406,7 @@ def train_steps(world: int, n: int, tokens: int, step_time: float, comm: dict | 
              "step_time_s": step_time, "tokens_per_s": tokens / step_time, "dropped_tokens": 3,
              "compute_s": (compute or {}).get(r, step_time / 2), "idle_s": 0.0,
              **{f"comm_{k}_s": (comm or {}).get(k, 0.0) for k in
-                ("attn_allreduce", "moe_dispatch", "grad_sync", "param_bcast", "p2p")}}
+                ("attn_allreduce", "moe_dispatch", "grad_sync", "p2p")}}
             for s in range(n) for r in range(world)]
 
 
@@ -470,6 +470,10 @@ def test_views_compute_the_paper_figures_from_measured_rows(gpu_study, tmp_path)
     assert t2[("comm_attn_allreduce_pct", "tp_pp")] == pytest.approx(10.0)
     assert t2[("comm_moe_dispatch_pct", "ma_sep")] == pytest.approx(25.0)
     assert t2[("comm_total_pct", "ma_sep")] == pytest.approx(30.0)
+    # nothing broadcasts parameters: the paper's row stays NULL with the reason, never 0.0
+    assert query(db, "SELECT DISTINCT measured, reason FROM table2_communication WHERE metric = 'comm_param_bcast_pct' "
+                     "AND strategy = 'ma_sep'") == [(None, "not measured: no strategy broadcasts parameters "
+                                                           "(every rank builds the seed's weights)")]
     energy = {(m, s): v for m, s, v in query(db, "SELECT metric, strategy, measured FROM energy")}
     # sum over ranks of rank energy / window tokens: 4 x 800 J / 36000 and (2 x 360 + 2 x 720) J / 36000
     assert energy[("energy_per_token_mj", "tp_pp")] == pytest.approx(1e3 * 3200 / 36000)

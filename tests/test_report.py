@@ -99,7 +99,7 @@ def test_missing_database(tmp_path):
     assert out.returncode == 1 and out.stderr.startswith("masep report: --db: no database")
 
 
-BENCH_V2 = Path(__file__).resolve().parent.parent / "bench" / "history" / "h200-single-v2.json"
+BENCH_V2 = Path(__file__).resolve().parent.parent / "bench" / "history" / "runs" / "bench" / "single" / "20261129T044725Z"
 
 
 def _bench_section(page: str) -> str:
@@ -111,20 +111,17 @@ def test_bench_section_shows_committed_summaries(tmp_path):
     db = tmp_path / "masep.duckdb"
     collect(tmp_path / "runs", db)
     bench = tmp_path / "bench"
-    bench.mkdir()
-    shutil.copy(BENCH_V2, bench / "h200-single-v2.json")
-    (bench / "variants.json").write_text('{"command": "bench_variants", "train": {}}')  # not a summary
+    shutil.copytree(BENCH_V2, bench / "bench" / "single" / BENCH_V2.name)
+    (bench / "variants.json").write_text('{"command": "bench_variants", "train": {}}')  # not a run
     render(db, tmp_path / "out", bench=bench)
     section = _bench_section((tmp_path / "out" / "index.html").read_text())
-    assert "<h3>h200-single-v2.json</h3>" in section
-    assert "date <code>2026-11-29T04:47:25Z</code>; device <code>NVIDIA H200</code>; " \
-           "torch <code>2.11.0+cu130</code>" in section
+    assert "<h3>bench/single/20261129T044725Z</h3>" in section
+    assert "<p>NVIDIA H200, torch 2.11.0+cu130, 2026-11-29T04:47:25Z, commit None; peak 790 TFLOP/s" in section
     # run, GPUs, step ms, tok/s/GPU, tok/s all, vs 1 GPU, MFU, compute ms, comm, idle, peak GiB, mJ/token, TPOT...
-    assert _cells(section, "single") == ["single", "1", "1385", "47316", "47316", "1.00x", "40.0%", "1385", "none",
+    assert _cells(section, "single") == ["single", "1", "1385", "47313", "47313", "1.00x", "40.0%", "1385", "none",
                                          "0", "107.6", "14.47", "46.43 (89.8x)", "46.37 (88.4x)", "45.92 (85.0x)",
                                          "46.45 (81.2x)"]
     assert "single-GPU MFU 40.0% (goal 45%)" in section
-    assert "not benchmark summaries: <code>variants.json</code>" in section
     assert "not measured" not in section
     # the same files render the same page
     before = (tmp_path / "out" / "index.html").read_bytes()
@@ -143,8 +140,8 @@ def test_bench_section_without_summaries(tmp_path):
         assert "not measured" in section and "<table>" not in section
     with pytest.raises(ReportError, match="--bench: .* is not a folder"):
         render(db, tmp_path / "out", bench=tmp_path / "nowhere")
-    # the command's default: bench/ of the current folder, where it exists
-    shutil.copy(BENCH_V2, tmp_path / "bench" / "h200-single-v2.json")
+    # the command's default: bench/runs of the current folder, where it exists
+    shutil.copytree(BENCH_V2, tmp_path / "bench" / "runs" / "bench" / "single" / BENCH_V2.name)
     env = {**os.environ, "PYTHONPATH": str(BENCH_V2.parents[2]) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     out = subprocess.run([sys.executable, "-m", "masep.cli", "report", "--db", str(db), "--out", "cli-out"],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)

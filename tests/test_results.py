@@ -21,7 +21,7 @@ from masep.results.collect import CollectError, collect
 STEP_COLUMNS = ["run_id", "step", "rank", "tokens", "loss", "lb_loss", "z_loss", "lr", "grad_norm",
                 "step_time_s", "tokens_per_s", "dropped_tokens", "peak_mem_bytes", "compute_s",
                 "comm_attn_allreduce_s", "comm_moe_dispatch_s", "comm_grad_sync_s",
-                "comm_param_bcast_s", "comm_p2p_s", "idle_s"]
+                "comm_p2p_s", "idle_s"]
 
 
 def write_run(root: Path, experiment: str, strategy: str, key: str, *, world_size: int = 1,
@@ -41,7 +41,7 @@ def write_run(root: Path, experiment: str, strategy: str, key: str, *, world_siz
                            dropped_tokens=s, peak_mem_bytes=1000 + rank, compute_s=0.4,
                            comm_attn_allreduce_s=None, comm_moe_dispatch_s=None,
                            comm_grad_sync_s=0.05 if world_size > 1 else None,
-                           comm_param_bcast_s=None, comm_p2p_s=None, idle_s=0.05)
+                           comm_p2p_s=None, idle_s=0.05)
                 for c in STEP_COLUMNS:
                     rows[c].append(row[c])
             table = pa.table({c: rows[c] for c in STEP_COLUMNS if c not in drop_step_columns})

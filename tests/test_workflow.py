@@ -180,8 +180,8 @@ def test_environment_yml_matches_pyproject():
 
 def _runtime_missing() -> str | None:
     try:
-        importlib.import_module("masep.runtime.train_cmd")
-        importlib.import_module("masep.runtime.infer_cmd")
+        importlib.import_module("masep.commands.train")
+        importlib.import_module("masep.commands.infer")
     except ImportError as e:
         return f"masep train/infer not available yet ({e})"
     return None

@@ -1,4 +1,4 @@
-"""`masep tokenize`: turn C4 shards into uint16 token shards, one shard at a time.
+"""C4 shards -> uint16 token shards, one shard at a time (the command: `masep tokenize`).
 
 Each document goes to train or validation by a seeded hash of its URL and text (so the split
 does not depend on order, batching or threads), is encoded with GPT-2's BPE and ends with EOT.
@@ -7,23 +7,20 @@ that is already done (its manifest verifies, same settings, same input file) is 
 """
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import hashlib
 import importlib.metadata
 import json
 import os
 import shutil
-import signal
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-from submitit.helpers import Checkpointable
 from tqdm import tqdm
 
-from masep.data.c4 import (HUB_DATASET, SHARD_COUNT, C4ReadError, load_c4_shard, shard_name,
+from masep.data.c4 import (HUB_DATASET, C4ReadError, load_c4_shard, shard_name,
                            shard_path)
 from masep.data.shards import (FORMAT, MANIFEST, SPLITS, check_shard, file_meta, fsync_dir, publish,
                                read_manifest, remove_stale_temps, sha256_file, shard_dir,
@@ -208,82 +205,3 @@ def summary(index: int, status: str, manifest: dict, directory: Path) -> str:
     verb = "already done" if status == "skipped" else status
     return (f"shard {index:05d}: {verb}: train {c['train']['docs']:,} docs / {c['train']['tokens']:,} tokens, "
             f"val {c['val']['docs']:,} docs / {c['val']['tokens']:,} tokens, skipped: {skipped} -> {directory}")
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    from masep.cli import add_config_arguments
-
-    add_config_arguments(p)
-    p.add_argument("--shard", type=int, action="append", default=None, metavar="N",
-                   help="C4 shard index to tokenize (repeatable; default: every shard in data.shards)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="encoding threads (default: the CPUs this process may use)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
-
-
-def _exit_on_sigterm(signum, frame):
-    raise SystemExit(128 + signum)  # unwinds through the cleanup of the temporary shard
-
-
-class TokenizeEntry(Checkpointable):
-    """What a SLURM job of `masep tokenize` runs: the shards in turn (a shard whose manifest
-    verifies is skipped, so a requeued or re-run job continues where it stopped)."""
-
-    def __init__(self, data_cfg, shards: list[int], threads: int):
-        self.data_cfg, self.shards, self.threads = data_cfg, shards, threads
-
-    def __call__(self) -> list[str]:
-        lines = []
-        for index in self.shards:
-            status, manifest = tokenize_shard(self.data_cfg, index, threads=self.threads, progress=False)
-            lines.append(summary(index, status, manifest, shard_dir(self.data_cfg, index)))
-            print(lines[-1], flush=True)
-        return lines
-
-
-def _run_on_slurm(cfg, shards: list[int], threads: int) -> int:
-    """One SLURM job of one task with `threads` CPUs and no GPU, instead of the login node."""
-    import dataclasses
-
-    from masep.launch import LaunchError, launch
-
-    job_cfg = dataclasses.replace(cfg, launch=dataclasses.replace(
-        cfg.launch, nodes=1, gpus_per_node=0, cpus_per_task=threads))
-    name = f"tokenize-{cfg.data.source}-" + "-".join(str(i) for i in shards[:4]) + ("-..." if len(shards) > 4 else "")
-    try:
-        lines = launch(TokenizeEntry(cfg.data, shards, threads), job_cfg, 1, name,
-                       Path(cfg.launch.log_dir) / name)[0]
-    except LaunchError as e:
-        print(f"masep tokenize: {e}", file=sys.stderr)
-        return 1
-    for line in lines:
-        print(line, flush=True)
-    return 0
-
-
-def run(args: argparse.Namespace) -> int:
-    from masep.cli import config_from_args
-
-    cfg = config_from_args(args)
-    shards = args.shard if args.shard is not None else cfg.data.shards
-    bad = [i for i in shards if not 0 <= i < SHARD_COUNT]
-    if bad:
-        print(f"masep tokenize: --shard {bad[0]}: C4 shards are numbered 0..{SHARD_COUNT - 1}",
-              file=sys.stderr)
-        return 2
-    if cfg.launch.executor == "slurm":
-        return _run_on_slurm(cfg, list(shards), args.threads or cfg.launch.cpus_per_task)
-    threads = args.threads or available_cpus()
-    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    try:
-        for index in shards:
-            try:
-                status, manifest = tokenize_shard(cfg.data, index, threads=threads,
-                                                  progress=not args.no_progress)
-            except C4ReadError as e:
-                print(f"masep tokenize: {e}", file=sys.stderr)
-                return 1
-            print(summary(index, status, manifest, shard_dir(cfg.data, index)), flush=True)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    return 0

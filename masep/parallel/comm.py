@@ -134,15 +134,6 @@ def sync_gradients(params: Iterable[torch.nn.Parameter], group, kind: str = "gra
             bucket, size = [], 0
 
 
-def broadcast_parameters(params: Iterable[torch.nn.Parameter], src: int, group,
-                         kind: str = "param_bcast") -> None:
-    if group is None or dist.get_world_size(group) == 1:
-        return
-    with comm_timer().time(kind), torch.no_grad():
-        for p in params:
-            dist.broadcast(p.data, src=src, group=group)
-
-
 def all_reduce_sum(t: torch.Tensor, group=None, kind: Optional[str] = None) -> torch.Tensor:
     """Plain in-place sum (for statistics); timed only when a kind is given."""
     if kind is None:

@@ -11,8 +11,6 @@ Rank order (tensor-parallel innermost, so a TP group sits on neighbouring GPUs):
 """
 from __future__ import annotations
 
-import argparse
-import json
 from dataclasses import asdict, dataclass
 
 from masep.config import Config, ConfigError
@@ -113,21 +111,3 @@ def make_layout(cfg: Config) -> Layout:
         micro = split_batch(reps, "attention replicas")
         return Layout(dp=reps, attn_tp=a_tp, attn_replicas=reps, moe_ranks=moe, microbatches=micro, **common)
     raise ConfigError(f"parallel.strategy: unknown strategy {s!r}")
-
-
-# ------------------------------------------------------------------ `masep layout`
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    from masep.cli import add_config_arguments
-
-    add_config_arguments(p)
-
-
-def run(args: argparse.Namespace) -> int:
-    from masep.cli import config_from_args
-
-    layout = make_layout(config_from_args(args))
-    ranks = [{"rank": r, **layout.coords(r)} for r in range(layout.world_size)]
-    print(json.dumps({**layout.to_dict(), "ranks": ranks}, indent=2))
-    return 0

@@ -1,5 +1,5 @@
 """`masep report`: figures and an HTML page from the results database (plus the committed GPU
-benchmark summaries), and nothing else.
+benchmark runs), and nothing else.
 
 Writes `<out>/index.html` and, under `<out>/figures/`, one PNG and one SVG per figure: loss
 curves per strategy, training throughput per strategy, TPOT by context length. Each figure has
@@ -7,17 +7,14 @@ a table of the numbers it plots. A value the database does not hold is shown as 
 measured", never as zero; an empty or partial database still renders (a figure without data
 says so). Every file is written to a temporary name beside it and renamed into place.
 
-The one input besides the database: the committed GPU benchmark summaries (`--bench`, default
-`bench/` where it exists), each shown as the table of `masep.bench_table`.
+The one input besides the database: the committed GPU benchmark runs (`--bench`, a runs root,
+default `bench/runs` where it exists), each shown as the table of `masep.bench.table`.
 """
 from __future__ import annotations
 
-import argparse
 import html
-import json
 import math
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +26,6 @@ from matplotlib.figure import Figure  # noqa: E402  (after choosing the backend)
 
 NOT_MEASURED = "not measured"
 NOT_APPLICABLE = {"slurm_job_id": "not applicable (local run)"}  # NULL columns that are not missing data
-FIGURES = ("loss_curves", "throughput", "tpot")
 # Fixed ids and no timestamps in SVGs: the same database renders the same files.
 matplotlib.rcParams["svg.hashsalt"] = "masep"
 
@@ -221,43 +217,30 @@ BENCH_TITLE = "GPU benchmark (committed results)"
 
 
 def bench_section(bench: str | Path | None) -> str:
-    """One table per summary file in `bench` (sorted by name), with its date, device, torch
-    version and git commit; "not measured" without files."""
-    from masep.bench_table import build, is_summary
+    """One table per benchmark run folder under `bench` (by run id), with its date, device,
+    torch version and git commit; "not measured" without runs."""
+    from masep.bench.table import build, find_runs
 
-    summaries, others = [], []
-    for f in sorted(Path(bench).glob("*.json")) if bench is not None else []:
-        try:
-            doc = json.loads(f.read_text())
-        except (OSError, ValueError) as e:
-            raise ReportError(f"--bench: cannot read {f}: {e}") from e
-        (summaries if is_summary(doc) else others).append((f, doc))
+    try:
+        runs = find_runs(Path(bench)) if bench is not None else []
+    except (OSError, ValueError) as e:
+        raise ReportError(f"--bench: cannot read {bench}: {e}") from e
     parts = [f"<h2>{html.escape(BENCH_TITLE)}</h2>"]
-    if not summaries:
+    if not runs:
         where = f" in <code>{html.escape(str(bench))}</code>" if bench is not None else ""
-        parts.append(f"<p class='nm'>No benchmark summary{where}: {NOT_MEASURED}.</p>")
+        parts.append(f"<p class='nm'>No benchmark run{where}: {NOT_MEASURED}.</p>")
         return "\n".join(parts)
-    parts.append("<p>Summaries written by <code>python -m masep.bench</code> (under torchrun, on synthetic "
-                 "batches), one table per file; the database holds them only where they were imported "
-                 "with <code>masep bench-import</code>.</p>")
-    for f, s in summaries:
+    parts.append("<p>Run folders written by <code>python -m masep.bench</code> (under torchrun, on synthetic "
+                 "batches), one table per run; <code>masep collect --runs</code> loads the same folders.</p>")
+    for run in runs:
         try:
-            t = build([s])
+            t = build([run])
         except (ValueError, KeyError, TypeError, AttributeError, ZeroDivisionError) as e:
-            raise ReportError(f"--bench: {f}: a broken benchmark summary ({type(e).__name__}: {e})") from e
-        versions = s.get("versions") if isinstance(s.get("versions"), dict) else {}
-        meta = [("date", s.get("date")), ("device", s.get("device")),
-                ("torch", versions.get("torch") or s.get("torch")), ("git commit", s.get("git_commit")),
-                ("peak", f"{s['peak_flops'] / 1e12:.0f} TFLOP/s per GPU" if s.get("peak_flops") else None)]
-        parts.append(f"<h3>{html.escape(f.name)}</h3>")
-        parts.append("<p>" + "; ".join(f"{k} <code>{html.escape(str(v))}</code>" for k, v in meta if v)
-                     + "</p>")
+            raise ReportError(f"--bench: {run['run_id']}: a broken benchmark run ({type(e).__name__}: {e})") from e
+        parts.append(f"<h3>{html.escape(run['run_id'])}</h3>\n<p>{html.escape(t.header)}</p>")
         parts.append(_html_table(Table(t.columns, [tuple(r) for r in t.rows])))
         if t.notes:
             parts.append("<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in t.notes) + "</ul>")
-    if others:
-        parts.append("<p>Other files there, not benchmark summaries: "
-                     + ", ".join(f"<code>{html.escape(f.name)}</code>" for f, _ in others) + ".</p>")
     return "\n".join(parts)
 
 
@@ -304,22 +287,3 @@ def render(db: str | Path, out: str | Path, bench: str | Path | None = None) -> 
     _atomic_write(index, lambda tmp: tmp.write_text(page, encoding="utf-8"))
     written.append(index)
     return written
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--db", default="results/masep.duckdb", help="results database (default: %(default)s)")
-    p.add_argument("--out", default="reports", help="output folder (default: %(default)s)")
-    p.add_argument("--bench", default=None, metavar="DIR",
-                   help="GPU benchmark summaries (*.json) to show (default: bench/ in the current "
-                        "folder, where it exists)")
-
-
-def run(args: argparse.Namespace) -> int:
-    bench = args.bench if args.bench is not None else ("bench" if Path("bench").is_dir() else None)
-    try:
-        written = render(args.db, args.out, bench)
-    except ReportError as e:
-        print(f"masep report: {e}", file=sys.stderr)
-        return 1
-    print(f"masep report: wrote {len(written)} files; open {Path(args.out) / 'index.html'}")
-    return 0

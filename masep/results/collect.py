@@ -17,7 +17,6 @@ stored in a fixed order: the same run folders give the same database.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -172,19 +171,3 @@ def collect(runs_root: str | Path, db_path: str | Path) -> dict[str, int]:
     con.close()
     os.replace(tmp, db_path)
     return counts
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--runs", default="results/runs", help="root of the run folders (default: %(default)s)")
-    p.add_argument("--db", default="results/masep.duckdb", help="database to (re)build (default: %(default)s)")
-
-
-def run(args: argparse.Namespace) -> int:
-    try:
-        counts = collect(args.runs, args.db)
-    except CollectError as e:
-        print(f"masep collect: {e}", file=sys.stderr)
-        return 1
-    rows = ", ".join(f"{k}={v}" for k, v in counts.items())
-    print(f"masep collect: {counts.get('runs', 0)} complete run(s) from {args.runs} -> {args.db} ({rows})")
-    return 0

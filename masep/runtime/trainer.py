@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
@@ -65,15 +64,6 @@ def _bump_versions(opt, args, kwargs) -> None:
     for group in opt.param_groups:
         for p in group["params"]:
             torch.autograd.graph.increment_version(p)
-
-
-@dataclass
-class TrainResult:
-    steps: list[dict] = field(default_factory=list)  # this rank's step rows
-    experts: list[dict] = field(default_factory=list)  # rank 0: tokens per (step, layer, expert)
-    evals: list[dict] = field(default_factory=list)  # rank 0
-    memory: dict = field(default_factory=dict)
-    start_step: int = 0
 
 
 class Trainer:

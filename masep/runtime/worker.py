@@ -1,4 +1,5 @@
-"""What one rank does in a `masep train` or `masep infer` job.
+"""What one rank does in a `masep train` or `masep infer` job (the GPU benchmark, `masep.bench`,
+reuses its run record, decoding and thread set-up).
 
 Each rank writes its own `<kind>-rank<R>.parquet` files into the run folder; rank 0 writes
 `run.json` last, once every rank has finished (the folder's completion marker). Rows written
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 import math
 import statistics
-import sys
 import time
 import zlib
 from pathlib import Path
@@ -18,11 +18,13 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from masep.config import Config, config_from_dict
-from masep.launch import DistInfo, RankEntry, init_distributed, shutdown_distributed
+from masep.config import Config
+from masep.errors import ExpectedError
 from masep.parallel.base import GlobalBatch
 from masep.parallel.layout import make_layout
+from masep.provenance import git_commit, package_versions
 from masep.runtime import checkpoint
+from masep.runtime.distributed import DistInfo
 from masep.runtime.trainer import Trainer
 from masep.telemetry import writer as w
 from masep.telemetry.memory import peak_bytes
@@ -30,7 +32,7 @@ from masep.telemetry.mfu import flops_record
 from masep.telemetry.nvml import RunTelemetry
 
 
-class ResumeError(RuntimeError):
+class ResumeError(ExpectedError, RuntimeError):
     """A resume would lose rows written before its checkpoint."""
 
 
@@ -43,7 +45,7 @@ def _check_rows_before(path: Path, rows: list[dict], start: int) -> None:
                           f"masep train: delete {path.parent})")
 
 
-def _cpu_threads(info: DistInfo) -> None:
+def cpu_threads(info: DistInfo) -> None:
     """Share the cores among this node's CPU ranks: oversubscribed intra-op thread pools
     make small CPU kernels hundreds of times slower. OMP_NUM_THREADS, where set (the workflow
     gives every strategy the same budget through it), is kept."""
@@ -85,7 +87,7 @@ def run_record(cfg: Config, out_dir: Path, experiment: str, info: DistInfo, star
     return {
         "run_id": run_id_of(out_dir), "experiment": experiment, "strategy": cfg.parallel.strategy,
         "seed": cfg.train.seed, "world_size": cfg.parallel.world_size, "config": cfg.to_dict(),
-        "layout": layout.to_dict(), "versions": w.package_versions(), "git_commit": w.git_commit(),
+        "layout": layout.to_dict(), "versions": package_versions(), "git_commit": git_commit(),
         "host": w.host(), "hardware": w.hardware(), "device": str(info.device), "status": status,
         "started_at": started_at, "ended_at": w.now_iso(), "slurm_job_id": info.slurm_job_id,
         "job_id": info.job_id, **(extra or {}),
@@ -104,7 +106,7 @@ def run_id_of(out_dir: Path) -> str:
 def train_rank(cfg: Config, out_dir: Path, info: DistInfo) -> dict:
     out_dir = Path(out_dir)
     rank, t = info.rank, cfg.train
-    _cpu_threads(info)
+    cpu_threads(info)
     started_at = w.now_iso()
     train_ds, val_ds = _datasets(cfg)
     trainer = Trainer(cfg, rank, info.device)
@@ -177,29 +179,22 @@ def _prompt(val_ds, context_len: int, batch: int) -> torch.Tensor:
     return flat.view(batch, context_len)
 
 
-def infer_rank(cfg: Config, out_dir: Path, checkpoint_run: Optional[Path], info: DistInfo) -> dict:
-    out_dir = Path(out_dir)
-    rank, i = info.rank, cfg.infer
-    _cpu_threads(info)
-    started_at = w.now_iso()
-    _, val_ds = _datasets(cfg)
-    trainer = Trainer(cfg, rank, info.device)
-    source = "initial weights (seed)"
-    if checkpoint_run is not None:
-        path = checkpoint.latest_checkpoint(Path(checkpoint_run) / "checkpoint")
-        if path is None:
-            raise FileNotFoundError(f"no complete checkpoint under {checkpoint_run}/checkpoint")
-        checkpoint.load(path, trainer.strategy, None, rank)
-        source = str(path)
+def serving(trainer: Trainer):
+    """The trainer's strategy ready to decode: eval mode, no optimizer, bf16 weights where it
+    computes in bf16 (as served)."""
     strategy = trainer.strategy
     strategy.train(False)
     del trainer.opt
     if strategy.compute_dtype() == torch.bfloat16:
-        strategy.cast_parameters(torch.bfloat16)  # serve bf16 weights
-    run_id = run_id_of(out_dir)
-    rows = []
-    for ctx in i.context_lengths:
-        prompt = _prompt(val_ds, ctx, i.batch)
+        strategy.cast_parameters(torch.bfloat16)
+    return strategy
+
+
+def decode_rows(strategy, cfg: Config, run_id: str, rank: int, prompts) -> list[dict]:
+    """One inference row per (context length, prompt) of `prompts`: prefill time and TPOT of
+    `infer.new_tokens` greedy tokens, after `infer.warmup_tokens` untimed ones."""
+    i, rows = cfg.infer, []
+    for ctx, prompt in prompts:
         if i.warmup_tokens:
             strategy.generate(prompt, i.warmup_tokens)
         gen = strategy.generate(prompt, i.new_tokens)
@@ -216,6 +211,25 @@ def infer_rank(cfg: Config, out_dir: Path, checkpoint_run: Optional[Path], info:
         })
         if rank == 0:
             print(f"context {ctx}: prefill {gen.prefill_s * 1e3:.1f} ms, TPOT {tpot * 1e3:.2f} ms", flush=True)
+    return rows
+
+
+def infer_rank(cfg: Config, out_dir: Path, checkpoint_run: Optional[Path], info: DistInfo) -> dict:
+    out_dir = Path(out_dir)
+    rank, i = info.rank, cfg.infer
+    cpu_threads(info)
+    started_at = w.now_iso()
+    _, val_ds = _datasets(cfg)
+    trainer = Trainer(cfg, rank, info.device)
+    source = "initial weights (seed)"
+    if checkpoint_run is not None:
+        path = checkpoint.latest_checkpoint(Path(checkpoint_run) / "checkpoint")
+        if path is None:
+            raise FileNotFoundError(f"no complete checkpoint under {checkpoint_run}/checkpoint")
+        checkpoint.load(path, trainer.strategy, None, rank)
+        source = str(path)
+    rows = decode_rows(serving(trainer), cfg, run_id_of(out_dir), rank,
+                       ((ctx, _prompt(val_ds, ctx, i.batch)) for ctx in i.context_lengths))
     w.write_parquet(out_dir / f"inference-rank{rank}.parquet", rows)
     _barrier()
     if rank == 0:
@@ -223,35 +237,3 @@ def infer_rank(cfg: Config, out_dir: Path, checkpoint_run: Optional[Path], info:
             cfg, out_dir, "infer", info, started_at, "completed",
             {"weights": source, "files": w.file_manifest(out_dir)}))
     return {"rank": rank, "rows": len(rows)}
-
-
-# ------------------------------------------------------------------ submitit entries
-
-
-class TrainEntry(RankEntry):
-    def __init__(self, cfg: Config, out_dir: str):
-        self.cfg_dict, self.out_dir = cfg.to_dict(), str(out_dir)
-
-    def __call__(self):
-        cfg = config_from_dict(self.cfg_dict)
-        info = init_distributed(cfg.parallel.timeout_s)
-        try:
-            return train_rank(cfg, Path(self.out_dir), info)
-        finally:
-            sys.stdout.flush()
-            shutdown_distributed()
-
-
-class InferEntry(RankEntry):
-    def __init__(self, cfg: Config, out_dir: str, checkpoint_run: Optional[str]):
-        self.cfg_dict, self.out_dir, self.checkpoint_run = cfg.to_dict(), str(out_dir), checkpoint_run
-
-    def __call__(self):
-        cfg = config_from_dict(self.cfg_dict)
-        info = init_distributed(cfg.parallel.timeout_s)
-        try:
-            return infer_rank(cfg, Path(self.out_dir),
-                              Path(self.checkpoint_run) if self.checkpoint_run else None, info)
-        finally:
-            sys.stdout.flush()
-            shutdown_distributed()

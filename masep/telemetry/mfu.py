@@ -64,19 +64,12 @@ def peak_for(device: torch.device | str) -> tuple[Optional[float], Optional[str]
     return peak, source, name, reason
 
 
-def flops_record(cfg: Config, device: torch.device | str, gpu_name: Optional[str] = None) -> dict:
-    """What the results database needs to turn measured tokens/s into MFU.
-
-    `gpu_name` (a CUDA device name, or "cpu") takes the peak from that name instead of asking
-    the device, for a run measured on another machine (e.g. an imported benchmark summary)."""
+def flops_record(cfg: Config, device: torch.device | str) -> dict:
+    """What the results database needs to turn measured tokens/s into MFU."""
     layout = make_layout(cfg)
     seq = cfg.data.seq_len
     groups = group_train_flops_per_token(cfg.model, seq)
-    if gpu_name is None:
-        peak, source, gpu, reason = peak_for(device)
-    else:
-        peak, source, reason = peak_for_name(gpu_name)
-        gpu = None if gpu_name.lower() == "cpu" else gpu_name
+    peak, source, gpu, reason = peak_for(device)
     ma_sep = layout.strategy == "ma_sep"
     return {
         "seq_len": seq,

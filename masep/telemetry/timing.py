@@ -13,7 +13,7 @@ from contextlib import contextmanager
 
 import torch
 
-COMM_KINDS = ("attn_allreduce", "moe_dispatch", "grad_sync", "param_bcast", "p2p")
+COMM_KINDS = ("attn_allreduce", "moe_dispatch", "grad_sync", "p2p")  # no parameter broadcast: every rank builds the seed's weights
 
 
 class CommTimer:

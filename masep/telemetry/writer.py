@@ -19,8 +19,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from masep.provenance import git_commit, package_versions  # noqa: F401 - run records use w.<name>
-
 
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)

@@ -18,7 +18,8 @@ import cloudpickle
 import pytest
 
 from masep.config import load_config
-from masep.launch import LaunchError, RankEntry, heartbeat_path, init_distributed, launch
+from masep.launch import LaunchError, RankEntry, heartbeat_path, launch
+from masep.runtime.distributed import init_distributed
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 

@@ -1,9 +1,9 @@
 import glob
 
-# The committed GPU benchmark summaries (and other benchmark JSON beside them): the report
-# shows them, so it re-renders when they change. Paths are relative to the project root.
-BENCH_DIR = "bench"
-BENCH_FILES = sorted(glob.glob(f"{BENCH_DIR}/*.json"))
+# The committed GPU benchmark runs: the report shows them, so it re-renders when they change.
+# Paths are relative to the project root.
+BENCH_DIR = "bench/runs"
+BENCH_FILES = sorted(glob.glob(f"{BENCH_DIR}/**/*.*", recursive=True))
 
 
 rule collect:
@@ -28,7 +28,7 @@ rule collect:
 
 
 rule report:
-    """Figures and HTML from the database, plus the committed GPU benchmark summaries."""
+    """Figures and HTML from the database, plus the committed GPU benchmark runs."""
     input:
         collected=COLLECTED,
         bench=BENCH_FILES,

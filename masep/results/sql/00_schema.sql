@@ -40,7 +40,6 @@ CREATE TABLE steps (
     comm_attn_allreduce_s DOUBLE,
     comm_moe_dispatch_s   DOUBLE,
     comm_grad_sync_s      DOUBLE,
-    comm_param_bcast_s    DOUBLE,
     comm_p2p_s            DOUBLE,
     idle_s                DOUBLE,
     t_end_unix_s          DOUBLE,

@@ -68,8 +68,8 @@ FROM t;
 
 CREATE VIEW run_metrics AS
 WITH
--- Training figures come from training runs and from imported GPU benchmark runs (`masep
--- bench-import`: timed steps of synthetic batches, so no quality figures for them).
+-- Training figures come from training runs and from GPU benchmark runs (`python -m masep.bench`:
+-- steps of synthetic batches, so no quality figures for them).
 train AS (SELECT * FROM run_info WHERE experiment IN ('train', 'bench')),
 -- Speed: rank 0's steady steps (rank 0 waits for every rank at the end of a step, and `tokens`
 -- is the global batch's), tokens over time.
@@ -109,13 +109,13 @@ mfu_rows AS (
 ),
 -- Communication by kind as a share of step time: sum over ranks and steady steps of the kind's
 -- seconds over the sum of step seconds. Kinds a strategy never calls are 0; a column the run
--- did not record is NULL.
+-- did not record is NULL. The paper's parameter broadcast has no counterpart: every rank builds
+-- the same initial weights from the seed, so that row is NULL with the reason.
 comm AS (
     SELECT run_id,
            100 * sum(comm_attn_allreduce_s) / sum(step_time_s) AS attn,
            100 * sum(comm_moe_dispatch_s)   / sum(step_time_s) AS moe,
            100 * sum(comm_grad_sync_s)      / sum(step_time_s) AS grad,
-           100 * sum(comm_param_bcast_s)    / sum(step_time_s) AS bcast,
            100 * sum(comm_p2p_s)            / sum(step_time_s) AS p2p,
            100 * sum(idle_s)                / sum(step_time_s) AS idle,
            100 * sum(compute_s)             / sum(step_time_s) AS compute
@@ -124,14 +124,16 @@ comm AS (
 comm_rows AS (
     SELECT t.run_id, m.metric, m.value, '%' AS unit,
            CASE WHEN m.value IS NOT NULL THEN NULL
+                WHEN m.metric = 'comm_param_bcast_pct'
+                    THEN 'not measured: no strategy broadcasts parameters (every rank builds the seed''s weights)'
                 WHEN c.run_id IS NULL THEN 'no steady-state step (warm-up only)'
                 ELSE 'not recorded in the step rows' END AS reason,
            'sum over ranks and steady steps of the kind''s time / sum of step time' AS method
     FROM train t LEFT JOIN comm c USING (run_id),
     LATERAL (VALUES ('comm_attn_allreduce_pct', c.attn), ('comm_moe_dispatch_pct', c.moe),
-                    ('comm_grad_sync_pct', c.grad), ('comm_param_bcast_pct', c.bcast),
+                    ('comm_grad_sync_pct', c.grad), ('comm_param_bcast_pct', NULL::DOUBLE),
                     ('comm_p2p_pct', c.p2p),
-                    ('comm_total_pct', c.attn + c.moe + c.grad + c.bcast + c.p2p),
+                    ('comm_total_pct', c.attn + c.moe + c.grad + c.p2p),
                     ('idle_pct', c.idle), ('compute_pct', c.compute)) AS m(metric, value)
 ),
 -- Load balance: spread of the ranks' execution (compute) time within a step, averaged over steps.

@@ -1,0 +1,1 @@
+"""One module per `masep` command, each with `add_arguments(parser)` and `run(args) -> int`."""

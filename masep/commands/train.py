@@ -1,0 +1,48 @@
+"""`masep train`: launch the ranks of one training run through submitit."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from masep.cli import add_config_arguments, add_strategy_arguments, config_from_args
+from masep.config import Config, config_from_dict
+from masep.launch import RankEntry, launch
+from masep.parallel.layout import make_layout
+from masep.runtime.distributed import init_distributed, shutdown_distributed
+from masep.runtime.worker import train_rank
+
+
+class TrainEntry(RankEntry):
+    def __init__(self, cfg: Config, out_dir: str):
+        self.cfg_dict, self.out_dir = cfg.to_dict(), str(out_dir)
+
+    def __call__(self):
+        cfg = config_from_dict(self.cfg_dict)
+        info = init_distributed(cfg.parallel.timeout_s)
+        try:
+            return train_rank(cfg, Path(self.out_dir), info)
+        finally:
+            sys.stdout.flush()
+            shutdown_distributed()
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_config_arguments(p)
+    add_strategy_arguments(p)
+    p.add_argument("--out", required=True, help="run folder, e.g. results/runs/train/tp/seed=0")
+
+
+def run(args: argparse.Namespace) -> int:
+    from masep.data.batches import shard_dirs
+
+    cfg = config_from_args(args)
+    layout = make_layout(cfg)  # an impossible layout fails here, before any process starts
+    shard_dirs(cfg)  # so do missing or corrupt token shards
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    name = f"train-{cfg.parallel.strategy}-seed{cfg.train.seed}"
+    results = launch(TrainEntry(cfg, str(out)), cfg, layout.world_size, name, Path(cfg.launch.log_dir) / name,
+                     run_dir=out)
+    print(f"{name}: done, final loss {results[0]['final_loss']:.4f}; {out / 'run.json'}")
+    return 0
