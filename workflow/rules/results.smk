@@ -11,13 +11,13 @@ rule collect:
     input:
         TRAIN_RUNS,
         INFER_RUNS,
+        SCALING_RUNS,
     output:
         db=DB,
     log:
         "logs/collect.log",
     params:
-        # the runs root: <runs>/train/<strategy>/seed=<k>/run.json
-        runs=lambda wc, input: os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(input[0])))),
+        runs=RUNS,
     conda:
         CONDA_ENV
     shell:
