@@ -301,8 +301,9 @@ def render(db: str | Path, out: str | Path, bench: str | Path | None = None) -> 
     for name, (fig, table) in figures.items():
         written += save_figure(fig, figdir, name)
         title, caption = CAPTIONS[name]
+        points = sum(isinstance(v, float) for row in table.rows for v in row[1:])
         sections.append(f"<h2>{html.escape(title)}</h2>\n<p>{html.escape(caption)}</p>\n"
-                        f"<img src='figures/{name}.svg' alt='{html.escape(title)}'>\n"
+                        f"<img src='figures/{name}.svg' alt='{html.escape(title)}' data-points='{points}'>\n"
                         f"<p><a href='figures/{name}.png'>PNG</a> · <a href='figures/{name}.svg'>SVG</a></p>\n"
                         f"{_html_table(table)}")
     for name, (body, files) in study_sections:
