@@ -1,4 +1,5 @@
 import glob
+from pathlib import Path
 
 # The committed GPU benchmark summaries (and other benchmark JSON beside them): the report
 # shows them, so it re-renders when they change. Paths are relative to the project root.
@@ -17,7 +18,8 @@ rule collect:
     log:
         "logs/collect.log",
     params:
-        runs=RUNS,
+        # the runs root: <runs>/train/<strategy>/ws=<n>/seed=<k>/run.json
+        runs=lambda wc, input: str(Path(input[0]).parents[4]),
     conda:
         CONDA_ENV
     shell:
