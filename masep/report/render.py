@@ -283,6 +283,7 @@ def render(db: str | Path, out: str | Path, bench: str | Path | None = None) -> 
         con = duckdb.connect(str(db), read_only=True)
     except duckdb.Error as e:
         raise ReportError(f"cannot open {db}: {str(e).splitlines()[0]}") from e
+    con.execute("SET enable_progress_bar = false")  # a slow view must not print bars into the job log
     figdir = out / "figures"
     figdir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []

@@ -178,14 +178,14 @@ class Section:
 class MemorySection(Section):
     def extra(self, con, figdir, rows):
         t = _query(con, "SELECT strategy, seed, rank, role, params_gb, grads_gb, optimizer_gb, activations_gb, "
-                        "peak_gb, peak_method FROM memory_by_rank ORDER BY strategy_order(strategy), strategy, seed, rank")
+                        "peak_gb, peak_method FROM memory_by_rank ORDER BY strategy_order(strategy), strategy, seed, run_id, rank")
         return "<h3>Per rank and role</h3>\n" + _html_table(t), []
 
 
 class InferenceSection(Section):
     def figure(self, con, rows):
         stats = _rows(con, "SELECT strategy, world_size, x, n, mean, ci_low, ci_high FROM repeat_stats "
-                           "WHERE metric = 'tpot_ms' AND n > 0 AND experiment = 'infer' ORDER BY strategy, x")
+                           "WHERE metric = 'tpot_ms' AND n > 0 AND experiment = 'infer' ORDER BY strategy, x, world_size")
         fig = Figure(figsize=(7, 4.2), layout="constrained")
         ax = fig.add_subplot()
         if not stats:
@@ -227,7 +227,7 @@ class ScalingSection(Section):
         return ["throughput_tok_s"]
 
     def cost_rows(self, con):
-        return _rows(con, "SELECT * FROM cost_model ORDER BY strategy, hardware, gpus") \
+        return _rows(con, "SELECT * FROM cost_model ORDER BY model DESC, hardware, strategy, gpus, run_id") \
             if _exists(con, "cost_model") else []
 
     def figure(self, con, rows):
@@ -335,7 +335,7 @@ class EnergySection(Section):
     def extra(self, con, figdir, rows):
         t = _query(con, "SELECT strategy, seed, rank, host, windows, tokens, window_s, gpu_energy_per_token_mj, "
                         "power_mean_w, cpu_energy_j, coalesce(gpu_reason, energy_reason) AS gpu_reason, "
-                        "cpu_energy_reason FROM energy_by_rank ORDER BY strategy_order(strategy), strategy, seed, rank")
+                        "cpu_energy_reason FROM energy_by_rank ORDER BY strategy_order(strategy), strategy, seed, run_id, rank")
         return "<h3>Per rank</h3>\n" + _html_table(t), []
 
 
@@ -386,7 +386,8 @@ class StatisticsSection(Section):
     def extra(self, con, figdir, rows):
         t = _query(con, "SELECT experiment, strategy, world_size AS gpus, metric, x, n, configs, mean, std, ci_low, "
                         "ci_high, paper_mean, paper_ci_low, paper_ci_high, paper_n, reason FROM repeat_stats "
-                        "WHERE n >= 2 OR paper_n IS NOT NULL OR paper_mean IS NOT NULL")
+                        "WHERE n >= 2 OR paper_n IS NOT NULL OR paper_mean IS NOT NULL "
+                        "ORDER BY experiment NULLS LAST, strategy_order(strategy), strategy, gpus, metric, x")
         return ("<p>Rows with at least two repeats, or a paper statistic. Interval: mean ± t(0.975, n-1) × std / "
                 "√n. <code>configs</code> &gt; 1 means runs of different configurations were pooled.</p>\n"
                 + _html_table(t)), []
