@@ -201,6 +201,7 @@ table {{ border-collapse: collapse; margin: 0.5em 0 2em; font-size: 0.9em; }}
 th, td {{ border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }}
 th:first-child, td:first-child {{ text-align: left; }}
 .nm {{ color: #888; font-style: italic; }}
+td.nm {{ text-align: left; min-width: 12em; }}
 img {{ max-width: 100%; }}
 .src {{ font-size: 0.85em; color: #444; }}
 .warn {{ background: #fff4d6; padding: 0.3em 0.6em; }}
