@@ -75,7 +75,8 @@ def test_empty_and_partial_databases_render(tmp_path):
     db = tmp_path / "masep.duckdb"
     collect(tmp_path / "runs", db)
     render(db, tmp_path / "empty")
-    assert _files(tmp_path / "empty") == FILES  # no section figure without a measured value
+    # no section figure without a measured value; the cost model predicts from datasheet figures alone
+    assert _files(tmp_path / "empty") == sorted(FILES + ["figures/cost_model.png", "figures/cost_model.svg"])
     page = (tmp_path / "empty" / "index.html").read_text()
     assert "0 training run(s), 0 inference run(s)" in page and "not measured" in page
     assert "training loss: not measured" in (tmp_path / "empty/figures/loss_curves.svg").read_text() or \
