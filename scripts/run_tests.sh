@@ -21,5 +21,15 @@ if [ "$mode" != off ]; then
     exit 1
   fi
 fi
+# Headless Chromium for the report's browser check (tests/test_report_browser.py), where this
+# machine can install it (Debian, root); elsewhere that test skips and says why (not under CI=true).
+if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null) \
+      || echo "run_tests: could not install chromium: the browser check will skip" >&2
+  else
+    echo "run_tests: no chromium and no root/apt-get to install it: the browser check will skip" >&2
+  fi
+fi
 [ "$started" = 1 ] && trap 'scripts/slurm_cluster.sh down' EXIT
 python -m pytest "$@"

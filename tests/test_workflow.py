@@ -45,34 +45,48 @@ def shell_commands(out: subprocess.CompletedProcess) -> list[str]:
 
 def test_dry_run_of_the_embedded_default(project):
     out = snakemake(project, "-n", "-p")
-    # every strategy trains once and decodes once (infer_jobs: per_strategy -> ctx=all)
-    assert job_counts(out) == {"tokenize": 1, "tokenize_all": 1, "train": 6, "infer": 6, "collect": 1,
-                               "report": 1, "all": 1, "total": 17}
+    # every strategy trains once and decodes twice (infer_repeats 2; infer_jobs: per_strategy ->
+    # ctx=all); the scaling sweep trains single at 1 rank, tp, pp, tp_pp at 1-4, ep_dp at 1, 2, 4
+    # and ma_sep at 2-4
+    assert job_counts(out) == {"tokenize": 1, "tokenize_all": 1, "train": 25, "infer": 12, "collect": 1,
+                               "report": 1, "all": 1, "total": 42}
     cmds = shell_commands(out)
-    train = sorted(c for c in cmds if " masep train " in c)
+    train = sorted(c for c in cmds if " masep train " in c and "results/runs/train/" in c)
     assert len(train) == 6
     single = [c for c in train if "parallel.strategy=single" in c]
     assert single and single[0].startswith("OMP_NUM_THREADS=1 masep train --config tiny --set ")
-    assert "parallel.world_size=1 train.seed=0 --out results/runs/train/single/seed=0 " \
-           "> logs/train/single/seed=0.log 2>&1" in single[0]
+    assert "parallel.world_size=1 train.seed=0 --out results/runs/train/single/ws=1/seed=0 " \
+           "> logs/train/single/ws=1/seed=0.log 2>&1" in single[0]
+    # the sweep: degrees lowered to fit, the nearest global batch 3 replicas divide (8 -> 6)
+    assert any("parallel.strategy=tp parallel.world_size=4 " in c and "parallel.world_size=3 parallel.tp=1 "
+               "train.global_batch=6 train.seed=0 --out results/runs/scaling/tp/ws=3/seed=0 " in c for c in cmds)
+    assert any("parallel.world_size=3 parallel.attn_replicas=2 parallel.attn_tp=1 parallel.moe_ranks=1 " in c
+               for c in cmds)
     assert any("parallel.strategy=ma_sep parallel.world_size=4 " in c for c in train)
     infer = sorted(c for c in cmds if " masep infer " in c)
-    assert len(infer) == 6 and all("'infer.context_lengths=[512, 1024, 2048, 4096]'" in c for c in infer)
-    assert any("--checkpoint results/runs/train/single/seed=0 --out results/runs/infer/single/ctx=all" in c
-               for c in infer)
+    assert len(infer) == 12 and all("'infer.context_lengths=[512, 1024, 2048, 4096]'" in c for c in infer)
+    assert any("--checkpoint results/runs/train/single/ws=1/seed=0 --out results/runs/infer/single/ws=1/seed=0/"
+               "rep=1/ctx=all" in c for c in infer)
     assert "masep collect --runs results/runs --db results/masep.duckdb 2> logs/collect.log > results/collect.txt" in cmds
     assert "masep report --db results/masep.duckdb --out reports > logs/report.log 2>&1" in cmds
 
 
 def test_infer_jobs_per_context(project):
-    counts = job_counts(snakemake(project, "-n", "--config", "infer_jobs=per_context", "strategies=[single]"))
-    assert counts["infer"] == 4 and counts["train"] == 1
+    counts = job_counts(snakemake(project, "-n", "--config", "infer_jobs=per_context", "strategies=[single]",
+                                  "scaling_world_sizes=[]"))
+    assert counts["infer"] == 8 and counts["train"] == 1
 
 
 def test_dry_run_at_paper_scale(project):
-    out = snakemake(project, "-n", "--configfile", "config/workflow-paper.yaml")
-    assert job_counts(out) == {"tokenize": 1024, "tokenize_all": 1, "train": 50, "infer": 20, "collect": 1,
-                               "report": 1, "all": 1, "total": 1098}
+    out = snakemake(project, "-n", "-p", "--configfile", "config/workflow-paper.yaml")
+    # 50 training runs; the sweep at 4-32 GPUs: 8 sizes each, ep_dp only at 4, 8, 16 (16 experts);
+    # decoding per training seed: 10 TPOT repeats per strategy and context
+    assert job_counts(out) == {"tokenize": 1024, "tokenize_all": 1, "train": 85, "infer": 200, "collect": 1,
+                               "report": 1, "all": 1, "total": 1313}
+    outs = re.findall(r"--out results/runs/infer/(\w+)/ws=16/seed=\d+/rep=0/ctx=(\d+) ", "\n".join(shell_commands(out)))
+    assert len(outs) == 200 and min(outs.count(o) for o in set(outs)) == 10
+    # 12 GPUs: tp 4 x dp 3, global batch 1032 (the nearest to 1024 that 3 x 8 divides)
+    assert any("parallel.world_size=12 parallel.tp=4 train.global_batch=1032 " in c for c in shell_commands(out))
 
 
 def test_named_targets_and_cli_config(project):
@@ -80,12 +94,13 @@ def test_named_targets_and_cli_config(project):
     assert counts == {"tokenize": 1, "tokenize_all": 1, "train": 18, "train_all": 1, "total": 21}
     counts = job_counts(snakemake(project, "-n", "collect", "--config", "context_lengths=[512]",
                                   "strategies=[single]"))
-    assert counts == {"tokenize": 1, "tokenize_all": 1, "train": 1, "infer": 1, "collect": 1, "total": 5}
+    assert counts == {"tokenize": 1, "tokenize_all": 1, "train": 2, "infer": 2, "collect": 1, "total": 7}
     # one experiment, by its file; fresh=true empties its run folder first
-    out = snakemake(project, "-n", "-p", "results/runs/infer/single/ctx=2048/run.json", "--config", "fresh=true")
+    out = snakemake(project, "-n", "-p", "results/runs/infer/single/ws=1/seed=0/rep=0/ctx=2048/run.json",
+                    "--config", "fresh=true")
     assert job_counts(out) == {"tokenize": 1, "tokenize_all": 1, "train": 1, "infer": 1, "total": 4}
-    assert any(c.startswith("rm -rf results/runs/infer/single/ctx=2048 && OMP_NUM_THREADS=1 masep infer ")
-               for c in shell_commands(out))
+    assert any(c.startswith("rm -rf results/runs/infer/single/ws=1/seed=0/rep=0/ctx=2048 && OMP_NUM_THREADS=1 "
+                            "masep infer ") for c in shell_commands(out))
 
 
 def test_slurm_profile(project):
@@ -98,7 +113,7 @@ def test_slurm_profile(project):
     block = re.search(r"rule train:(.*?)Shell command", out.stdout + out.stderr, flags=re.S)[1]
     assert "threads:" not in block  # Snakemake prints threads only when more than one
     # the same profile by path
-    assert job_counts(snakemake(project, "-n", "--profile", "profiles/slurm"))["train"] == 6
+    assert job_counts(snakemake(project, "-n", "--profile", "profiles/slurm"))["train"] == 25
 
 
 def test_lint_is_clean(project):
@@ -195,7 +210,8 @@ def test_end_to_end_embedded_default(project):
     (project / "short.yaml").write_text(yaml.safe_dump({
         "set": ["data.max_docs=200", "train.steps=6", "train.eval_every=3", "train.checkpoint_every=3", "train.log_every=1",
                 "train.warmup_steps=1", "infer.new_tokens=4", "infer.warmup_tokens=1"],
-        "strategies": ["single", "ma_sep"], "context_lengths": [32, 64]}))
+        "strategies": ["single", "ma_sep"], "context_lengths": [32, 64], "scaling_world_sizes": [],
+        "infer_repeats": 1}))
     out = snakemake(project, "--configfile", "short.yaml", timeout=900)
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
     with duckdb.connect(str(project / "results" / "masep.duckdb"), read_only=True) as con:
@@ -227,7 +243,7 @@ def test_end_to_end_embedded_default(project):
     assert out.returncode == 0, out.stderr[-3000:]
     assert (project / "reports/snakemake-report.html").stat().st_size > 0
     # re-running one experiment by naming it
-    counts = job_counts(snakemake(project, "-n", "results/runs/train/single/seed=0/run.json",
+    counts = job_counts(snakemake(project, "-n", "results/runs/train/single/ws=1/seed=0/run.json",
                                   "--configfile", "short.yaml", "--forcerun", "train"))
     assert counts == {"train": 1, "total": 1}
     # A failed collect (a damaged rank file) keeps the database and loses its summary, so a plain

@@ -74,6 +74,17 @@ def _no_data(ax, what: str) -> None:
     ax.set_yticks([])
 
 
+def save_figure(fig: Figure, figdir: Path, name: str) -> list[Path]:
+    """`<name>.png` and `<name>.svg` under `figdir`, each written atomically."""
+    paths = []
+    for fmt in ("png", "svg"):
+        path = figdir / f"{name}.{fmt}"
+        meta = {"Date": None} if fmt == "svg" else {"Software": None}
+        _atomic_write(path, lambda tmp, fmt=fmt, meta=meta: fig.savefig(tmp, format=fmt, dpi=120, metadata=meta))
+        paths.append(path)
+    return paths
+
+
 # ------------------------------------------------------------------ figures
 
 
@@ -191,11 +202,15 @@ table {{ border-collapse: collapse; margin: 0.5em 0 2em; font-size: 0.9em; }}
 th, td {{ border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }}
 th:first-child, td:first-child {{ text-align: left; }}
 .nm {{ color: #888; font-style: italic; }}
+td.nm {{ text-align: left; min-width: 12em; }}
 img {{ max-width: 100%; }}
+.src {{ font-size: 0.85em; color: #444; }}
+.warn {{ background: #fff4d6; padding: 0.3em 0.6em; }}
 </style></head><body>
 <h1>masep: MoE training and inference by parallel strategy</h1>
 <p>From <code>{db}</code>: {n_train} training run(s), {n_infer} inference run(s).
 Values the database does not hold are shown as <span class="nm">{nm}</span>.</p>
+{study}
 {sections}
 <h2>Runs</h2>
 {runs}
@@ -244,6 +259,9 @@ def bench_section(bench: str | Path | None) -> str:
     return "\n".join(parts)
 
 
+from masep.report.sections import SECTIONS  # noqa: E402  (uses the helpers above)
+
+
 def render(db: str | Path, out: str | Path, bench: str | Path | None = None) -> list[Path]:
     db, out = Path(db), Path(out)
     if not db.exists():
@@ -255,6 +273,7 @@ def render(db: str | Path, out: str | Path, bench: str | Path | None = None) -> 
         con = duckdb.connect(str(db), read_only=True)
     except duckdb.Error as e:
         raise ReportError(f"cannot open {db}: {str(e).splitlines()[0]}") from e
+    con.execute("SET enable_progress_bar = false")  # a slow view must not print bars into the job log
     figdir = out / "figures"
     figdir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
@@ -263,6 +282,7 @@ def render(db: str | Path, out: str | Path, bench: str | Path | None = None) -> 
         try:
             figures = {"loss_curves": loss_figure(con), "throughput": throughput_figure(con),
                        "tpot": tpot_figure(con)}
+            study_sections = [(name, sec.render(con, figdir)) for name, sec in SECTIONS.items()]
             runs = _query(con, "SELECT run_dir, experiment, strategy, seed, world_size, status, host, "
                                "git_commit, slurm_job_id FROM runs ORDER BY run_dir")
             n_train, n_infer = con.execute("SELECT count(*) FILTER (WHERE experiment = 'train'), "
@@ -270,18 +290,17 @@ def render(db: str | Path, out: str | Path, bench: str | Path | None = None) -> 
         except duckdb.Error as e:
             raise ReportError(f"{db}: {str(e).splitlines()[0]} (rebuild it with `masep collect`)") from e
     for name, (fig, table) in figures.items():
-        for fmt in ("png", "svg"):
-            path = figdir / f"{name}.{fmt}"
-            meta = {"Date": None} if fmt == "svg" else {"Software": None}
-            _atomic_write(path, lambda tmp, fig=fig, fmt=fmt, meta=meta:
-                          fig.savefig(tmp, format=fmt, dpi=120, metadata=meta))
-            written.append(path)
+        written += save_figure(fig, figdir, name)
         title, caption = CAPTIONS[name]
+        points = sum(isinstance(v, float) for row in table.rows for v in row[1:])
         sections.append(f"<h2>{html.escape(title)}</h2>\n<p>{html.escape(caption)}</p>\n"
-                        f"<img src='figures/{name}.svg' alt='{html.escape(title)}'>\n"
+                        f"<img src='figures/{name}.svg' alt='{html.escape(title)}' data-points='{points}'>\n"
                         f"<p><a href='figures/{name}.png'>PNG</a> · <a href='figures/{name}.svg'>SVG</a></p>\n"
                         f"{_html_table(table)}")
+    for name, (body, files) in study_sections:
+        written += files
     page = PAGE.format(db=html.escape(str(db)), n_train=n_train, n_infer=n_infer, nm=NOT_MEASURED,
+                       study="\n".join(body for _, (body, _) in study_sections),
                        sections="\n".join(sections), runs=_html_table(runs), bench=bench_html)
     index = out / "index.html"
     _atomic_write(index, lambda tmp: tmp.write_text(page, encoding="utf-8"))

@@ -95,9 +95,13 @@ def run_record(cfg: Config, out_dir: Path, experiment: str, info: DistInfo, star
 
 
 def run_id_of(out_dir: Path) -> str:
-    """Stable id: the run folder relative to the runs root (e.g. train/tp/seed=0)."""
+    """Stable id: the run folder from its experiment folder on (e.g. train/tp/ws=4/seed=0): the
+    parts from the one before the last strategy folder, else the last three."""
+    from masep.config import STRATEGIES
+
     parts = Path(out_dir).resolve().parts
-    return "/".join(parts[-3:])
+    at = [i for i, p in enumerate(parts[1:], 1) if p in STRATEGIES]
+    return "/".join(parts[at[-1] - 1:] if at else parts[-3:])
 
 
 # ------------------------------------------------------------------ training

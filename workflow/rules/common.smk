@@ -88,10 +88,60 @@ CONTEXTS = list(config["context_lengths"])
 # per_strategy: one job per strategy measuring every context length in turn (ctx=all), which
 # saves the rank start-up of all but one job on small machines.
 INFER_CTX = [str(c) for c in CONTEXTS] if config["infer_jobs"] == "per_context" else ["all"]
-INFER_SEED = config["infer_seed"]
+# Inference decodes with the weights of each of these training seeds (default: every seed),
+# infer_repeats times each: the repeats of repeat_stats' TPOT rows.
+INFER_SEEDS = list(config.get("infer_seeds") or SEEDS)
+INFER_REPEATS = list(range(config["infer_repeats"]))
+SCALING_WS = list(config["scaling_world_sizes"])
+SCALING_SET = list(config["scaling_set"])
 COMMON_SET = list(config["set"]) + [f"launch.executor={config['executor']}"] + [
     f"launch.{k}={json.dumps(v)}" for k, v in sorted(config["launch"].items())
 ]
+
+def _largest_divisor(n, limit, *must_divide):
+    """The largest d <= limit dividing n and every `must_divide`."""
+    return max(d for d in range(1, max(1, min(n, limit)) + 1) if n % d == 0 and all(m % d == 0 for m in must_divide))
+
+
+def scaled_overrides(strategy, ws):
+    """The masep overrides of `strategy` at world size `ws` of the scaling sweep, or None where
+    the strategy cannot run there (single beyond 1 rank, ma_sep on 1, ep_dp where ws does not
+    divide the experts). Degrees: the configured ones where they fit, else the largest that
+    divides ws and the model (tp: heads and experts; pp: layers; ma_sep: MoE ranks in the
+    configured share of the ranks, dividing the experts). Global batch: the configured one where
+    the replicas divide its micro-batches, else the nearest that they divide (at least one
+    micro-batch per pipeline stage); the run's config records it."""
+    base = strategy_overrides(strategy) + SCALING_SET
+    cfg = load_config(PRESETS, base)
+    m, t, p, world = cfg.model, cfg.train, cfg.parallel, WORLD[strategy]
+    deg, replicas, stages = {}, ws, 1
+    if strategy == "single":
+        return base if ws == 1 else None
+    if strategy in ("tp", "tp_pp"):
+        deg["tp"] = _largest_divisor(ws, p.tp, m.heads, m.experts)
+        replicas //= deg["tp"]
+    if strategy in ("pp", "tp_pp"):
+        stages = deg["pp"] = _largest_divisor(replicas, p.pp, m.layers)
+        replicas //= stages
+    if strategy == "ep_dp" and m.experts % ws:
+        return None
+    if strategy == "ma_sep":
+        if ws < 2:
+            return None
+        moe = _largest_divisor(m.experts, max(1, ws * p.moe_ranks // world))
+        attn_tp = p.attn_tp if (ws - moe) % p.attn_tp == 0 else 1
+        replicas = (ws - moe) // attn_tp
+        deg.update(moe_ranks=moe, attn_tp=attn_tp, attn_replicas=replicas)
+    unit = t.micro_batch * replicas
+    batch = t.global_batch if (t.global_batch // t.micro_batch) % replicas == 0 \
+        else unit * max(stages, round(t.global_batch / unit))
+    return base + [f"parallel.world_size={ws}"] + [f"parallel.{k}={v}" for k, v in sorted(deg.items())] \
+        + ([f"train.global_batch={batch}"] if batch != t.global_batch else [])
+
+
+def run_overrides(experiment, strategy, ws):
+    return strategy_overrides(strategy) if experiment == "train" else scaled_overrides(strategy, ws)
+
 
 def check_masep_configs():
     """Resolve every masep config now, so that a bad override or an impossible layout fails the
@@ -106,6 +156,13 @@ def check_masep_configs():
                                     + [f"infer.context_lengths={json.dumps(CONTEXTS)}"]))
         except ConfigError as e:
             raise WorkflowError(f"masep config of strategy {strategy}: {e}")
+        for ws in SCALING_WS:
+            try:
+                over = scaled_overrides(strategy, ws)
+                if over is not None:
+                    make_layout(load_config(PRESETS, over))
+            except ConfigError as e:
+                raise WorkflowError(f"scaling: strategy {strategy} at world size {ws}: {e}")
     return base
 
 
@@ -126,8 +183,18 @@ SHARD_IDS = [f"{i:05d}" for i in SHARDS]
 # with different shards can share a tokens folder.
 TOKENS_DONE = f"{TOKENS}/shards-{hashlib.sha1(json.dumps(SHARDS).encode()).hexdigest()[:10]}.done"
 MANIFESTS = expand(f"{TOKENS}/shard-{{shard}}/manifest.json", shard=SHARD_IDS)
-TRAIN_RUNS = expand(f"{RUNS}/train/{{strategy}}/seed={{seed}}/run.json", strategy=STRATEGIES, seed=SEEDS)
-INFER_RUNS = expand(f"{RUNS}/infer/{{strategy}}/ctx={{ctx}}/run.json", strategy=STRATEGIES, ctx=INFER_CTX)
+TRAIN_RUN = "{experiment}/{strategy}/ws={ws}/seed={seed}"
+INFER_RUN = "infer/{strategy}/ws={ws}/seed={seed}/rep={rep}/ctx={ctx}"
+TRAIN_RUNS = [f"{RUNS}/train/{s}/ws={WORLD[s]}/seed={k}/run.json" for s in STRATEGIES for k in SEEDS]
+INFER_RUNS = [f"{RUNS}/infer/{s}/ws={WORLD[s]}/seed={k}/rep={r}/ctx={c}/run.json"
+              for s in STRATEGIES for k in INFER_SEEDS for r in INFER_REPEATS for c in INFER_CTX]
+# The scaling sweep: each strategy at each of scaling_world_sizes where it can run (first seed);
+# at its training world size, without scaling_set, the training run itself.
+SCALING_RUNS = [
+    f"{RUNS}/train/{s}/ws={ws}/seed={SEEDS[0]}/run.json" if ws == WORLD[s] and not SCALING_SET
+    else f"{RUNS}/scaling/{s}/ws={ws}/seed={SEEDS[0]}/run.json"
+    for s in STRATEGIES for ws in SCALING_WS if scaled_overrides(s, ws) is not None
+]
 
 
 def corpus_file(wc):
@@ -147,3 +214,6 @@ wildcard_constraints:
     ctx=r"\d+|all",
     strategy="|".join(re.escape(s) for s in STRATEGIES),
     seed=r"\d+",
+    ws=r"\d+",
+    rep=r"\d+",
+    experiment="train|scaling",

@@ -1,22 +1,22 @@
 rule infer:
-    """Decode at one context length (or, for ctx=all, at each in turn) with the weights of the
-    infer_seed training run."""
+    """Decode at one context length (or, for ctx=all, at each in turn) with the weights of one
+    training seed; rep numbers the repeated trials (infer_repeats)."""
     input:
-        train=f"{RUNS}/train/{{strategy}}/seed={INFER_SEED}/run.json",
+        train=f"{RUNS}/train/{{strategy}}/ws={{ws}}/seed={{seed}}/run.json",
     output:
-        run=f"{RUNS}/infer/{{strategy}}/ctx={{ctx}}/run.json",
+        run=f"{RUNS}/{INFER_RUN}/run.json",
     log:
-        "logs/infer/{strategy}/ctx={ctx}.log",
-    threads: lambda wc: WORLD[wc.strategy]
+        f"logs/{INFER_RUN}.log",
+    threads: lambda wc: int(wc.ws)
     params:
         args=lambda wc: masep_args(
             strategy_overrides(wc.strategy)
-            + [f"train.seed={INFER_SEED}", f"infer.context_lengths={json.dumps(infer_contexts(wc.ctx))}"]
+            + [f"train.seed={wc.seed}", f"infer.context_lengths={json.dumps(infer_contexts(wc.ctx))}"]
         ),
         checkpoint=lambda wc, input: os.path.dirname(input.train),
         outdir=lambda wc, output: os.path.dirname(output.run),
         prefix=lambda wc, output: fresh_prefix(os.path.dirname(output.run))
-        + local_threads_env(WORLD[wc.strategy]),
+        + local_threads_env(int(wc.ws)),
     conda:
         CONDA_ENV
     shell:

@@ -1,4 +1,5 @@
 import glob
+from pathlib import Path
 
 # The committed GPU benchmark runs: the report shows them, so it re-renders when they change.
 # Paths are relative to the project root.
@@ -13,13 +14,14 @@ rule collect:
     input:
         TRAIN_RUNS,
         INFER_RUNS,
+        SCALING_RUNS,
     output:
         summary=COLLECTED,
     log:
         "logs/collect.log",
     params:
-        # the runs root: <runs>/train/<strategy>/seed=<k>/run.json
-        runs=lambda wc, input: os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(input[0])))),
+        # the runs root: <runs>/train/<strategy>/ws=<n>/seed=<k>/run.json
+        runs=lambda wc, input: str(Path(input[0]).parents[4]),
         db=DB,
     conda:
         CONDA_ENV

@@ -88,7 +88,7 @@ FROM m FULL JOIN c ON c.metric = m.metric AND c.strategy = m.strategy AND c.x IS
 LEFT JOIN metric_rank r ON r.metric = coalesce(m.metric, c.metric)
 ORDER BY coalesce(r.o, 100000 + list_position(extra, coalesce(m.metric, c.metric))),
          strategy_order(coalesce(m.strategy, c.strategy)), coalesce(m.strategy, c.strategy),
-         coalesce(m.x, c.x), m.world_size NULLS FIRST;
+         coalesce(m.x, c.x), m.world_size NULLS FIRST, c.ord;
 
 -- Table 1: TPOT (inference, context 2048), TPS per GPU and throughput (training, after
 -- warm-up), GPU and memory-controller utilisation (NVML), the improvements of ma_sep over
