@@ -100,6 +100,7 @@ def train_rank(cfg: Config, out_dir: Path, info: DistInfo) -> dict:
     def flush() -> None:
         for k, p in files.items():
             w.write_parquet(p, rows[k])
+        trainer.strategy.write_rows(out_dir, run_id)
         telemetry.write(rows["steps"])
 
     batches = train_ds.batches(t.global_batch, t.seed, start)
