@@ -15,7 +15,8 @@ from masep.config import ConfigError
 from masep.parallel.layout import make_layout
 from masep.parallel.ma_sep.attention import AttentionRank
 from masep.testing import run_ranks
-from parity import DROPLESS, NEW_TOKENS, build, ma_sep, make_batches, make_cfg, make_prompt, model_overrides
+from parity import (CAPACITY, DROPLESS, NEW_TOKENS, SHUFFLED, build, check_trainer_run, ma_sep, make_batches,
+                    make_cfg, make_prompt, model_overrides, trainer_run)
 
 
 def _ma_cfg(world: int, attn_tp: int, replicas: int, moe: int, in_flight: int, extra: list[str]):
@@ -210,3 +211,17 @@ def test_moe_rank_raising_mid_step_stops_the_others(world4):
 
 def test_silent_moe_rank_times_out_the_others():
     _check_failure(run_ranks(4, failing_run, "hang", 3, 3.0, timeout_s=60), 3.0)
+
+
+# ------------------------------------------------------------------ balancing under the trainer
+
+MOVING = ma_sep(1, 2, 2, 1) + ["model.expert_dropout=0.1"] + CAPACITY + SHUFFLED
+
+
+def test_resume_across_placement_changes_repeats_the_losses(tmp_path):
+    """Experts move after every step (the MoE ranks' migrations are `p2p`); the checkpoint after
+    step 2 holds a moved placement, and the resumed run repeats the uninterrupted losses."""
+    results = run_ranks(4, trainer_run, MOVING, str(tmp_path), timeout_s=180)
+    check_trainer_run(results, lambda rank: {"moe_dispatch", "grad_sync"} if rank < 2 else {"moe_dispatch", "p2p"})
+    assert not torch.equal(results[0]["slot_of"], torch.arange(16))
+    assert all(torch.equal(r["slot_of"], results[0]["slot_of"]) for r in results)
