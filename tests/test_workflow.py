@@ -45,11 +45,12 @@ def shell_commands(out: subprocess.CompletedProcess) -> list[str]:
 
 def test_dry_run_of_the_embedded_default(project):
     out = snakemake(project, "-n", "-p")
-    # every strategy trains once and decodes once (infer_jobs: per_strategy -> ctx=all)
-    assert job_counts(out) == {"tokenize": 1, "tokenize_all": 1, "train": 6, "infer": 6, "collect": 1,
-                               "report": 1, "all": 1, "total": 17}
+    # every strategy trains once and decodes once (infer_jobs: per_strategy -> ctx=all); the
+    # ablation's variants of ma_sep train once each
+    assert job_counts(out) == {"tokenize": 1, "tokenize_all": 1, "train": 6, "train_variant": 3, "infer": 6,
+                               "collect": 1, "report": 1, "all": 1, "total": 20}
     cmds = shell_commands(out)
-    train = sorted(c for c in cmds if " masep train " in c)
+    train = sorted(c for c in cmds if " masep train " in c and " --experiment " not in c)
     assert len(train) == 6
     single = [c for c in train if "parallel.strategy=single" in c]
     assert single and single[0].startswith("OMP_NUM_THREADS=1 masep train --config tiny --set ")
@@ -60,6 +61,9 @@ def test_dry_run_of_the_embedded_default(project):
     assert len(infer) == 6 and all("'infer.context_lengths=[512, 1024, 2048, 4096]'" in c for c in infer)
     assert any("--checkpoint results/runs/train/single/seed=0 --out results/runs/infer/single/ctx=all" in c
                for c in infer)
+    paper = [c for c in cmds if "--out results/runs/ablation/ma_sep+paper/seed=0 " in c]
+    assert len(paper) == 1 and " --experiment ablation " in paper[0]
+    assert " ma.rebalance_every=5 " in paper[0] and "ma.rebalance=true train.grad_compression=int8 " in paper[0]
     assert "masep collect --runs results/runs --db results/masep.duckdb > logs/collect.log 2>&1" in cmds
     assert "masep report --db results/masep.duckdb --out reports > logs/report.log 2>&1" in cmds
 
@@ -71,8 +75,8 @@ def test_infer_jobs_per_context(project):
 
 def test_dry_run_at_paper_scale(project):
     out = snakemake(project, "-n", "--configfile", "config/workflow-paper.yaml")
-    assert job_counts(out) == {"tokenize": 1024, "tokenize_all": 1, "train": 50, "infer": 20, "collect": 1,
-                               "report": 1, "all": 1, "total": 1098}
+    assert job_counts(out) == {"tokenize": 1024, "tokenize_all": 1, "train": 50, "train_variant": 30, "infer": 20,
+                               "collect": 1, "report": 1, "all": 1, "total": 1128}
 
 
 def test_named_targets_and_cli_config(project):
@@ -80,7 +84,11 @@ def test_named_targets_and_cli_config(project):
     assert counts == {"tokenize": 1, "tokenize_all": 1, "train": 18, "train_all": 1, "total": 21}
     counts = job_counts(snakemake(project, "-n", "collect", "--config", "context_lengths=[512]",
                                   "strategies=[single]"))
-    assert counts == {"tokenize": 1, "tokenize_all": 1, "train": 1, "infer": 1, "collect": 1, "total": 5}
+    assert counts == {"tokenize": 1, "tokenize_all": 1, "train": 1, "train_variant": 3, "infer": 1, "collect": 1,
+                      "total": 8}
+    # the ablation: plain ma_sep and its variants
+    counts = job_counts(snakemake(project, "-n", "ablation"))
+    assert counts == {"tokenize": 1, "tokenize_all": 1, "train": 1, "train_variant": 3, "ablation": 1, "total": 7}
     # one experiment, by its file; fresh=true empties its run folder first
     out = snakemake(project, "-n", "-p", "results/runs/infer/single/ctx=2048/run.json", "--config", "fresh=true")
     assert job_counts(out) == {"tokenize": 1, "tokenize_all": 1, "train": 1, "infer": 1, "total": 4}

@@ -12,6 +12,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_config_arguments(p)
     add_strategy_arguments(p)
     p.add_argument("--out", required=True, help="run folder, e.g. results/runs/train/tp/seed=0")
+    p.add_argument("--experiment", default="train",
+                   help="experiment recorded in run.json: train (default), or ablation for a labelled variant")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -25,6 +27,6 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = f"train-{cfg.parallel.strategy}-seed{cfg.train.seed}"
-    results = launch(TrainEntry(cfg, str(out)), cfg, layout.world_size, name, Path(cfg.launch.log_dir) / name)
+    results = launch(TrainEntry(cfg, str(out), args.experiment), cfg, layout.world_size, name, Path(cfg.launch.log_dir) / name)
     print(f"{name}: done, final loss {results[0]['final_loss']:.4f}; {out / 'run.json'}")
     return 0

@@ -80,7 +80,7 @@ def run_id_of(out_dir: Path) -> str:
 # ------------------------------------------------------------------ training
 
 
-def train_rank(cfg: Config, out_dir: Path, info: DistInfo) -> dict:
+def train_rank(cfg: Config, out_dir: Path, info: DistInfo, experiment: str = "train") -> dict:
     out_dir = Path(out_dir)
     rank, t = info.rank, cfg.train
     _cpu_threads(info)
@@ -135,7 +135,7 @@ def train_rank(cfg: Config, out_dir: Path, info: DistInfo) -> dict:
     _barrier()
     if rank == 0:
         w.atomic_write_json(out_dir / "run.json", run_record(
-            cfg, out_dir, "train", info, started_at, "completed",
+            cfg, out_dir, experiment, info, started_at, "completed",
             {"resumed_from_step": start or None, "steps_completed": t.steps,
              "flops": flops_record(cfg, info.device)}))
     return {"rank": rank, "final_loss": rows["steps"][-1]["loss"] if rows["steps"] else None}
@@ -203,14 +203,14 @@ def infer_rank(cfg: Config, out_dir: Path, checkpoint_run: Optional[Path], info:
 
 
 class TrainEntry(RankEntry):
-    def __init__(self, cfg: Config, out_dir: str):
-        self.cfg_dict, self.out_dir = cfg.to_dict(), str(out_dir)
+    def __init__(self, cfg: Config, out_dir: str, experiment: str = "train"):
+        self.cfg_dict, self.out_dir, self.experiment = cfg.to_dict(), str(out_dir), experiment
 
     def __call__(self):
         cfg = config_from_dict(self.cfg_dict)
         info = init_distributed(cfg.parallel.timeout_s)
         try:
-            return train_rank(cfg, Path(self.out_dir), info)
+            return train_rank(cfg, Path(self.out_dir), info, self.experiment)
         finally:
             sys.stdout.flush()
             shutdown_distributed()

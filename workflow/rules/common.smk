@@ -62,6 +62,12 @@ def strategy_overrides(strategy):
     ] + list(config["overrides"].get(strategy, []))
 
 
+def variant_overrides(variant):
+    """A variant's strategy's overrides, then its own."""
+    v = config["variants"][variant]
+    return strategy_overrides(v["strategy"]) + list(v.get("overrides", []))
+
+
 def local_threads_env(threads, world_size):
     """Local ranks share the job's cores: one OpenMP/intra-op thread share each."""
     if config["executor"] != "local":
@@ -79,7 +85,8 @@ validate(config, "../schemas/config.schema.yaml", set_default=True)
 PRESETS = [config["preset"]] if isinstance(config["preset"], str) else list(config["preset"])
 SHARDS = shard_list(config["shards"])
 STRATEGIES = list(config["strategies"])
-WORLD = {s: config["world_size"].get(s, 1) for s in STRATEGIES}
+VARIANTS = list(config["variants"])
+WORLD = {s: config["world_size"].get(s, 1) for s in set(STRATEGIES) | {v["strategy"] for v in config["variants"].values()}}
 SEEDS = list(config["seeds"])
 CONTEXTS = list(config["context_lengths"])
 # per_context: one inference job per strategy and context length (the study's DAG);
@@ -104,6 +111,11 @@ def check_masep_configs():
                                     + [f"infer.context_lengths={json.dumps(CONTEXTS)}"]))
         except ConfigError as e:
             raise WorkflowError(f"masep config of strategy {strategy}: {e}")
+    for variant in VARIANTS:
+        try:
+            make_layout(load_config(PRESETS, variant_overrides(variant)))
+        except ConfigError as e:
+            raise WorkflowError(f"masep config of variant {variant}: {e}")
     return base
 
 
@@ -122,6 +134,7 @@ SHARD_IDS = [f"{i:05d}" for i in SHARDS]
 TOKENS_DONE = f"{TOKENS}/shards-{hashlib.sha1(json.dumps(SHARDS).encode()).hexdigest()[:10]}.done"
 MANIFESTS = expand(f"{TOKENS}/shard-{{shard}}/manifest.json", shard=SHARD_IDS)
 TRAIN_RUNS = expand(f"{RUNS}/train/{{strategy}}/seed={{seed}}/run.json", strategy=STRATEGIES, seed=SEEDS)
+VARIANT_RUNS = expand(f"{RUNS}/ablation/{{variant}}/seed={{seed}}/run.json", variant=VARIANTS, seed=SEEDS)
 INFER_RUNS = expand(f"{RUNS}/infer/{{strategy}}/ctx={{ctx}}/run.json", strategy=STRATEGIES, ctx=INFER_CTX)
 
 
@@ -135,3 +148,4 @@ wildcard_constraints:
     ctx=r"\d+|all",
     strategy="|".join(re.escape(s) for s in STRATEGIES),
     seed=r"\d+",
+    variant="|".join(re.escape(v) for v in VARIANTS) or "(?!)",

@@ -11,6 +11,7 @@ rule collect:
     input:
         TRAIN_RUNS,
         INFER_RUNS,
+        VARIANT_RUNS,
     output:
         db=DB,
     log:
