@@ -135,6 +135,8 @@ TOKENS_DONE = f"{TOKENS}/shards-{hashlib.sha1(json.dumps(SHARDS).encode()).hexdi
 MANIFESTS = expand(f"{TOKENS}/shard-{{shard}}/manifest.json", shard=SHARD_IDS)
 TRAIN_RUNS = expand(f"{RUNS}/train/{{strategy}}/seed={{seed}}/run.json", strategy=STRATEGIES, seed=SEEDS)
 VARIANT_RUNS = expand(f"{RUNS}/ablation/{{variant}}/seed={{seed}}/run.json", variant=VARIANTS, seed=SEEDS)
+STUDY_VARIANT_RUNS = expand(f"{RUNS}/ablation/{{variant}}/seed={{seed}}/run.json", seed=SEEDS,
+                            variant=[v for v in VARIANTS if config["variants"][v]["study"]])
 INFER_RUNS = expand(f"{RUNS}/infer/{{strategy}}/ctx={{ctx}}/run.json", strategy=STRATEGIES, ctx=INFER_CTX)
 
 

@@ -11,7 +11,7 @@ rule collect:
     input:
         TRAIN_RUNS,
         INFER_RUNS,
-        VARIANT_RUNS,
+        STUDY_VARIANT_RUNS,
     output:
         db=DB,
     log:
