@@ -62,6 +62,9 @@ def test_report_from_a_study(tmp_path):
     # loss table: ep_dp has no eval -> not measured
     loss = page[page.index("Loss curves"):]
     assert _cells(loss, "ep_dp")[5:7] == ["not measured", "not measured"]
+    # a study without ma_sep: the balancing section says so
+    balance = page[page.index("Balancing and 8-bit gradients"):page.index("<h2>Runs</h2>")]
+    assert balance.count("No rows: not measured") == 2
     # same database, same files
     before = {f: (out / f).read_bytes() for f in FILES if not f.endswith(".png")}
     render(db, out)

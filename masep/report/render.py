@@ -212,6 +212,12 @@ CAPTIONS = {
 
 
 BENCH_TITLE = "GPU benchmark (committed results)"
+BALANCE_TITLE = "Balancing and 8-bit gradients (the paper's Section 4.4)"
+BALANCE_CAPTION = ("The paper: a 3-layer network predicting execution time, a sync every 100 iterations "
+                   "rebalancing when attention and MoE times differ by more than 5%, dynamic expert load "
+                   "balancing, 8-bit gradient communication. Here: plain ma_sep beside its variants "
+                   "(view ma_ablation; the sync interval is each run's ma.rebalance_every), then the time "
+                   "predictor's error on the windows it had not trained on (view predictor_accuracy).")
 
 
 def bench_section(bench: str | Path | None) -> str:
@@ -274,6 +280,10 @@ def render(db: str | Path, out: str | Path, bench: str | Path | None = None) -> 
         try:
             figures = {"loss_curves": loss_figure(con), "throughput": throughput_figure(con),
                        "tpot": tpot_figure(con)}
+            ablation = _query(con, "SELECT variant, experiment, seed, tokens_per_s, step_time_s, grad_sync_s, "
+                                   "final_loss, sync_points, plans_applied, last_moe_imbalance, migration_ms "
+                                   "FROM ma_ablation")
+            accuracy = _query(con, "SELECT run_id, side, step, ranks, mape_pct FROM predictor_accuracy")
             runs = _query(con, "SELECT run_dir, experiment, strategy, seed, world_size, status, host, "
                                "git_commit, slurm_job_id FROM runs ORDER BY run_dir")
             n_train, n_infer = con.execute("SELECT count(*) FILTER (WHERE experiment = 'train'), "
@@ -292,6 +302,8 @@ def render(db: str | Path, out: str | Path, bench: str | Path | None = None) -> 
                         f"<img src='figures/{name}.svg' alt='{html.escape(title)}'>\n"
                         f"<p><a href='figures/{name}.png'>PNG</a> · <a href='figures/{name}.svg'>SVG</a></p>\n"
                         f"{_html_table(table)}")
+    sections.append(f"<h2>{html.escape(BALANCE_TITLE)}</h2>\n<p>{html.escape(BALANCE_CAPTION)}</p>\n"
+                    f"{_html_table(ablation)}\n{_html_table(accuracy)}")
     page = PAGE.format(db=html.escape(str(db)), n_train=n_train, n_infer=n_infer, nm=NOT_MEASURED,
                        sections="\n".join(sections), runs=_html_table(runs), bench=bench_html)
     index = out / "index.html"
