@@ -7,6 +7,7 @@ Rank functions live at module level: spawned ranks import them by this module's 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -218,13 +219,32 @@ def test_silent_moe_rank_times_out_the_others():
 MOVING = ma_sep(1, 2, 2, 1) + ["model.expert_dropout=0.1"] + CAPACITY + SHUFFLED
 
 
+def moved_checkpoint_run(rank, world, ckpt_dir):
+    """`trainer_run` with experts moving; then its checkpoint (a moved placement) loaded with
+    balancing on and off: evaluation and greedy tokens of each."""
+    from masep.runtime.trainer import Trainer
+
+    out = trainer_run(rank, world, MOVING, ckpt_dir)
+    for key, overrides in (("on", MOVING), ("off", [o for o in MOVING if o not in SHUFFLED])):
+        cfg = make_cfg(overrides, world)
+        trainer = Trainer(cfg, rank)
+        trainer.resume(Path(ckpt_dir))
+        out[key] = (trainer.strategy.evaluate(make_batches(cfg, 1)[0]),
+                    trainer.strategy.generate(make_prompt(cfg), NEW_TOKENS).tokens)
+    return out
+
+
 def test_resume_across_placement_changes_repeats_the_losses(tmp_path):
     """Experts move after every step (the MoE ranks' migrations are `p2p`); the checkpoint after
-    step 2 holds a moved placement, and the resumed run repeats the uninterrupted losses."""
-    results = run_ranks(4, trainer_run, MOVING, str(tmp_path), timeout_s=180)
+    step 2 holds a moved placement, and the resumed run repeats the uninterrupted losses. Loaded
+    without balancing, the checkpoint still routes by its placement: the same evaluation and tokens."""
+    results = run_ranks(4, moved_checkpoint_run, str(tmp_path), timeout_s=180)
     check_trainer_run(results, lambda rank: {"moe_dispatch", "grad_sync"} if rank < 2 else {"moe_dispatch", "p2p"})
     assert not torch.equal(results[0]["slot_of"], torch.arange(16))
     assert all(torch.equal(r["slot_of"], results[0]["slot_of"]) for r in results)
+    for r in results:
+        assert r["on"][0] == results[0]["on"][0] and torch.equal(r["on"][1], results[0]["on"][1])
+        assert r["off"][0] == r["on"][0] and torch.equal(r["off"][1], r["on"][1])
 
 
 SKEW = ma_sep(1, 1, 2, 1) + DROPLESS + ["model.layers=2", "ma.rebalance=true", "ma.rebalance_every=10"]

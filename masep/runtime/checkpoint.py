@@ -95,8 +95,11 @@ def load(path: Path, strategy, opt: Optional[torch.optim.Optimizer], rank: int) 
         state["meta"] = {"step": torch.tensor(0)}
         state[f"rng_rank{rank}"] = b""
     extra = strategy.extra_state()
-    state.update(extra)
     try:
+        # Extra state a checkpoint lacks (written without it) keeps the strategy's initial value.
+        saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+        extra = {k: v for k, v in extra.items() if k in saved}
+        state.update(extra)
         dcp.load(state, checkpoint_id=str(path))
     except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

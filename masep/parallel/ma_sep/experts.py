@@ -88,7 +88,7 @@ class ExpertServer(MASepRank):
 
     def load_extra_state(self, state) -> None:
         super().load_extra_state(state)
-        if self.balancer is not None:
+        if self.balancer is not None and f"ma_sep.balancer.rank{self.rank}" in state:
             self.balancer.load_state_dict(torch.load(io.BytesIO(state[f"ma_sep.balancer.rank{self.rank}"]),
                                                      weights_only=False))
             self._follow_rows()

@@ -205,10 +205,11 @@ class MASepRank(Strategy):
         """The MoE side's sync point (nothing on the attention side)."""
 
     def extra_state(self) -> dict:
-        return {"ma_sep.slot_of": self.slot_of} if self.cfg.ma.rebalance else {}
+        # Always saved: a checkpoint's expert rows follow them, balancing on or not when loaded.
+        return {"ma_sep.slot_of": self.slot_of}
 
     def load_extra_state(self, state) -> None:
-        if state:
+        if "ma_sep.slot_of" in state:
             self.slot_of.copy_(state["ma_sep.slot_of"])
 
     def post(self, sends, recvs, to_moe: bool, tag: int, what: str) -> PendingP2P:
