@@ -132,6 +132,11 @@ class MaConfig:
     rebalance: bool = False
     rebalance_every: int = 100
     threshold: float = 0.05
+    # Test-only levers (never in a study): every sync point applies a random placement, so tests
+    # see experts move; an expert's seconds of sleep per (layer, micro-batch) it serves, so tests
+    # can make one MoE rank slower.
+    debug_shuffle_placement: bool = False
+    debug_expert_delay_s: dict[int, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -366,9 +371,10 @@ def validate(cfg: Config) -> None:
     _require(t.dtype in ("auto", "fp32", "bf16"), "train.dtype", "must be auto, fp32 or bf16")
     _require(t.grad_compression in ("none", "int8"), "train.grad_compression", "must be none or int8")
     _require(cfg.ma.rebalance_every > 0, "ma.rebalance_every", "must be positive")
-    _require(not cfg.ma.rebalance, "ma.rebalance",
-             "no strategy applies it yet (masep/parallel/balance.py holds the predictor, planner and "
-             "migration); set it to false")
+    _require(not cfg.ma.rebalance or p.strategy == "ma_sep", "ma.rebalance",
+             "only ma_sep rebalances (it moves experts between its MoE ranks); set it to false")
+    _require(all(0 <= e < m.experts and s >= 0 for e, s in cfg.ma.debug_expert_delay_s.items()),
+             "ma.debug_expert_delay_s", f"keys are expert ids in 0..{m.experts - 1}, values seconds >= 0")
     _require(cfg.ma.threshold >= 0, "ma.threshold", "must not be negative")
     _require(cfg.infer.compile in ("eager", "default", "max-autotune"), "infer.compile",
              "must be eager, default or max-autotune")

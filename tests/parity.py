@@ -26,6 +26,8 @@ BASE = ["data.seq_len=32", "train.global_batch=8", "train.micro_batch=2", "model
         "model.dropout=0.0", "model.expert_dropout=0.0", "train.lr=0.01", "parallel.timeout_s=60"]
 DROPLESS = ["model.capacity_factor=null"]
 CAPACITY = ["model.capacity_factor=1.0"]
+# ma_sep's balancing at every step, each sync point moving experts to a random placement.
+SHUFFLED = ["ma.rebalance=true", "ma.rebalance_every=1", "ma.debug_shuffle_placement=true"]
 STEPS = 4  # step 0 compared in detail, then the losses of 3 more optimizer steps
 NEW_TOKENS = 6
 
@@ -62,8 +64,9 @@ def build(cfg, rank: int):
     return build_strategy(cfg, make_layout(cfg), rank, "cpu", model)
 
 
-def run_steps(strategy, cfg, prompt_batch: int = 2) -> dict:
-    """A greedy decode, step 0 in detail, 3 more AdamW steps and an evaluation."""
+def run_steps(strategy, cfg, prompt_batch: int = 2, decode_after_step0: bool = False) -> dict:
+    """A greedy decode, step 0 in detail, 3 more AdamW steps and an evaluation (and with
+    `decode_after_step0` a second decode after step 0, where balancing has moved experts)."""
     comm_timer().reset()
     strategy.train(True)
     params = [p for _, p in strategy.named_parameters()]
@@ -84,7 +87,10 @@ def run_steps(strategy, cfg, prompt_batch: int = 2) -> dict:
             result["losses"].append(stats.loss)
         result.setdefault("grad_norms", []).append(strategy.clip_gradients(1.0))
         opt.step()
+        strategy.after_step(step, opt)
         opt.zero_grad(set_to_none=True)
+        if step == 0 and decode_after_step0:
+            result["tokens_after_step0"] = strategy.generate(make_prompt(cfg, prompt_batch), NEW_TOKENS).tokens
     result["eval"] = strategy.evaluate(batches[STEPS])
     result["comm"] = comm_timer().totals()
     return result
@@ -97,25 +103,30 @@ def parity_rank(rank: int, world: int, cases: list) -> list:
     for overrides, prompt_batch in cases:
         cfg = make_cfg(overrides, world)
         strategy = build(cfg, rank)
-        result = run_steps(strategy, cfg, prompt_batch)
+        result = run_steps(strategy, cfg, prompt_batch, moves_experts(overrides))
         result["checkpoint_keys"] = {n: strategy.checkpoint_key(n) for n, _ in strategy.named_parameters()}
         result["schedule"] = getattr(strategy, "last_schedule", None)
+        result["slot_of"] = getattr(strategy, "slot_of", None)
         out.append(result)
     return out
 
 
 def model_overrides(overrides) -> tuple:
-    """The overrides that change what is computed (the reference ignores the layout)."""
-    return tuple(o for o in overrides if not o.startswith("parallel."))
+    """The overrides that change what is computed (the reference ignores the layout and balancing)."""
+    return tuple(o for o in overrides if not o.startswith(("parallel.", "ma.")))
+
+
+def moves_experts(overrides) -> bool:
+    return "ma.rebalance=true" in overrides
 
 
 @functools.lru_cache(maxsize=None)
-def reference(overrides: tuple, prompt_batch: int = 2) -> dict:
+def reference(overrides: tuple, prompt_batch: int = 2, decode_after_step0: bool = False) -> dict:
     cfg = make_cfg(list(overrides) + ["parallel.strategy=single"])
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matrices: threads only contend with the ranks' processes
     try:
-        return run_steps(build(cfg, 0), cfg, prompt_batch)
+        return run_steps(build(cfg, 0), cfg, prompt_batch, decode_after_step0)
     finally:
         torch.set_num_threads(threads)
 
@@ -147,6 +158,8 @@ def assert_parity(got: dict, ref: dict, shard) -> None:
     assert got["eval"][1] == ref["eval"][1]
     assert got["eval"][0] == pytest.approx(ref["eval"][0], rel=1e-4)
     assert torch.equal(got["tokens"], ref["tokens"])
+    if "tokens_after_step0" in ref:
+        assert torch.equal(got["tokens_after_step0"], ref["tokens_after_step0"])
     assert len(got["token_s"]) == NEW_TOKENS - 1
 
 
@@ -154,7 +167,7 @@ def check_parity(results: list, overrides: list, prompt_batch: int = 2) -> None:
     """Every rank matches the reference on its share; together the ranks hold every parameter."""
     cfg = make_cfg(overrides, len(results))
     layout = make_layout(cfg)
-    ref = reference(model_overrides(overrides), prompt_batch)
+    ref = reference(model_overrides(overrides), prompt_batch, moves_experts(overrides))
     if "model.capacity_factor=1.0" in overrides:
         assert ref["dropped"] > 0  # the capacity case really drops tokens
     covered = set()
@@ -184,21 +197,24 @@ def trainer_run(rank: int, world: int, overrides: list[str], ckpt_dir: str) -> d
     resumed = Trainer(cfg, rank)
     start = resumed.resume(Path(ckpt_dir))
     losses += [resumed.train_step(b)["loss"] for b in batches[start:]]
-    return {"rows": rows, "resumed_losses": losses, "resumed_at": start}
+    return {"rows": rows, "resumed_losses": losses, "resumed_at": start,
+            "slot_of": getattr(resumed.strategy, "slot_of", None)}
 
 
-def check_trainer_run(results: list, comm_used: set) -> None:
+def check_trainer_run(results: list, comm_used) -> None:
     """Every rank reports the same global losses; the resumed run repeats them bit for bit;
-    the step rows carry time for exactly the communication kinds the strategy uses."""
+    the step rows carry time for exactly the communication kinds the strategy uses (`comm_used`:
+    a set, or a function of the rank giving one)."""
     want = [row["loss"] for row in results[0]["rows"]]
     assert want[0] == pytest.approx(math.log(1000), rel=0.05)  # near uniform at init
-    for res in results:
+    for rank, res in enumerate(results):
+        used = comm_used(rank) if callable(comm_used) else comm_used
         assert [row["loss"] for row in res["rows"]] == want
         assert res["resumed_at"] == 2
         assert res["resumed_losses"] == want
         for row in res["rows"]:
             for kind in ("attn_allreduce", "moe_dispatch", "grad_sync", "p2p"):
-                assert (row[f"comm_{kind}_s"] > 0) == (kind in comm_used), (kind, row)
+                assert (row[f"comm_{kind}_s"] > 0) == (kind in used), (kind, row)
 
 
 # ------------------------------------------------------------------ a rank dies mid-step

@@ -208,9 +208,12 @@ def test_config_keys():
     assert cfg.train.grad_compression == "none"
     assert load_config("tiny", ["train.grad_compression=int8"]).train.grad_compression == "int8"
     for bad, key in (("ma.rebalance=on", "ma.rebalance"), ("ma.threshold=-1", "ma.threshold"),
-                     ("train.grad_compression=fp8", "train.grad_compression")):
+                     ("train.grad_compression=fp8", "train.grad_compression"),
+                     ("ma.debug_expert_delay_s={16: 0.1}", "ma.debug_expert_delay_s")):
         with pytest.raises(ConfigError, match=key):
             load_config("tiny", [bad])
+    cfg = load_config("tiny", ["parallel.strategy=ma_sep", "ma.rebalance=true", "ma.debug_expert_delay_s={3: 0.01}"])
+    assert cfg.ma.rebalance and cfg.ma.debug_expert_delay_s == {3: 0.01}
 
 
 def balancer_rank(rank: int, world: int, every: int, syncs: int, run_dir: str) -> dict:

@@ -52,3 +52,29 @@ def test_study_without_balancing_has_empty_balance_views(tmp_path):
     with duckdb.connect(str(db), read_only=True) as con:
         assert con.execute("SELECT count(*) FROM balance_events").fetchone() == (0,)
         assert con.execute("SELECT count(*) FROM predictor_accuracy").fetchone() == (0,)
+
+
+def test_ma_ablation_lists_plain_ma_sep_beside_its_variants(tmp_path):
+    import json
+
+    root = tmp_path / "runs"
+    write_run(root, "train", "ma_sep", "seed=0", world_size=2, steps=10)
+    write_run(root, "train", "tp", "seed=0", world_size=2, steps=10)  # not ma_sep: not listed
+    for label, ma, compression in (("ma_sep+paper", True, "int8"), ("ma_sep+int8", False, "int8")):
+        folder = write_run(root, "ablation", label, "seed=0", world_size=2, steps=10)
+        record = json.loads((folder / "run.json").read_text())
+        record["strategy"] = "ma_sep"
+        record["config"].update(ma={"rebalance": ma}, train={"grad_compression": compression})
+        (folder / "run.json").write_text(json.dumps(record))
+        if ma:
+            write_parquet(folder / "balance_events-rank1.parquet",
+                          [{**dataclasses.asdict(_event(1, s, "moe", 1.0, 1.0, s == 5)), "run_id": record["run_id"]}
+                           for s in (5, 10)])
+    db = tmp_path / "masep.duckdb"
+    collect(root, db)
+    with duckdb.connect(str(db), read_only=True) as con:
+        rows = con.execute("SELECT experiment, variant, sync_points, plans_applied, final_loss, tokens_per_s "
+                           "FROM ma_ablation").fetchall()
+    assert [r[:4] for r in rows] == [("train", "plain", None, None), ("ablation", "+ int8", None, None),
+                                     ("ablation", "paper (rebalance + int8)", 2, 1)]
+    assert all(r[4] == 0.0 and r[5] == 512.0 for r in rows)  # the last step's loss; steady steps' speed

@@ -103,7 +103,6 @@ SETUPS = {
     "checkpoint-latest-missing": lambda mp: latest_names_missing_step(),
     "checkpoint-none": lambda mp: (tokenized(), Path("run/checkpoint").mkdir(parents=True)),
     "empty-db": lambda mp: __import__("duckdb").connect("results.duckdb").close(),
-    "bench-not-json": lambda mp: Path("bench.json").write_text("{\n"),
     "ctrl-c-tokenize": lambda mp: interrupted_tokenize(mp, raise_interrupt),
     "sigterm-tokenize": lambda mp: interrupted_tokenize(mp, lambda: os.kill(os.getpid(), signal.SIGTERM)),
 }

@@ -9,7 +9,7 @@ import torch
 
 from masep.parallel.layout import make_layout
 from masep.testing import run_ranks
-from parity import CAPACITY, DROPLESS, check_parity, ma_sep, make_cfg, parity_rank
+from parity import CAPACITY, DROPLESS, SHUFFLED, check_parity, ma_sep, make_cfg, moves_experts, parity_rank
 
 TP, EP, PP, TP_PP = (["parallel.strategy=tp"], ["parallel.strategy=ep_dp"], ["parallel.strategy=pp"],
                      ["parallel.strategy=tp_pp"])
@@ -36,12 +36,16 @@ CASES = {
     "ma_sep-r2-moe2-seq-capacity": (4, ma_sep(1, 2, 2, 1) + CAPACITY, 3),  # 3 prompts: replica 0 decodes
     # Capacity over the whole decode batch (top-2, factor 1.0, 8 prompts, 2 replicas), as on one rank.
     "ma_sep-r2-moe2-capacity-8-prompts": (4, ma_sep(1, 2, 2, 2) + CAPACITY, 8),
+    # Balancing moves experts (a random placement) after every step; decoded again after step 0.
+    "ma_sep-tp2-moe2-pipe2-capacity-shuffled": (4, ma_sep(2, 1, 2, 2) + CAPACITY + SHUFFLED, 3),
+    "ma_sep-r2-moe2-seq-dropless-shuffled": (4, ma_sep(1, 2, 2, 1) + DROPLESS + SHUFFLED, 2),
     # The 8-GPU layouts.
     "tp4dp2-capacity": (8, TP + ["parallel.tp=4"] + CAPACITY, 2),
     "ep_dp8-capacity": (8, EP + ["train.global_batch=16"] + CAPACITY, 2),  # two experts per rank
     "pp2dp4-capacity": (8, PP + ["parallel.pp=2", "train.global_batch=32"] + CAPACITY, 2),
     "tp2pp2dp2-capacity": (8, TP_PP + ["parallel.tp=2", "parallel.pp=2", "train.global_batch=16"] + CAPACITY, 2),
     "ma_sep-tp2-r2-moe4-pipe2-capacity": (8, ma_sep(2, 2, 4, 2) + CAPACITY, 2),
+    "ma_sep-tp2-r2-moe4-pipe2-capacity-shuffled": (8, ma_sep(2, 2, 4, 2) + CAPACITY + SHUFFLED, 2),
 }
 
 
@@ -83,6 +87,9 @@ def check_strategy(results: list, overrides: list) -> None:
                 assert (comm["grad_sync"] > 0) == (layout.attn_replicas > 1)
             # every rank reports the latencies measured where the tokens arrive (rank 0)
             assert res["token_s"] == results[0]["token_s"] and all(t > 0 for t in res["token_s"])
+            # every rank follows one placement; with forced moves it is no longer the initial one
+            assert torch.equal(res["slot_of"], results[0]["slot_of"])
+            assert torch.equal(res["slot_of"], torch.arange(len(res["slot_of"]))) != moves_experts(overrides)
     if layout.strategy in ("pp", "tp_pp"):  # replicas of a stage shard hold identical gradients
         by_place: dict = {}
         for rank, res in enumerate(results):

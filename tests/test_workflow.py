@@ -48,8 +48,8 @@ def test_dry_run_of_the_embedded_default(project):
     # every strategy trains once and decodes twice (infer_repeats 2; infer_jobs: per_strategy ->
     # ctx=all); the scaling sweep trains single at 1 rank, tp, pp, tp_pp at 1-4, ep_dp at 1, 2, 4
     # and ma_sep at 2-4
-    assert job_counts(out) == {"tokenize": 1, "tokenize_all": 1, "train": 25, "infer": 12, "collect": 1,
-                               "report": 1, "all": 1, "total": 42}
+    assert job_counts(out) == {"tokenize": 1, "tokenize_all": 1, "train": 25, "train_variant": 1, "infer": 12, "collect": 1,
+                               "report": 1, "all": 1, "total": 43}
     cmds = shell_commands(out)
     train = sorted(c for c in cmds if " masep train " in c and "results/runs/train/" in c)
     assert len(train) == 6
@@ -67,6 +67,9 @@ def test_dry_run_of_the_embedded_default(project):
     assert len(infer) == 12 and all("'infer.context_lengths=[512, 1024, 2048, 4096]'" in c for c in infer)
     assert any("--checkpoint results/runs/train/single/ws=1/seed=0 --out results/runs/infer/single/ws=1/seed=0/"
                "rep=1/ctx=all" in c for c in infer)
+    paper = [c for c in cmds if "--out results/runs/ablation/ma_sep+paper/seed=0 " in c]
+    assert len(paper) == 1 and " --experiment ablation " in paper[0]
+    assert " ma.rebalance_every=5 " in paper[0] and "ma.rebalance=true train.grad_compression=int8 " in paper[0]
     assert "masep collect --runs results/runs --db results/masep.duckdb 2> logs/collect.log > results/collect.txt" in cmds
     assert "masep report --db results/masep.duckdb --out reports > logs/report.log 2>&1" in cmds
 
@@ -81,8 +84,8 @@ def test_dry_run_at_paper_scale(project):
     out = snakemake(project, "-n", "-p", "--configfile", "config/workflow-paper.yaml")
     # 50 training runs; the sweep at 4-32 GPUs: 8 sizes each, ep_dp only at 4, 8, 16 (16 experts);
     # decoding per training seed: 10 TPOT repeats per strategy and context
-    assert job_counts(out) == {"tokenize": 1024, "tokenize_all": 1, "train": 85, "infer": 200, "collect": 1,
-                               "report": 1, "all": 1, "total": 1313}
+    assert job_counts(out) == {"tokenize": 1024, "tokenize_all": 1, "train": 85, "train_variant": 10, "infer": 200, "collect": 1,
+                               "report": 1, "all": 1, "total": 1323}
     outs = re.findall(r"--out results/runs/infer/(\w+)/ws=16/seed=\d+/rep=0/ctx=(\d+) ", "\n".join(shell_commands(out)))
     assert len(outs) == 200 and min(outs.count(o) for o in set(outs)) == 10
     # 12 GPUs: tp 4 x dp 3, global batch 1032 (the nearest to 1024 that 3 x 8 divides)
@@ -94,7 +97,11 @@ def test_named_targets_and_cli_config(project):
     assert counts == {"tokenize": 1, "tokenize_all": 1, "train": 18, "train_all": 1, "total": 21}
     counts = job_counts(snakemake(project, "-n", "collect", "--config", "context_lengths=[512]",
                                   "strategies=[single]"))
-    assert counts == {"tokenize": 1, "tokenize_all": 1, "train": 2, "infer": 2, "collect": 1, "total": 7}
+    assert counts == {"tokenize": 1, "tokenize_all": 1, "train": 2, "train_variant": 1, "infer": 2, "collect": 1,
+                      "total": 8}
+    # the ablation: plain ma_sep and its variants
+    counts = job_counts(snakemake(project, "-n", "ablation"))
+    assert counts == {"tokenize": 1, "tokenize_all": 1, "train": 1, "train_variant": 3, "ablation": 1, "total": 7}
     # one experiment, by its file; fresh=true empties its run folder first
     out = snakemake(project, "-n", "-p", "results/runs/infer/single/ws=1/seed=0/rep=0/ctx=2048/run.json",
                     "--config", "fresh=true")

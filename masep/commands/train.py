@@ -14,14 +14,14 @@ from masep.runtime.worker import train_rank
 
 
 class TrainEntry(RankEntry):
-    def __init__(self, cfg: Config, out_dir: str):
-        self.cfg_dict, self.out_dir = cfg.to_dict(), str(out_dir)
+    def __init__(self, cfg: Config, out_dir: str, experiment: str = "train"):
+        self.cfg_dict, self.out_dir, self.experiment = cfg.to_dict(), str(out_dir), experiment
 
     def __call__(self):
         cfg = config_from_dict(self.cfg_dict)
         info = init_distributed(cfg.parallel.timeout_s)
         try:
-            return train_rank(cfg, Path(self.out_dir), info)
+            return train_rank(cfg, Path(self.out_dir), info, self.experiment)
         finally:
             sys.stdout.flush()
             shutdown_distributed()
@@ -31,6 +31,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_config_arguments(p)
     add_strategy_arguments(p)
     p.add_argument("--out", required=True, help="run folder, e.g. results/runs/train/tp/seed=0")
+    p.add_argument("--experiment", default="train",
+                   help="experiment recorded in run.json: train (default), or ablation for a labelled variant")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -42,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = f"train-{cfg.parallel.strategy}-seed{cfg.train.seed}"
-    results = launch(TrainEntry(cfg, str(out)), cfg, layout.world_size, name, Path(cfg.launch.log_dir) / name,
-                     run_dir=out)
+    results = launch(TrainEntry(cfg, str(out), args.experiment), cfg, layout.world_size, name,
+                     Path(cfg.launch.log_dir) / name, run_dir=out)
     print(f"{name}: done, final loss {results[0]['final_loss']:.4f}; {out / 'run.json'}")
     return 0

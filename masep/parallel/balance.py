@@ -397,6 +397,8 @@ class MoEBalancer:
         if imbalance(measured_ranks) > self.cfg.threshold:
             plan = plan_placement(times, placement, len(self.ranks), self.cfg.threshold)
         decided = torch.tensor(plan.placement if plan else placement)
+        if self.cfg.debug_shuffle_placement:  # test-only: experts move whatever the times
+            decided = decided[torch.randperm(self.E, generator=torch.Generator().manual_seed(step))]
         dist.broadcast(decided, src=self.ranks[0], group=self.group)  # MoE rank 0's plan holds
         new_placement = decided.tolist()
         loads_before = rank_loads(times, placement, len(self.ranks))
@@ -442,7 +444,7 @@ class MoEBalancer:
         from masep.telemetry.writer import write_parquet
 
         write_parquet(Path(run_dir) / f"balance_events-rank{dist.get_rank()}.parquet",
-                      [dataclasses.asdict(e) for e in self.events])
+                      [{**dataclasses.asdict(e), "run_id": self.run_id} for e in self.events])
 
     def _fixed_cost(self, tokens: torch.Tensor) -> float:
         """Predicted seconds per step a rank spends besides its experts (the per-layer fixed item)."""

@@ -284,6 +284,22 @@ class Strategy(ABC):
                              f"{m} per replica x {self.replicas} replicas")
         return mbs[self.replica * n // self.replicas:(self.replica + 1) * n // self.replicas]
 
+    # ---- hooks: between steps, checkpoints and result rows
+    def after_step(self, step: int, opt: torch.optim.Optimizer) -> None:
+        """Runs on every rank after the optimizer step of `step` (before the gradients are
+        cleared), e.g. to move work between ranks; it must not change what the model computes."""
+
+    def extra_state(self) -> dict:
+        """What a checkpoint keeps besides parameters and optimizer state: tensors (loaded in
+        place; a key shared by ranks is stored once) and bytes (per rank)."""
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        """`extra_state()`'s keys as read from a checkpoint."""
+
+    def write_rows(self, run_dir, run_id: str) -> None:
+        """Write this rank's own result tables into the run folder (atomically, all rows so far)."""
+
     # ---- hooks: decoding
     def decode_rows(self, batch: int) -> slice:
         """The rows of the prompt batch this rank decodes (may be empty)."""

@@ -230,7 +230,6 @@ CAPTIONS = {
 
 BENCH_TITLE = "GPU benchmark (committed results)"
 
-
 def bench_section(bench: str | Path | None) -> str:
     """One table per benchmark run folder under `bench` (by run id), with its date, device,
     torch version and git commit; "not measured" without runs."""

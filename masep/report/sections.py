@@ -418,7 +418,13 @@ class BalancingSection(Section):
     def extra(self, con, figdir, rows):
         if not _exists(con, "balance_events"):
             return f"<p class='nm'>{NOT_HERE}: no balancing events in this database.</p>", []
-        return _html_table(_query(con, "SELECT * FROM balance_events LIMIT 200")), []
+        ablation = _query(con, "SELECT variant, experiment, seed, tokens_per_s, step_time_s, grad_sync_s, final_loss, "
+                               "sync_points, plans_applied, last_moe_imbalance, migration_ms FROM ma_ablation")
+        accuracy = _query(con, "SELECT run_id, side, step, ranks, mape_pct FROM predictor_accuracy")
+        events = _query(con, "SELECT * FROM balance_events ORDER BY run_id, step LIMIT 200")
+        return ("<h3>Plain ma_sep beside its variants (view ma_ablation)</h3>\n" + _html_table(ablation)
+                + "\n<h3>Time predictor error on windows it had not trained on (view predictor_accuracy)</h3>\n"
+                + _html_table(accuracy) + "\n<h3>Balancing events</h3>\n" + _html_table(events)), []
 
     def metrics(self, con, rows):
         return []
@@ -453,5 +459,9 @@ SECTIONS: dict[str, Section] = {s.key: s for s in [
     StatisticsSection("statistics", "Statistics (Section 5.10)",
                       "n, mean, standard deviation and 95% confidence interval per metric over repeated runs."),
     RobustnessSection("robustness", "Robustness (Section 5.9)", "Recovery from GPU, expert and attention failures."),
-    BalancingSection("balancing", "Balancing", "Expert re-balancing events of the MA Separation runs."),
+    BalancingSection("balancing", "Balancing and 8-bit gradients (Section 4.4)",
+                     "The paper: a 3-layer network predicting execution time, a sync every 100 iterations "
+                     "rebalancing when attention and MoE times differ by more than 5%, dynamic expert load "
+                     "balancing, 8-bit gradient communication. Here: plain ma_sep beside its variants (the sync "
+                     "interval is each run's ma.rebalance_every), the predictor's error and every event."),
 ]}

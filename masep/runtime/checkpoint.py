@@ -2,7 +2,7 @@
 
 Each rank contributes its local parameters under `strategy.checkpoint_key(name)` (shards of one
 parameter get distinct keys, replicated ones share a key and DCP stores one copy), the AdamW
-state of each, the step, and its RNG state. A checkpoint is written to `step-N.tmp/` and renamed
+state of each, the step, its RNG state and the strategy's `extra_state()`. A checkpoint is written to `step-N.tmp/` and renamed
 to `step-N/` by rank 0 after every rank finished; `latest` names the newest complete one.
 """
 from __future__ import annotations
@@ -82,6 +82,7 @@ def save(ckpt_dir: Path, step: int, strategy, opt, rank: int) -> Path:
     state = _state(strategy, opt)
     state["meta"] = {"step": torch.tensor(step)}
     state[f"rng_rank{rank}"] = _rng_state(strategy.device)
+    state.update(strategy.extra_state())
     dcp.save(state, checkpoint_id=str(tmp))
     _barrier()
     if rank == 0:
@@ -108,7 +109,12 @@ def load(path: Path, strategy, opt: Optional[torch.optim.Optimizer], rank: int) 
         state = _state(strategy, opt)
         state["meta"] = {"step": torch.tensor(0)}
         state[f"rng_rank{rank}"] = b""
+    extra = strategy.extra_state()
     try:
+        # Extra state a checkpoint lacks (written without it) keeps the strategy's initial value.
+        saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+        extra = {k: v for k, v in extra.items() if k in saved}
+        state.update(extra)
         dcp.load(state, checkpoint_id=str(path))
     except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
         # DCP wraps each rank's own exception; that one says what is wrong with the files.
@@ -117,6 +123,7 @@ def load(path: Path, strategy, opt: Optional[torch.optim.Optimizer], rank: int) 
         first = str(cause).strip().splitlines()[0][:300] if str(cause).strip() else ""
         raise CheckpointError(f"checkpoint {path} cannot be read ({type(cause).__name__}{': ' * bool(first)}{first}); "
                               f"move it away to start this run over") from e
+    strategy.load_extra_state({k: state[k] for k in extra})
     if opt is not None and state.get(f"rng_rank{rank}"):
         rng = torch.load(io.BytesIO(state[f"rng_rank{rank}"]), weights_only=False)
         torch.set_rng_state(rng["cpu"])

@@ -116,6 +116,7 @@ class Trainer:
         self.opt.step()
         if not self.memory_at_first_step:
             self.memory_at_first_step = self.memory()  # gradients and AdamW state are live now
+        self.strategy.after_step(self.step, self.opt)
         self.opt.zero_grad(set_to_none=True)
         sync(self.device)
         t_work = time.perf_counter()

@@ -107,7 +107,7 @@ def run_id_of(out_dir: Path) -> str:
 # ------------------------------------------------------------------ training
 
 
-def train_rank(cfg: Config, out_dir: Path, info: DistInfo) -> dict:
+def train_rank(cfg: Config, out_dir: Path, info: DistInfo, experiment: str = "train") -> dict:
     out_dir = Path(out_dir)
     rank, t = info.rank, cfg.train
     cpu_threads(info)
@@ -130,6 +130,7 @@ def train_rank(cfg: Config, out_dir: Path, info: DistInfo) -> dict:
     def flush() -> None:
         for k, p in files.items():
             w.write_parquet(p, rows[k])
+        trainer.strategy.write_rows(out_dir, run_id)
         telemetry.write(rows["steps"])
 
     batches = train_ds.batches(t.global_batch, t.seed, start)
@@ -166,7 +167,7 @@ def train_rank(cfg: Config, out_dir: Path, info: DistInfo) -> dict:
     _barrier()
     if rank == 0:
         w.atomic_write_json(out_dir / "run.json", run_record(
-            cfg, out_dir, "train", info, started_at, "completed",
+            cfg, out_dir, experiment, info, started_at, "completed",
             {"resumed_from_step": start or None, "steps_completed": t.steps, "files": w.file_manifest(out_dir),
              "flops": flops_record(cfg, info.device)}))
     return {"rank": rank, "final_loss": rows["steps"][-1]["loss"] if rows["steps"] else None}

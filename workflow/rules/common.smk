@@ -61,6 +61,12 @@ def strategy_overrides(strategy):
     ] + list(config["overrides"].get(strategy, []))
 
 
+def variant_overrides(variant):
+    """A variant's strategy's overrides, then its own."""
+    v = config["variants"][variant]
+    return strategy_overrides(v["strategy"]) + list(v.get("overrides", []))
+
+
 def local_threads_env(world_size):
     """Every local job gets the same CPU budget, CPU_THREADS intra-op threads over its ranks, so
     that strategies are timed on equal terms (single's one rank does not get more threads than
@@ -80,7 +86,8 @@ validate(config, "../schemas/config.schema.yaml", set_default=True)
 PRESETS = [config["preset"]] if isinstance(config["preset"], str) else list(config["preset"])
 SHARDS = shard_list(config["shards"])
 STRATEGIES = list(config["strategies"])
-WORLD = {s: config["world_size"].get(s, 1) for s in STRATEGIES}
+VARIANTS = list(config["variants"])
+WORLD = {s: config["world_size"].get(s, 1) for s in set(STRATEGIES) | {v["strategy"] for v in config["variants"].values()}}
 CPU_THREADS = max(WORLD.values())  # threads per local job: one per rank of the widest strategy
 SEEDS = list(config["seeds"])
 CONTEXTS = list(config["context_lengths"])
@@ -163,6 +170,11 @@ def check_masep_configs():
                     make_layout(load_config(PRESETS, over))
             except ConfigError as e:
                 raise WorkflowError(f"scaling: strategy {strategy} at world size {ws}: {e}")
+    for variant in VARIANTS:
+        try:
+            make_layout(load_config(PRESETS, variant_overrides(variant)))
+        except ConfigError as e:
+            raise WorkflowError(f"masep config of variant {variant}: {e}")
     return base
 
 
@@ -196,6 +208,10 @@ SCALING_RUNS = [
     for s in STRATEGIES for ws in SCALING_WS if scaled_overrides(s, ws) is not None
 ]
 
+VARIANT_RUNS = expand(f"{RUNS}/ablation/{{variant}}/seed={{seed}}/run.json", variant=VARIANTS, seed=SEEDS)
+STUDY_VARIANT_RUNS = expand(f"{RUNS}/ablation/{{variant}}/seed={{seed}}/run.json", seed=SEEDS,
+                            variant=[v for v in VARIANTS if config["variants"][v]["study"]])
+
 
 def corpus_file(wc):
     """The local or embedded C4 file a tokenize job reads (none for the Hub): an input, so that
@@ -217,3 +233,4 @@ wildcard_constraints:
     ws=r"\d+",
     rep=r"\d+",
     experiment="train|scaling",
+    variant="|".join(re.escape(v) for v in VARIANTS) or "(?!)",

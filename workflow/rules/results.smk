@@ -15,6 +15,7 @@ rule collect:
         TRAIN_RUNS,
         INFER_RUNS,
         SCALING_RUNS,
+        STUDY_VARIANT_RUNS,
     output:
         summary=COLLECTED,
     log:

@@ -21,6 +21,35 @@ rule train:
         "{params.prefix}masep train {params.args} --out {params.outdir:q} > {log} 2>&1"
 
 
+rule train_variant:
+    """One labelled run of the ablation (config `variants`): its strategy's overrides plus its own,
+    recorded as experiment `ablation`."""
+    input:
+        tokens=TOKENS_DONE,
+    output:
+        run=f"{RUNS}/ablation/{{variant}}/seed={{seed}}/run.json",
+    log:
+        "logs/ablation/{variant}/seed={seed}.log",
+    threads: lambda wc: WORLD[config["variants"][wc.variant]["strategy"]]
+    params:
+        args=lambda wc: masep_args(variant_overrides(wc.variant) + [f"train.seed={wc.seed}"]),
+        outdir=lambda wc, output: os.path.dirname(output.run),
+        prefix=lambda wc, output: fresh_prefix(os.path.dirname(output.run))
+        + local_threads_env(WORLD[config["variants"][wc.variant]["strategy"]]),
+    conda:
+        CONDA_ENV
+    shell:
+        "{params.prefix}masep train {params.args} --experiment ablation --out {params.outdir:q} > {log} 2>&1"
+
+
+rule ablation:
+    """Every variant's runs (and plain ma_sep's, train_all's), for the ablation in SQL (`ma_ablation`)."""
+    input:
+        VARIANT_RUNS,
+        expand(f"{RUNS}/train/{{strategy}}/seed={{seed}}/run.json", seed=SEEDS,
+               strategy=[s for s in STRATEGIES if any(v["strategy"] == s for v in config["variants"].values())]),
+
+
 rule train_all:
     input:
         TRAIN_RUNS,

@@ -5,6 +5,7 @@ Layout (masep.parallel.layout; world = attn_tp * attn_replicas + moe_ranks)
                                           rank = replica * attn_tp + head_shard
     the next moe_ranks ranks              MoE ranks; MoE rank j holds experts
                                           [j * E/moe_ranks, (j + 1) * E/moe_ranks) of every layer
+                                          (until `ma.rebalance` moves them: protocol.py's slots)
 The paper's Section 4.4 ("8 attention GPUs, 4 heads per GPU, 2x replication, 2-way sequence
 parallelism") cannot hold on 8 GPUs as written. This package takes the reading the project's
 spec settles on: 2 attention replicas x 4-way head parallelism (8 of the 32 heads per GPU), the

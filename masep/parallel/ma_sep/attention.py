@@ -5,6 +5,7 @@ columns of heads [t*h/attn_tp, (t+1)*h/attn_tp), Megatron column/row parallel: `
 head. It runs the segments of the schedule (protocol.py) and sends its rows to the experts."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
@@ -116,10 +117,10 @@ class AttentionRank(MASepRank):
             route.weight = route.weight.detach().requires_grad_()
 
     def _sort_and_share(self, routing: Routing, h: torch.Tensor, xn: torch.Tensor) -> _Route:
-        """Sort the kept assignments by expert as `masep.model.dispatch_combine` does (its
-        `sort_by_expert`; the rows are then in flight while other work runs), and cut the sorted
-        block into the replica's per-head-shard shares."""
-        o = sort_by_expert(routing, self.E)
+        """Sort the kept assignments by slot (by expert, as `masep.model.dispatch_combine` does,
+        until the balancer moves experts; `sort_by_expert` on slots), and cut the sorted block
+        into the replica's per-head-shard shares."""
+        o = sort_by_expert(dataclasses.replace(routing, expert=self.slot_of[routing.expert]), self.E)
         rows = len(o.tok)
         share_sizes = [rows * (t + 1) // self.tp - rows * t // self.tp for t in range(self.tp)]
         start = rows * self.head_shard // self.tp
@@ -197,12 +198,15 @@ class AttentionRank(MASepRank):
         return self.model.decode_step(ids, pos, caches, self._remote_experts_static)
 
     def _remote_experts_static(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """Head shard 0 exchanges the rows with the MoE ranks (`remote_experts_static`); the
-        replica's other head shards receive the outputs by broadcast."""
+        """Head shard 0 exchanges the rows, re-sorted by slot, with the MoE ranks
+        (`remote_experts_static`); the replica's other head shards receive the outputs by broadcast."""
+        experts = torch.arange(self.E, device=counts.device)
+        slot_order = torch.argsort(self.slot_of[experts.repeat_interleave(counts, output_size=x_sorted.shape[0])],
+                                   stable=True)
         if self.head_shard == 0:
-            y = remote_experts_static(self, x_sorted, counts)
+            y = remote_experts_static(self, x_sorted[slot_order], counts[torch.argsort(self.slot_of)])
         else:
             y = torch.empty(x_sorted.shape, dtype=self.wire_dtype, device=x_sorted.device)
         if self.tp > 1:
             dist.broadcast(y, src=self.replica * self.tp, group=self.replica_group)
-        return y
+        return torch.empty_like(y).index_copy_(0, slot_order, y)

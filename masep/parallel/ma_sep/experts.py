@@ -1,11 +1,18 @@
-"""The MoE side of MA Separation: a rank holding experts [j*E/M, (j+1)*E/M) of every layer that
-serves the attention ranks' rows (protocol.py says what arrives when)."""
+"""The MoE side of MA Separation: a rank holding experts [j*E/M, (j+1)*E/M) of every layer (until
+the balancer moves them) that serves the attention ranks' rows (protocol.py says what arrives
+when). With `ma.rebalance` it times its expert work per layer and runs the MoE group's sync
+points (`masep.parallel.balance.MoEBalancer`)."""
 from __future__ import annotations
+
+import io
+import time
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import nn
 
 from masep.model import Experts, MoETransformer
+from masep.parallel.balance import MoEBalancer
 from masep.parallel.ma_sep.protocol import MASepRank, serve_backward, serve_decode_step, serve_forward, waves
 from masep.parallel.sharding import tp_shard
 
@@ -25,6 +32,11 @@ class ExpertServer(MASepRank):
                                 for k, v in block.moe.experts.state_dict().items()})
             self.experts.append(ex)
         self.experts.to(self.device)
+        self.balancer = None
+        if cfg.ma.rebalance:
+            self.balancer = MoEBalancer(cfg.ma, self.E, self.L, self.moe_group, self.moe_ranks, run_id="",
+                                        timeout_s=self.timeout_s, seed=cfg.train.seed)
+            self.clock = LayerClock(self.L, self.device)
 
     def modules(self):
         return [self.experts]
@@ -42,6 +54,50 @@ class ExpertServer(MASepRank):
     def run_schedule(self, mbs, loss) -> None:
         self._serve(len(mbs), self.attn_ranks)  # one replica's count: every replica sends each
 
+    def forward_backward(self, batch):
+        stats = super().forward_backward(batch)
+        if self.balancer is not None:
+            # A layer whose experts got no rows in a whole step took (practically) no time.
+            self.balancer.record(stats.tokens_per_expert, [max(s, 1e-6) for s in self.clock.read()])
+        return stats
+
+    def _timed(self, layer: int, forward: bool):
+        """The clock around one (layer, micro-batch) of expert work while training with balancing,
+        with the test-only delay of the experts held here in the forward."""
+        if self.balancer is None or not torch.is_grad_enabled():
+            return nullcontext()
+        delays = self.cfg.ma.debug_expert_delay_s
+        delay = sum(delays.get(e, 0.0) for e, (j, _) in self.balancer.rows.items() if j == self.moe_index)
+        return self.clock.time(layer, delay if forward else 0.0)
+
+    def rebalance(self, step, opt) -> None:
+        self.balancer.sync(step, [[ex.w_up, ex.w_down] for ex in self.experts], opt)
+        self._follow_rows()
+
+    def _follow_rows(self) -> None:
+        for e, (j, row) in self.balancer.rows.items():
+            self.slot_of[e] = j * self.n_local + row
+
+    def extra_state(self) -> dict:
+        state = super().extra_state()
+        if self.balancer is not None:
+            buf = io.BytesIO()
+            torch.save(self.balancer.state_dict(), buf)
+            state[f"ma_sep.balancer.rank{self.rank}"] = buf.getvalue()
+        return state
+
+    def load_extra_state(self, state) -> None:
+        super().load_extra_state(state)
+        if self.balancer is not None and f"ma_sep.balancer.rank{self.rank}" in state:
+            self.balancer.load_state_dict(torch.load(io.BytesIO(state[f"ma_sep.balancer.rank{self.rank}"]),
+                                                     weights_only=False))
+            self._follow_rows()
+
+    def write_rows(self, run_dir, run_id: str) -> None:
+        if self.balancer is not None:
+            self.balancer.run_id = run_id
+            self.balancer.write_events(run_dir)
+
     def _serve(self, n_micro: int, senders: list[int]) -> None:
         """Serve `n_micro` micro-batches of `senders`, wave by wave (forward only without grad)."""
         pending = []
@@ -50,13 +106,14 @@ class ExpertServer(MASepRank):
             for layer in range(self.L):
                 for i in wave:
                     served[layer, i] = serve_forward(self, self.experts[layer], senders,
-                                                     f"layer {layer} micro-batch {i}")
+                                                     f"layer {layer} micro-batch {i}", self._timed(layer, True))
             if not torch.is_grad_enabled():
                 pending += [s.sent for s in served.values()]
                 continue
             for layer in reversed(range(self.L)):
                 for i in wave:
-                    pending.append(serve_backward(self, served.pop((layer, i)), f"layer {layer} micro-batch {i}"))
+                    pending.append(serve_backward(self, served.pop((layer, i)), f"layer {layer} micro-batch {i}",
+                                                  self._timed(layer, False)))
         for p in pending:
             if p is not None:
                 p.wait()
@@ -74,3 +131,37 @@ class ExpertServer(MASepRank):
         for i in range(n):  # no wait between steps: the next step's receives are posted early
             serve_decode_step(self, self.experts, senders, f"token {i + 1}")
         return [0.0] * n  # no clock of its own: it reports rank 0's times
+
+
+class LayerClock:
+    """Seconds of this rank's expert work per layer over one step: the host clock on CPU, CUDA
+    events on GPU (read once, at the end of the step). `delay_s` is the test-only sleep
+    (`ma.debug_expert_delay_s`); only the host clock sees it."""
+
+    def __init__(self, layers: int, device: torch.device):
+        self.layers, self.cuda = layers, device.type == "cuda"
+        self.seconds, self.events = [0.0] * layers, []
+
+    @contextmanager
+    def time(self, layer: int, delay_s: float = 0.0):
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+            self.events.append((layer, start, end))
+            return
+        t = time.perf_counter()
+        if delay_s:
+            time.sleep(delay_s)
+        yield
+        self.seconds[layer] += time.perf_counter() - t
+
+    def read(self) -> list[float]:
+        """The step's seconds per layer; starts the next step at zero."""
+        if self.events:
+            torch.cuda.synchronize()
+        for layer, start, end in self.events:
+            self.seconds[layer] += start.elapsed_time(end) / 1e3
+        out, self.seconds, self.events = self.seconds, [0.0] * self.layers, []
+        return out

@@ -79,6 +79,7 @@ block (zeros elsewhere), and the sum of the answers is every row's output.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Optional
@@ -188,6 +189,28 @@ class MASepRank(Strategy):
             # NCCL: batched P2P must not be a group's first operation unless all ranks join it.
             for g in (self.to_moe, self.to_attn):
                 dist.all_reduce(torch.zeros(1, device=self.device), group=g)
+        # Expert e is row slot_of[e] % n_local of MoE rank slot_of[e] // n_local (balance.py's
+        # rows); routing sorts rows by slot, so each MoE rank's rows stay one contiguous block.
+        self.slot_of = torch.arange(self.E, device=self.device)
+        self.moe_group = new_group_containing(rank, [self.moe_ranks], timeout) if cfg.ma.rebalance else None
+
+    def after_step(self, step, opt) -> None:
+        """At a sync point the MoE ranks rebalance and every rank learns the new slots."""
+        if not self.cfg.ma.rebalance or (step + 1) % self.cfg.ma.rebalance_every:
+            return
+        self.rebalance(step, opt)
+        dist.broadcast(self.slot_of, src=self.moe_ranks[0], group=self.to_moe)
+
+    def rebalance(self, step, opt) -> None:
+        """The MoE side's sync point (nothing on the attention side)."""
+
+    def extra_state(self) -> dict:
+        # Always saved: a checkpoint's expert rows follow them, balancing on or not when loaded.
+        return {"ma_sep.slot_of": self.slot_of}
+
+    def load_extra_state(self, state) -> None:
+        if "ma_sep.slot_of" in state:
+            self.slot_of.copy_(state["ma_sep.slot_of"])
 
     def post(self, sends, recvs, to_moe: bool, tag: int, what: str) -> PendingP2P:
         """Post transfers on the attention -> MoE group (`to_moe`) or the way back."""
@@ -255,9 +278,9 @@ def remote_experts_static(rank: MASepRank, x_sorted: torch.Tensor, counts: torch
 # ------------------------------------------------------------------ the MoE side of the wire
 
 
-def serve_forward(rank: MASepRank, experts, senders: list[int], where: str) -> _Served:
+def serve_forward(rank: MASepRank, experts, senders: list[int], where: str, timed=nullcontext()) -> _Served:
     """Receive the rows of one (layer, micro-batch) from `senders`, run `experts` on all of them
-    at once and post each sender's outputs back."""
+    at once (inside the context `timed`) and post each sender's outputs back."""
     El = rank.n_local
     counts = [torch.empty(El, dtype=torch.long) for _ in senders]
     rank.post([], list(zip(counts, senders)), True, TAG_COUNTS, f"receiving counts of {where}").wait()
@@ -271,7 +294,7 @@ def serve_forward(rank: MASepRank, experts, senders: list[int], where: str) -> _
         x.requires_grad_()
     expert_of_row = torch.repeat_interleave(torch.arange(El).repeat(len(senders)), per.reshape(-1))
     order = torch.argsort(expert_of_row, stable=True).to(rank.device)
-    with rank.autocast():
+    with rank.autocast(), timed:
         y_sorted = experts(x[order], per.sum(0).to(rank.device))
     y = y_sorted[torch.argsort(order)].to(rank.wire_dtype)
     served.sent = rank.post(split(y.detach(), served.blocks()), [], False, TAG_ROWS,
@@ -280,12 +303,13 @@ def serve_forward(rank: MASepRank, experts, senders: list[int], where: str) -> _
     return served
 
 
-def serve_backward(rank: MASepRank, served: _Served, where: str) -> Optional[PendingP2P]:
+def serve_backward(rank: MASepRank, served: _Served, where: str, timed=nullcontext()) -> Optional[PendingP2P]:
     if served.x is None:
         return None  # no rows: the attention side sends and expects nothing either
     gy = torch.empty_like(served.y, requires_grad=False)
     rank.post([], split(gy, served.blocks()), True, TAG_GRADS, f"receiving output gradients of {where}").wait()
-    torch.autograd.backward(served.y, gy)
+    with timed:
+        torch.autograd.backward(served.y, gy)
     served.sent.wait()
     return rank.post(split(served.x.grad, served.blocks()), [], False, TAG_GRADS,
                      f"sending input gradients of {where}")
