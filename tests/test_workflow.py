@@ -54,7 +54,7 @@ def test_dry_run_of_the_embedded_default(project):
     train = sorted(c for c in cmds if " masep train " in c and "results/runs/train/" in c)
     assert len(train) == 6
     single = [c for c in train if "parallel.strategy=single" in c]
-    assert single and single[0].startswith("OMP_NUM_THREADS=1 masep train --config tiny --set ")
+    assert single and single[0].startswith("OMP_NUM_THREADS=4 masep train --config tiny --set ")
     assert "parallel.world_size=1 train.seed=0 --out results/runs/train/single/ws=1/seed=0 " \
            "> logs/train/single/ws=1/seed=0.log 2>&1" in single[0]
     # the sweep: degrees lowered to fit, the nearest global batch 3 replicas divide (8 -> 6)
@@ -106,7 +106,7 @@ def test_named_targets_and_cli_config(project):
     out = snakemake(project, "-n", "-p", "results/runs/infer/single/ws=1/seed=0/rep=0/ctx=2048/run.json",
                     "--config", "fresh=true")
     assert job_counts(out) == {"tokenize": 1, "tokenize_all": 1, "train": 1, "infer": 1, "total": 4}
-    assert any(c.startswith("rm -rf results/runs/infer/single/ws=1/seed=0/rep=0/ctx=2048 && OMP_NUM_THREADS=1 "
+    assert any(c.startswith("rm -rf results/runs/infer/single/ws=1/seed=0/rep=0/ctx=2048 && OMP_NUM_THREADS=4 "
                             "masep infer ") for c in shell_commands(out))
 
 

@@ -46,8 +46,8 @@ rule ablation:
     """Every variant's runs (and plain ma_sep's, train_all's), for the ablation in SQL (`ma_ablation`)."""
     input:
         VARIANT_RUNS,
-        expand(f"{RUNS}/train/{{strategy}}/seed={{seed}}/run.json", seed=SEEDS,
-               strategy=[s for s in STRATEGIES if any(v["strategy"] == s for v in config["variants"].values())]),
+        [f"{RUNS}/train/{s}/ws={WORLD[s]}/seed={k}/run.json" for k in SEEDS
+         for s in STRATEGIES if any(v["strategy"] == s for v in config["variants"].values())],
 
 
 rule train_all:
