@@ -64,7 +64,7 @@ class TokenDataset:
 
     Sequence indices run over the shards in order. Only each shard's number of sequences is
     computed up front (from its document index alone); a shard's tokens and window table are
-    opened when a batch first touches it, so start-up does not grow with the shards' sizes."""
+    opened when a batch first touches it, so start-up reads no token file."""
 
     def __init__(self, shard_dirs: list[Path], split: str, seq_len: int, packing: bool = False,
                  pad_id: int = EOT_ID):
