@@ -6,8 +6,9 @@
 
 1. Token shards: `--shards` synthetic shards of `--shard-mb` MB of uint16 tokens (documents of
    50-1500 tokens) with manifests as `masep tokenize` writes them.
-2. Per-rank start-up, config to first batch (`shard_dirs`, the dataset's index, batch 0), with
-   1, 4 and 16 ranks starting at once (processes), at N and 2N shards.
+2. Per-rank start-up, config to first batch (`shard_dirs` as a rank calls it, the dataset,
+   batch 0), with 1, 4 and 16 ranks starting at once (processes), at N and 2N shards; and the
+   job's own check of the shards (sizes and sampled fingerprints), once per job.
 3. Loader tokens/s per rank against what one H200 consumes (tokens/s per GPU of the committed
    benchmark summary `--h200`, measured in the same repository).
 4. `masep collect`, the heaviest views and `masep report` on synthetic run folders of `--runs`
@@ -73,8 +74,16 @@ def _start_rank(args) -> float:
     sets, global_batch = args
     t0 = time.perf_counter()
     cfg = load_config("tiny", sets)
-    train = TokenDataset(shard_dirs(cfg), "train", cfg.data.seq_len, cfg.data.packing)
+    train = TokenDataset(shard_dirs(cfg, contents=False), "train", cfg.data.seq_len, cfg.data.packing)
     train.batch(0, global_batch, cfg.train.seed)
+    return time.perf_counter() - t0
+
+
+def job_check(work: Path, n_shards: int) -> float:
+    """Seconds of the job's check of every shard (sizes and sampled fingerprints)."""
+    cfg = load_config("tiny", data_sets(work, n_shards, 2048))
+    t0 = time.perf_counter()
+    shard_dirs(cfg)
     return time.perf_counter() - t0
 
 
@@ -179,9 +188,10 @@ def main(argv=None) -> int:
         write_shards(work, 2 * args.shards, args.shard_mb)
         print(f"wrote {2 * args.shards} shards of {args.shard_mb:g} MB in {time.perf_counter() - t0:.1f} s ({work})")
         print("\nper-rank start-up, config to first batch (slowest rank, s)")
-        print("shards | " + " | ".join(f"{r} ranks" for r in (1, 4, 16)))
+        print("shards | " + " | ".join(f"{r} ranks" for r in (1, 4, 16)) + " | job's shard check")
         for n in (args.shards, 2 * args.shards):
-            print(f"{n} | " + " | ".join(f"{startup(work, n, r):.2f}" for r in (1, 4, 16)))
+            print(f"{n} | " + " | ".join(f"{startup(work, n, r):.2f}" for r in (1, 4, 16)) +
+                  f" | {job_check(work, n):.2f}")
 
         need = json.loads(args.h200.read_text())["tokens_per_s_per_gpu"]
         have = statistics.median(loader_tokens_per_s(work, args.shards, 16) for _ in range(3))

@@ -27,15 +27,19 @@ from masep.data.shards import ShardError, check_shard, check_source, data_config
 from masep.data.tokenizer import EOT_ID
 
 
-def shard_dirs(cfg) -> list[Path]:
-    """The token shards for `cfg.data`, each checked against its manifest and the config
-    (sizes and sampled fingerprints; every byte with `data.verify_checksums`)."""
+def shard_dirs(cfg, contents: bool = True) -> list[Path]:
+    """The token shards for `cfg.data`, each checked against its manifest and the config: sizes
+    and, with `contents`, sampled fingerprints (every byte with `data.verify_checksums`). Ranks
+    pass contents=False: their job checked the same files just before starting them, and
+    sampling every shard in every rank would make start-up grow with the number of shards."""
     data = data_config(cfg)
     out = []
     for index in data.shards:
         directory = shard_dir(data, index)
-        reason = (check_shard(directory, shard_params(data, index), checksums=data.verify_checksums)
-                  or check_source(directory, data, index))
+        reason = check_shard(directory, shard_params(data, index), checksums=contents and data.verify_checksums,
+                             fingerprints=contents)
+        if reason is None and contents:  # the corpus file: the job checks it, ranks trust the job
+            reason = check_source(directory, data, index)
         if reason is not None:
             raise ShardError(f"{directory}: token shard {reason}; run `masep tokenize` with this "
                              f"config first")
@@ -58,7 +62,11 @@ def _load_split(directory: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 class TokenDataset:
-    """Fixed-length training sequences over a list of shard directories, without copying."""
+    """Fixed-length training sequences over a list of shard directories, without copying.
+
+    Sequence indices run over the shards in order. Only each shard's number of sequences is
+    computed up front (from its document index alone); a shard's tokens and window table are
+    opened when a batch first touches it, so start-up reads no token file."""
 
     def __init__(self, shard_dirs: list[Path], split: str, seq_len: int, packing: bool = False,
                  pad_id: int = EOT_ID):
@@ -67,26 +75,33 @@ class TokenDataset:
         if seq_len < 1:
             raise ValueError("seq_len must be positive")
         self.split, self.seq_len, self.packing, self.pad_id = split, seq_len, packing, pad_id
-        self.tokens: list[np.ndarray] = []
-        shards, starts, counts = [], [], []
-        for s, directory in enumerate(map(Path, shard_dirs)):
-            tokens, offsets = _load_split(directory, split)
-            self.tokens.append(tokens)
-            start, count = (self._packed_windows(len(tokens)) if packing
-                            else self._document_windows(offsets))
-            shards.append(np.full(len(start), s, dtype=np.int32))
-            starts.append(start)
-            counts.append(count)
-        if not self.tokens:
+        self.dirs = [Path(d) for d in shard_dirs]
+        if not self.dirs:
             raise ShardError("no token shards given")
-        self._shard = np.concatenate(shards)
-        self._start = np.concatenate(starts)
-        self._count = np.concatenate(counts)
-        if len(self._start) == 0:
+        counts = [self._count_windows(d) for d in self.dirs]
+        self._first = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)  # shard s: [first[s], first[s+1])
+        self._open: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}  # shard -> tokens, start, count
+        if self._first[-1] == 0:
             raise ShardError(f"the {split} split of {', '.join(map(str, shard_dirs))} holds no "
                              f"sequence of {seq_len} tokens")
         self._seed: int | None = None
         self._perms: dict[int, np.ndarray] = {}  # epoch -> permutation, for self._seed
+
+    def _count_windows(self, directory: Path) -> int:
+        bin_name, idx_name = split_files(self.split)
+        if self.packing:
+            return max((directory / bin_name).stat().st_size // 2 - 1, 0) // self.seq_len
+        lengths = np.diff(np.load(directory / idx_name))
+        return int(np.where(lengths >= 2, (lengths - 2) // self.seq_len + 1, 0).sum())
+
+    def _shard(self, s: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if s not in self._open:
+            tokens, offsets = _load_split(self.dirs[s], self.split)
+            start, count = self._packed_windows(len(tokens)) if self.packing else self._document_windows(offsets)
+            if len(start) != self._first[s + 1] - self._first[s]:
+                raise ShardError(f"{self.dirs[s]}: {self.split} split changed while in use; restart the run")
+            self._open[s] = tokens, start, count
+        return self._open[s]
 
     def _document_windows(self, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         T = self.seq_len
@@ -104,13 +119,15 @@ class TokenDataset:
         return start, np.full(n, self.seq_len + 1, dtype=np.int32)
 
     def __len__(self) -> int:
-        return len(self._start)
+        return int(self._first[-1])
 
     def window(self, i: int) -> tuple[np.ndarray, int]:
         """Sequence i's seq_len + 1 tokens (int64, padded) and how many of them are real."""
-        start, count = int(self._start[i]), int(self._count[i])
+        s = int(np.searchsorted(self._first, i, side="right")) - 1
+        tokens, starts, counts = self._shard(s)
+        start, count = int(starts[i - self._first[s]]), int(counts[i - self._first[s]])
         x = np.full(self.seq_len + 1, self.pad_id, dtype=np.int64)
-        x[:count] = self.tokens[self._shard[i]][start:start + count]
+        x[:count] = tokens[start:start + count]
         return x, count
 
     def get(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

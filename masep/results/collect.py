@@ -36,9 +36,10 @@ DECLARED_KINDS = ("steps", "experts", "eval", "inference")
 # (duckdb-cli 1.5.x; there is no 2.x CLI wheel) and any duckdb >= 1.4 can open them.
 STORAGE_VERSION = "v1.4.0"
 PARQUET_NAME = re.compile(r"^(?P<kind>[A-Za-z][A-Za-z0-9_-]*?)(?:-rank\d+)?\.parquet$")
-# Names of the views in sql/5*.sql and sql/6*.sql: a Parquet kind of the same name would clash.
-# (memory, telemetry and energy_window are kinds the views stand in for when no run wrote them.)
-RESERVED = {"runs", "loss_curve", "run_summary", "tpot_by_context", "paper_claims", "t_critical_95",
+# Names of the views and derived tables in sql/5*.sql and sql/6*.sql: a Parquet kind of the same
+# name would clash. (memory, telemetry and energy_window are kinds the views stand in for when no
+# run wrote them.)
+RESERVED = {"runs", "run_steps", "loss_curve", "run_summary", "tpot_by_context", "paper_claims", "t_critical_95",
             "run_info", "steady_steps", "expert_shares", "run_metrics", "improvement_metrics",
             "run_values", "metric_means", "table1_performance", "table2_communication", "table3_memory",
             "table4_tpot", "energy", "load_balance", "model_quality", "scaling", "expert_utilization",
@@ -100,7 +101,8 @@ def _view_files() -> list[Path]:
     return sorted(p for p in SQL_DIR.glob("*.sql") if p.name[:2].isdigit() and int(p.name[:2]) >= 50)
 
 
-def _build(con: duckdb.DuckDBPyConnection, root: Path, runs: dict) -> None:
+def _build(con: duckdb.DuckDBPyConnection, root: Path, runs: dict) -> dict[str, int]:
+    """Load the runs and create the views; returns rows per loaded table (not the derived ones)."""
     root_s = str(root)
     con.execute(_sql("00_schema.sql"))
     if runs:
@@ -117,6 +119,9 @@ def _build(con: duckdb.DuckDBPyConnection, root: Path, runs: dict) -> None:
             continue
         template = "20_load_measurements.sql" if kind in DECLARED_KINDS else "21_load_extra.sql"
         con.execute(_sql(template, table=kind), {"files": by_kind[kind], "root": root_s})
+    counts = {name: con.execute(f'SELECT count(*) FROM "{name}"').fetchone()[0]
+              for (name,) in con.execute("SELECT table_name FROM duckdb_tables() "
+                                         "WHERE database_name = 'out' ORDER BY table_name").fetchall()}
     for view_file in _view_files():
         con.execute(view_file.read_text())
     dup = con.execute("SELECT run_id, list(run_dir ORDER BY run_dir) FROM runs "
@@ -124,6 +129,7 @@ def _build(con: duckdb.DuckDBPyConnection, root: Path, runs: dict) -> None:
     if dup:
         run_id, dirs = dup[0]
         raise CollectError(f"run_id {run_id!r} appears in several run folders: {', '.join(dirs)}")
+    return counts
 
 
 def remove_leftovers(db_path: Path) -> None:
@@ -152,10 +158,7 @@ def collect(runs_root: str | Path, db_path: str | Path) -> dict[str, int]:
         option = f" (STORAGE_VERSION '{STORAGE_VERSION}')" if _duckdb_version() >= (1, 4) else ""
         con.execute(f"ATTACH '{quoted}' AS out{option}")
         con.execute("USE out")
-        _build(con, root, runs)
-        counts = {name: con.execute(f'SELECT count(*) FROM "{name}"').fetchone()[0]
-                  for (name,) in con.execute("SELECT table_name FROM duckdb_tables() "
-                                             "WHERE database_name = 'out' ORDER BY table_name").fetchall()}
+        counts = _build(con, root, runs)
         con.execute("USE memory")
         con.execute("DETACH out")
     except duckdb.Error as e:

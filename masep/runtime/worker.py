@@ -64,7 +64,7 @@ def _barrier() -> None:
 def _datasets(cfg: Config):
     from masep.data.batches import TokenDataset, shard_dirs
 
-    dirs = shard_dirs(cfg)
+    dirs = shard_dirs(cfg, contents=False)  # the job checked the contents before starting the ranks
     train = TokenDataset(dirs, "train", cfg.data.seq_len, cfg.data.packing)
     val = TokenDataset(dirs, "val", cfg.data.seq_len, cfg.data.packing)
     return train, val

@@ -1,12 +1,9 @@
 -- Append one kind of per-rank Parquet file ({table}: steps, experts, eval, inference) to its
 -- declared table, matching columns by name. $files: the kind's files in complete run folders
--- (absolute paths); $root: the runs root. Rows are stored in a fixed order so that the same
--- inputs give the same database.
+-- (absolute paths, sorted); $root: the runs root. Rows are stored in file order, which a scan of
+-- one file list and UNION ALL preserve: the same inputs give the same database without a sort.
 CREATE OR REPLACE TABLE {table} AS
-SELECT * FROM (
-    SELECT * FROM {table}
-    UNION ALL BY NAME
-    SELECT * EXCLUDE (filename), substr(filename, length($root) + 2) AS source
-    FROM read_parquet($files, union_by_name = true, filename = true, hive_partitioning = false)
-)
-ORDER BY ALL;
+SELECT * FROM {table}
+UNION ALL BY NAME
+SELECT * EXCLUDE (filename), substr(filename, length($root) + 2) AS source
+FROM read_parquet($files, union_by_name = true, filename = true, hive_partitioning = false);

@@ -12,25 +12,27 @@ SELECT r.experiment, r.strategy, r.seed, s.run_id, s.step,
 FROM steps s JOIN runs r USING (run_id)
 GROUP BY ALL;
 
+-- One row per run with step rows: its number of distinct steps and the last warm-up step (the
+-- ceil(10%)-th smallest). A table built once, so that views over steady steps filter with a
+-- join instead of ranking every step row.
+CREATE TABLE run_steps AS
+SELECT run_id, count(*) AS steps, CAST(ceil(0.1 * count(*)) AS BIGINT) AS warmup_steps_excluded,
+       list_sort(list(step))[CAST(ceil(0.1 * count(*)) AS BIGINT)] AS last_warmup_step
+FROM (SELECT DISTINCT run_id, step FROM steps WHERE step IS NOT NULL)
+GROUP BY run_id
+ORDER BY run_id;
+
 CREATE VIEW run_summary AS
-WITH ranked AS (
-    SELECT s.*,
-           dense_rank() OVER (PARTITION BY run_id ORDER BY step) AS step_index,
-           count(DISTINCT step) OVER (PARTITION BY run_id)       AS n_steps
-    FROM steps s
-),
-throughput AS (
-    SELECT run_id,
-           any_value(n_steps)                         AS steps,
-           CAST(ceil(0.1 * any_value(n_steps)) AS BIGINT) AS warmup_steps_excluded,
+WITH throughput AS (
+    SELECT run_id, any_value(w.steps) AS steps, any_value(w.warmup_steps_excluded) AS warmup_steps_excluded,
            -- the throughput definition of every view: tokens over time of rank 0's steady steps
-           sum(tokens) FILTER (WHERE rank = 0 AND step_index > ceil(0.1 * n_steps))
-               / sum(step_time_s) FILTER (WHERE rank = 0 AND step_index > ceil(0.1 * n_steps)) AS tokens_per_s,
-           avg(step_time_s)  FILTER (WHERE rank = 0 AND step_index > ceil(0.1 * n_steps)) AS step_time_s,
+           sum(tokens) FILTER (WHERE rank = 0 AND step > w.last_warmup_step)
+               / sum(step_time_s) FILTER (WHERE rank = 0 AND step > w.last_warmup_step) AS tokens_per_s,
+           avg(step_time_s)  FILTER (WHERE rank = 0 AND step > w.last_warmup_step) AS step_time_s,
            max(peak_mem_bytes)                        AS peak_mem_bytes_max_rank,
            -- every rank reports the step's global count: take rank 0's
            sum(dropped_tokens) FILTER (WHERE rank = 0)  AS dropped_tokens
-    FROM ranked GROUP BY run_id
+    FROM steps s JOIN run_steps w USING (run_id) GROUP BY run_id
 ),
 final_loss AS (
     SELECT run_id, arg_max(loss, step) AS final_loss, max(step) AS final_step

@@ -1,6 +1,6 @@
--- Every figure of the paper's Section 4.6, measured per run, as one long view `run_metrics`
--- (run_id, metric, x, value, unit, reason, method): a value is what the run measured, or NULL
--- and `reason` says why. The paper-shaped views (63_paper_tables.sql) aggregate it.
+-- Every figure of the paper's Section 4.6, measured per run, as one long table `run_metrics`
+-- (run_id, metric, x, value, unit, reason, method), built once by `masep collect`: a value is
+-- what the run measured, or NULL and `reason` says why. The paper-shaped views (63_paper_tables.sql) aggregate it.
 --
 -- Steady state: timing figures leave out the first ceil(10%) of a run's steps (at least one),
 -- as run_summary does; routing, loss and memory figures use every step.
@@ -49,13 +49,7 @@ FROM runs;
 
 -- Step rows after warm-up (every rank).
 CREATE VIEW steady_steps AS
-WITH ranked AS (
-    SELECT s.*,
-           dense_rank() OVER (PARTITION BY run_id ORDER BY step) AS step_index,
-           count(DISTINCT step) OVER (PARTITION BY run_id)       AS n_steps
-    FROM steps s
-)
-SELECT * EXCLUDE (step_index, n_steps) FROM ranked WHERE step_index > ceil(0.1 * n_steps);
+SELECT s.* FROM steps s JOIN run_steps w USING (run_id) WHERE s.step > w.last_warmup_step;
 
 -- Tokens routed per run, layer and expert over all steps, as a share of the layer's routed tokens.
 CREATE VIEW expert_shares AS
@@ -66,7 +60,7 @@ SELECT run_id, layer, expert, tokens,
        tokens / nullif(sum(tokens) OVER (PARTITION BY run_id, layer), 0) AS share
 FROM t;
 
-CREATE VIEW run_metrics AS
+CREATE TABLE run_metrics AS
 WITH
 -- Training figures come from training runs and from GPU benchmark runs (`python -m masep.bench`:
 -- steps of synthetic batches, so no quality figures for them).
@@ -359,7 +353,8 @@ UNION ALL BY NAME SELECT * FROM expert_rows
 UNION ALL BY NAME SELECT * FROM quality_rows
 UNION ALL BY NAME SELECT * FROM energy_rows
 UNION ALL BY NAME SELECT * FROM memory_rows
-UNION ALL BY NAME SELECT * FROM infer_rows;
+UNION ALL BY NAME SELECT * FROM infer_rows
+ORDER BY ALL;
 
 -- Run metrics with the run's coordinates, and the improvements of ma_sep over tp_pp paired by
 -- seed (same world size, and context length for TPOT), as the paper's Section 5.10 reports them.
