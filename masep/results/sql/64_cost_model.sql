@@ -52,7 +52,7 @@ WITH s AS (
            avg(comm_attn_allreduce_s) AS attn_allreduce, avg(comm_moe_dispatch_s) AS moe_dispatch,
            avg(comm_grad_sync_s) AS grad_sync, avg(comm_p2p_s) AS p2p,
            avg(coalesce(comm_attn_allreduce_s, 0) + coalesce(comm_moe_dispatch_s, 0) + coalesce(comm_grad_sync_s, 0)
-               + coalesce(comm_param_bcast_s, 0) + coalesce(comm_p2p_s, 0)) AS comm_s,
+               + coalesce(comm_p2p_s, 0)) AS comm_s,
            avg(step_time_s) FILTER (WHERE rank = 0) AS step_s, avg(tokens) FILTER (WHERE rank = 0) AS tokens
     FROM steady_steps GROUP BY run_id
 )
