@@ -75,7 +75,10 @@ CANCEL_GRACE_S = 3.0  # time each signal of a cancel gets before the next, stron
 
 
 class LaunchError(RuntimeError):
-    """A job failed, timed out, or could not be submitted; the message names its logs."""
+    """A job failed, timed out, or could not be submitted; the message names its logs.
+    `detected_at` (unix time) is set when a rank of a running job was found lost."""
+
+    detected_at: Optional[float] = None
 
 
 class RankEntry(Checkpointable):
@@ -182,6 +185,23 @@ def _describe(job) -> str:
 
 def heartbeat_path(folder: str | Path, job_id: str, rank: int) -> Path:
     return Path(folder) / f"{job_id}_{rank}_heartbeat.json"
+
+
+def progress_path(folder: str | Path, job_id: str, rank: int) -> Path:
+    return Path(folder) / f"{job_id}_{rank}_progress.json"
+
+
+_progress: Optional[Path] = None  # this rank's progress file (set by init_distributed)
+
+
+def report_progress(step: int, phase: str) -> None:
+    """Tell watchers outside the rank (masep.faults) which step it finished and what it does now
+    ("train", "checkpoint"). A plain write and rename: no fsync on the step's path."""
+    if _progress is None:
+        return
+    tmp = _progress.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"step": step, "phase": phase, "t": time.time(), "pid": os.getpid()}))
+    os.replace(tmp, _progress)
 
 
 def _requeue_marker(folder: str | Path, job_id: str) -> Path:
@@ -380,7 +400,10 @@ def _wait(job, timeout_s: float, stale_s: float) -> None:
                 certain, what, log = verdict
                 # a peer's "connection closed" may come before the silence of a remote rank shows
                 if certain or time.monotonic() - first_seen > SILENT_S + 2 * HEARTBEAT_S:
-                    raise LaunchError(f"{_describe(job)}: {what}; {_cancel(job)}; log: {log}")
+                    detected_at = time.time()
+                    err = LaunchError(f"{_describe(job)}: {what}; {_cancel(job)}; log: {log}")
+                    err.detected_at = detected_at
+                    raise err
             if time.monotonic() > deadline:
                 raise LaunchError(f"{_describe(job)} did not finish within launch.wait_timeout_s="
                                   f"{timeout_s:g} s; {_cancel(job)}; log: {_task(job, 0).paths.stderr}")
@@ -483,9 +506,12 @@ def _sigterm_interrupts():
 
 
 def launch(entry: Callable[[], Any], cfg, world_size: int, job_name: str,
-           folder: str | Path, run_dir: str | Path | None = None) -> list:
+           folder: str | Path, run_dir: str | Path | None = None, injector=None) -> list:
     """Run `entry()` once in each of `world_size` tasks of one job; return their results by rank.
-    With `run_dir`, the job holds that folder's lock while it runs."""
+    With `run_dir`, the job holds that folder's lock while it runs. A rank lost while the job
+    runs ends it; up to `cfg.launch.max_restarts` times a new job of `entry` (resume=True)
+    then continues from the newest checkpoint. `injector` (masep.faults.Injector) watches
+    each job and hears of each loss."""
     lc = cfg.launch
     with (run_lock(run_dir, lc.executor) if run_dir is not None else contextlib.nullcontext(None)) as record:
         try:
@@ -497,28 +523,51 @@ def launch(entry: Callable[[], Any], cfg, world_size: int, job_name: str,
                               f"use executor=local without SLURM") from e
         if lc.executor == "debug":
             return _run_debug(ex, entry, job_name)
-        # Hide the caller's SLURM/torchrun variables from the job (sbatch and the local executor
-        # pass this process' environment on), and give local ranks a free rendezvous port.
-        with submitit.helpers.clean_env():
-            extra = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": _free_port()} if lc.executor == "local" else {}
-            with submitit.helpers.environment_variables(**extra):
-                try:
-                    job = ex.submit(entry)
-                except Exception as e:  # sbatch refused, submitit missing binaries, ...
-                    raise LaunchError(f"{job_name}: submission to {lc.executor} failed: {e}") from e
-        if record is not None:
-            record(job.job_id)
-        print(f"masep launch: {job_name}: submitted {_describe(job)} with {world_size} task(s) "
-              f"on {lc.executor}; logs in {Path(folder).resolve()}", flush=True)
-        try:
-            with _sigterm_interrupts():
-                _wait(job, lc.wait_timeout_s, cfg.parallel.timeout_s)
-        except KeyboardInterrupt:
-            print(f"masep launch: {job_name}: interrupted; {_cancel(job)}", file=sys.stderr, flush=True)
-            raise
+        for restart in range(lc.max_restarts + 1):
+            try:
+                job = _submit_and_wait(ex, entry, cfg, world_size, job_name, folder, record, injector)
+                break
+            except LaunchError as e:
+                if e.detected_at is None or restart == lc.max_restarts:
+                    raise
+                if injector is not None:
+                    injector.lost(e, restart + 1)
+                print(f"masep launch: {job_name}: {e}; restarting every rank from the newest checkpoint "
+                      f"(restart {restart + 1} of launch.max_restarts={lc.max_restarts})", flush=True)
+                entry = copy.copy(entry)
+                entry.resume = True
         results = _collect(job)
     print(f"masep launch: {job_name}: {_describe(job)} finished", flush=True)
     return results
+
+
+def _submit_and_wait(ex, entry, cfg, world_size: int, job_name: str, folder, record, injector):
+    lc = cfg.launch
+    # Hide the caller's SLURM/torchrun variables from the job (sbatch and the local executor
+    # pass this process' environment on), and give local ranks a free rendezvous port.
+    with submitit.helpers.clean_env():
+        extra = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": _free_port()} if lc.executor == "local" else {}
+        with submitit.helpers.environment_variables(**extra):
+            try:
+                job = ex.submit(entry)
+            except Exception as e:  # sbatch refused, submitit missing binaries, ...
+                raise LaunchError(f"{job_name}: submission to {lc.executor} failed: {e}") from e
+    if record is not None:
+        record(job.job_id)
+    print(f"masep launch: {job_name}: submitted {_describe(job)} with {world_size} task(s) "
+          f"on {lc.executor}; logs in {Path(folder).resolve()}", flush=True)
+    if injector is not None:
+        injector.watch(job)
+    try:
+        with _sigterm_interrupts():
+            _wait(job, lc.wait_timeout_s, cfg.parallel.timeout_s)
+    except KeyboardInterrupt:
+        print(f"masep launch: {job_name}: interrupted; {_cancel(job)}", file=sys.stderr, flush=True)
+        raise
+    finally:
+        if injector is not None:
+            injector.stop()
+    return job
 
 
 def _run_debug(ex, entry, job_name: str) -> list:
@@ -606,6 +655,8 @@ def init_distributed(timeout_s: float) -> DistInfo:
         rank, world, local_rank, local_world = tde.rank, tde.world_size, tde.local_rank, tde.local_world_size
         if job_env.cluster in ("slurm", "local"):
             _start_heartbeat(job_env.paths.folder, job_id, rank)
+            global _progress
+            _progress = progress_path(job_env.paths.folder, job_id, rank)
     elif "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         local_rank = int(os.environ.get("LOCAL_RANK", rank))

@@ -25,7 +25,13 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = f"train-{cfg.parallel.strategy}-seed{cfg.train.seed}"
+    injector = None
+    if cfg.fault.kind != "none":
+        from masep.faults import Injector
+
+        (out / "faults.json").unlink(missing_ok=True)  # a trial's record is of its own fault only
+        injector = Injector(cfg, layout, out)
     results = launch(TrainEntry(cfg, str(out)), cfg, layout.world_size, name, Path(cfg.launch.log_dir) / name,
-                     run_dir=out)
+                     run_dir=out, injector=injector)
     print(f"{name}: done, final loss {results[0]['final_loss']:.4f}; {out / 'run.json'}")
     return 0

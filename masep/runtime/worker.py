@@ -11,6 +11,7 @@ import math
 import statistics
 import sys
 import time
+import zlib
 from pathlib import Path
 from typing import Optional
 
@@ -18,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from masep.config import Config, config_from_dict
-from masep.launch import DistInfo, RankEntry, init_distributed, shutdown_distributed
+from masep.launch import DistInfo, RankEntry, init_distributed, report_progress, shutdown_distributed
 from masep.parallel.base import GlobalBatch
 from masep.parallel.layout import make_layout
 from masep.runtime import checkpoint
@@ -121,8 +122,12 @@ def train_rank(cfg: Config, out_dir: Path, info: DistInfo) -> dict:
     batches = train_ds.batches(t.global_batch, t.seed, start)
     t_begin = time.perf_counter()
     for step in range(start, t.steps):
-        row = trainer.train_step(_as_batch(next(batches)))
-        rows["steps"].append({"run_id": run_id, **row, "t_end_unix_s": time.time()})  # aligns telemetry
+        batch = next(batches)
+        row = trainer.train_step(_as_batch(batch))
+        # batch_crc32: which tokens the step trained on, to show no batch was skipped or repeated
+        rows["steps"].append({"run_id": run_id, **row, "t_end_unix_s": time.time(),  # aligns telemetry
+                              "batch_crc32": zlib.crc32(batch[0].numpy().tobytes())})
+        report_progress(step, "train")
         stats = trainer.last_stats
         if rank == 0:
             tpe = stats.tokens_per_expert
@@ -144,16 +149,35 @@ def train_rank(cfg: Config, out_dir: Path, info: DistInfo) -> dict:
                   f"z {row['z_loss']:.3f} tok/s {row['tokens_per_s']:.0f} eta {eta:.0f}s", flush=True)
         if (step + 1) % t.checkpoint_every == 0 or last:
             flush()  # rows first: a checkpoint never runs ahead of the rows it covers
+            report_progress(step, "checkpoint")
             trainer.save(ckpt_dir)
     telemetry.stop()
     flush()
     _barrier()
+    if rank == 0 and cfg.fault.kind != "none":
+        _write_faults(cfg, out_dir, run_id, rows["steps"], start)
     if rank == 0:
         w.atomic_write_json(out_dir / "run.json", run_record(
             cfg, out_dir, "train", info, started_at, "completed",
             {"resumed_from_step": start or None, "steps_completed": t.steps, "files": w.file_manifest(out_dir),
              "flops": flops_record(cfg, info.device)}))
     return {"rank": rank, "final_loss": rows["steps"][-1]["loss"] if rows["steps"] else None}
+
+
+def _write_faults(cfg: Config, out_dir: Path, run_id: str, steps: list[dict], start: int) -> None:
+    """faults-rank0.parquet: what the injector did (faults.json) and what this run shows of it."""
+    import json
+
+    from masep import faults
+
+    record_path = out_dir / faults.RECORD
+    if not record_path.exists():
+        raise FileNotFoundError(f"{record_path}: no fault record of fault.kind={cfg.fault.kind}; run this "
+                                f"trial through `masep train` (its launcher injects the fault)")
+    ref = Path(cfg.fault.reference) if cfg.fault.reference else None
+    rows = faults.fault_rows(run_id, json.loads(record_path.read_text()), steps, cfg.train.steps, start, ref)
+    w.write_parquet(out_dir / "faults-rank0.parquet", rows)
+    print(faults.describe(rows[0]), flush=True)
 
 
 # ------------------------------------------------------------------ inference
