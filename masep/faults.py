@@ -42,7 +42,7 @@ class FaultError(RuntimeError):
 
 def candidate_ranks(layout, kind: str) -> list[int]:
     if layout.moe_ranks:  # ma_sep
-        return layout.moe_rank_list() if kind == "kill_moe" else layout.attention_ranks()
+        return layout.moe_rank_list if kind == "kill_moe" else layout.attention_ranks
     return list(range(1, layout.world_size))
 
 
