@@ -13,6 +13,7 @@ rule collect:
     input:
         TRAIN_RUNS,
         INFER_RUNS,
+        FAULT_RUNS,
     output:
         summary=COLLECTED,
     log:
