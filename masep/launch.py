@@ -75,10 +75,7 @@ CANCEL_GRACE_S = 3.0  # time each signal of a cancel gets before the next, stron
 
 
 class LaunchError(RuntimeError):
-    """A job failed, timed out, or could not be submitted; the message names its logs.
-    `detected_at` (unix time) is set when a rank of a running job was found lost."""
-
-    detected_at: Optional[float] = None
+    """A job failed, timed out, or could not be submitted; the message names its logs."""
 
 
 class RankEntry(Checkpointable):
@@ -402,7 +399,7 @@ def _wait(job, timeout_s: float, stale_s: float) -> None:
                 if certain or time.monotonic() - first_seen > SILENT_S + 2 * HEARTBEAT_S:
                     detected_at = time.time()
                     err = LaunchError(f"{_describe(job)}: {what}; {_cancel(job)}; log: {log}")
-                    err.detected_at = detected_at
+                    err.detected_at = detected_at  # unix time a rank was found lost: a restart may follow
                     raise err
             if time.monotonic() > deadline:
                 raise LaunchError(f"{_describe(job)} did not finish within launch.wait_timeout_s="
@@ -528,7 +525,7 @@ def launch(entry: Callable[[], Any], cfg, world_size: int, job_name: str,
                 job = _submit_and_wait(ex, entry, cfg, world_size, job_name, folder, record, injector)
                 break
             except LaunchError as e:
-                if e.detected_at is None or restart == lc.max_restarts:
+                if getattr(e, "detected_at", None) is None or restart == lc.max_restarts:
                     raise
                 if injector is not None:
                     injector.lost(e, restart + 1)

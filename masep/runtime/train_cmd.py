@@ -12,6 +12,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_config_arguments(p)
     add_strategy_arguments(p)
     p.add_argument("--out", required=True, help="run folder, e.g. results/runs/train/tp/seed=0")
+    p.add_argument("--experiment", default="train",
+                   help="experiment recorded in run.json: train (default), or faults for a fault trial")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -31,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
 
         (out / "faults.json").unlink(missing_ok=True)  # a trial's record is of its own fault only
         injector = Injector(cfg, layout, out)
-    results = launch(TrainEntry(cfg, str(out)), cfg, layout.world_size, name, Path(cfg.launch.log_dir) / name,
+    results = launch(TrainEntry(cfg, str(out), args.experiment), cfg, layout.world_size, name, Path(cfg.launch.log_dir) / name,
                      run_dir=out, injector=injector)
     print(f"{name}: done, final loss {results[0]['final_loss']:.4f}; {out / 'run.json'}")
     return 0

@@ -72,6 +72,12 @@ def _as_batch(b) -> GlobalBatch:
     return GlobalBatch(inputs, targets, mask.float())
 
 
+def batch_crc32(batch) -> int:
+    """Fingerprint of a step's token ids (inputs, then targets): shows which data a step saw."""
+    inputs, targets, _ = batch
+    return zlib.crc32(targets.numpy().tobytes(), zlib.crc32(inputs.numpy().tobytes()))
+
+
 def run_record(cfg: Config, out_dir: Path, experiment: str, info: DistInfo, started_at: str,
                status: str, extra: Optional[dict] = None) -> dict:
     layout = make_layout(cfg)
@@ -94,7 +100,7 @@ def run_id_of(out_dir: Path) -> str:
 # ------------------------------------------------------------------ training
 
 
-def train_rank(cfg: Config, out_dir: Path, info: DistInfo) -> dict:
+def train_rank(cfg: Config, out_dir: Path, info: DistInfo, experiment: str = "train") -> dict:
     out_dir = Path(out_dir)
     rank, t = info.rank, cfg.train
     _cpu_threads(info)
@@ -124,9 +130,8 @@ def train_rank(cfg: Config, out_dir: Path, info: DistInfo) -> dict:
     for step in range(start, t.steps):
         batch = next(batches)
         row = trainer.train_step(_as_batch(batch))
-        # batch_crc32: which tokens the step trained on, to show no batch was skipped or repeated
         rows["steps"].append({"run_id": run_id, **row, "t_end_unix_s": time.time(),  # aligns telemetry
-                              "batch_crc32": zlib.crc32(batch[0].numpy().tobytes())})
+                              "batch_crc32": batch_crc32(batch)})
         report_progress(step, "train")
         stats = trainer.last_stats
         if rank == 0:
@@ -158,7 +163,7 @@ def train_rank(cfg: Config, out_dir: Path, info: DistInfo) -> dict:
         _write_faults(cfg, out_dir, run_id, rows["steps"], start)
     if rank == 0:
         w.atomic_write_json(out_dir / "run.json", run_record(
-            cfg, out_dir, "train", info, started_at, "completed",
+            cfg, out_dir, experiment, info, started_at, "completed",
             {"resumed_from_step": start or None, "steps_completed": t.steps, "files": w.file_manifest(out_dir),
              "flops": flops_record(cfg, info.device)}))
     return {"rank": rank, "final_loss": rows["steps"][-1]["loss"] if rows["steps"] else None}
@@ -243,14 +248,14 @@ def infer_rank(cfg: Config, out_dir: Path, checkpoint_run: Optional[Path], info:
 
 
 class TrainEntry(RankEntry):
-    def __init__(self, cfg: Config, out_dir: str):
-        self.cfg_dict, self.out_dir = cfg.to_dict(), str(out_dir)
+    def __init__(self, cfg: Config, out_dir: str, experiment: str = "train"):
+        self.cfg_dict, self.out_dir, self.experiment = cfg.to_dict(), str(out_dir), experiment
 
     def __call__(self):
         cfg = config_from_dict(self.cfg_dict)
         info = init_distributed(cfg.parallel.timeout_s)
         try:
-            return train_rank(cfg, Path(self.out_dir), info)
+            return train_rank(cfg, Path(self.out_dir), info, self.experiment)
         finally:
             sys.stdout.flush()
             shutdown_distributed()
