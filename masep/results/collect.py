@@ -44,7 +44,7 @@ RESERVED = {"runs", "loss_curve", "run_summary", "tpot_by_context", "paper_claim
             "run_values", "metric_means", "table1_performance", "table2_communication", "table3_memory",
             "table4_tpot", "energy", "load_balance", "model_quality", "scaling", "expert_utilization",
             "convergence", "memory_by_rank", "energy_by_rank", "repeat_stats", "predictor_accuracy",
-            "robustness", "robustness_degradation"}
+            "robustness", "robustness_degradation", "fault_columns"}
 
 
 class CollectError(RuntimeError):

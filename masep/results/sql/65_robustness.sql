@@ -1,6 +1,7 @@
--- Fault trials (masep/faults.py): `faults` holds one row per trial (faults-rank0.parquet);
--- a database without fault trials gets this empty stand-in, so the views below always exist.
-CREATE VIEW IF NOT EXISTS faults AS
+-- Fault trials (masep/faults.py): `faults` holds one row per trial (faults-rank0.parquet).
+-- fault_columns: its columns and types; a database without fault trials gets an empty `faults`,
+-- and the views read faults through it (a column some file lacks is NULL).
+CREATE VIEW fault_columns AS
 SELECT NULL::VARCHAR AS run_id, NULL::VARCHAR AS strategy, NULL::VARCHAR AS kind, NULL::BIGINT AS seed,
        NULL::VARCHAR AS target_ranks, NULL::BIGINT AS failed_ranks, NULL::VARCHAR AS signal,
        NULL::BIGINT AS planned_step, NULL::BIGINT AS step_injected, NULL::VARCHAR AS phase_injected,
@@ -12,6 +13,7 @@ SELECT NULL::VARCHAR AS run_id, NULL::VARCHAR AS strategy, NULL::VARCHAR AS kind
        NULL::DOUBLE AS final_loss, NULL::DOUBLE AS reference_final_loss,
        NULL::DOUBLE AS final_loss_abs_diff, NULL::VARCHAR AS reference_run, NULL::VARCHAR AS source
 WHERE false;
+CREATE VIEW IF NOT EXISTS faults AS SELECT * FROM fault_columns;
 
 -- Per strategy, fault kind and recovery mode: how many trials recovered correctly (the run
 -- finished, no batch lost, repeated or different from the reference's, final loss within 1e-5
@@ -24,7 +26,7 @@ WITH trials AS (
     SELECT *, (t_injected_unix_s IS NOT NULL AND batches_lost = 0 AND batches_repeated = 0
                AND coalesce(batches_mismatched, 0) = 0
                AND coalesce(final_loss_abs_diff <= 1e-5, false)) AS correct
-    FROM faults
+    FROM (SELECT * FROM fault_columns UNION ALL BY NAME SELECT * FROM faults)
 ), claims AS (
     SELECT max(value) FILTER (WHERE metric = 'gpu_failure_recovery_s' AND strategy = 'ma_sep') AS ma_s,
            max(value) FILTER (WHERE metric = 'gpu_failure_recovery_s' AND strategy <> 'ma_sep') AS base_s,
@@ -54,11 +56,12 @@ ORDER BY strategy, kind, recovery_mode;
 -- per strategy over every trial's points, with its R^2. After a full restart every rank is back,
 -- so a flat line is what the baselines should show.
 CREATE VIEW robustness_degradation AS
-WITH points AS (
-    SELECT strategy, 0 AS failed_ranks, throughput_before_tok_s AS tok_s FROM faults
+WITH f AS (SELECT * FROM fault_columns UNION ALL BY NAME SELECT * FROM faults),
+points AS (
+    SELECT strategy, 0 AS failed_ranks, throughput_before_tok_s AS tok_s FROM f
     WHERE kind IN ('kill_attention', 'kill_attention_k') AND throughput_before_tok_s IS NOT NULL
     UNION ALL
-    SELECT strategy, failed_ranks, throughput_after_tok_s FROM faults
+    SELECT strategy, failed_ranks, throughput_after_tok_s FROM f
     WHERE kind IN ('kill_attention', 'kill_attention_k') AND throughput_after_tok_s IS NOT NULL
 ), fit AS (
     SELECT strategy, regr_slope(tok_s, failed_ranks) AS slope_tok_s_per_rank,
