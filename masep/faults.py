@@ -22,6 +22,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import signal
 import statistics
 import threading
@@ -30,7 +31,6 @@ from pathlib import Path
 from typing import Optional
 
 from masep.launch import heartbeat_path, progress_path
-from masep.telemetry.writer import atomic_write_json, read_parquet_rows
 
 POLL_S = 0.005
 RECORD = "faults.json"
@@ -44,6 +44,20 @@ def candidate_ranks(layout, kind: str) -> list[int]:
     if layout.moe_ranks:  # ma_sep
         return layout.moe_rank_list if kind == "kill_moe" else layout.attention_ranks
     return list(range(1, layout.world_size))
+
+
+def workflow_kinds(layout, kinds: list[str]) -> list[str]:
+    """Kinds of the fault experiments, kill_attention_k expanded to kill_attention_k1 .. k<n/2>."""
+    half = max(1, len(candidate_ranks(layout, "kill_attention")) // 2)
+    return [k for kind in kinds
+            for k in ([f"{kind}{n}" for n in range(1, half + 1)] if kind == "kill_attention_k" else [kind])]
+
+
+def trial_overrides(kind: str, trial: int, reference: str) -> list[str]:
+    """masep overrides of one trial of `workflow_kinds`: kill_attention_k<n> -> kind and count."""
+    m = re.fullmatch(r"(kill_attention_k)(\d+)", kind)
+    return [f"fault.kind={m[1] if m else kind}", f"fault.count={m[2] if m else 1}", f"fault.seed={trial}",
+            f"fault.reference={reference}", "launch.max_restarts=1"]
 
 
 def plan(cfg, layout) -> dict:
@@ -122,7 +136,7 @@ class Injector:
                 os.kill(pid, sig)
                 hit.append({"rank": rank, "pid": pid, "step_done": progress["step"], "phase": progress["phase"]})
         self.record.update(t_injected=time.time(), hit=hit)
-        atomic_write_json(self.path, self.record)
+        self._save()
         targets = ", ".join(f"{h['rank']} (pid {h['pid']}, after step {h['step_done']}, {h['phase']})" for h in hit)
         print(f"masep fault: sent {self.plan['signal']} to rank(s) {targets} "
               f"({self.plan['kind']}, seed {self.plan['seed']})", flush=True)
@@ -131,6 +145,11 @@ class Injector:
         """The launcher found a rank lost (`err.detected_at`) and restarts the job."""
         self.record["restarts"].append({"restart": restart, "t_detected": err.detected_at,
                                         "message": str(err)})
+        self._save()
+
+    def _save(self) -> None:
+        from masep.telemetry.writer import atomic_write_json  # imports torch: not at workflow parse time
+
         atomic_write_json(self.path, self.record)
 
 
@@ -152,6 +171,8 @@ def fault_rows(run_id: str, record: dict, rows: list[dict], steps: int, resumed_
                    key=lambda r: r["t_end_unix_s"])
     hit = record.get("hit", [])
     step_done = max((h["step_done"] for h in hit), default=None)
+    from masep.telemetry.writer import read_parquet_rows
+
     ref_rows = {r["step"]: r for r in read_parquet_rows(reference / "steps-rank0.parquet")} if reference else {}
     final = by_step.get(steps - 1, [{}])[-1].get("loss")
     ref_final = ref_rows.get(steps - 1, {}).get("loss")

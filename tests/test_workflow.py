@@ -46,11 +46,16 @@ def shell_commands(out: subprocess.CompletedProcess) -> list[str]:
 def test_dry_run_of_the_embedded_default(project):
     out = snakemake(project, "-n", "-p")
     # every strategy trains once and decodes once (infer_jobs: per_strategy -> ctx=all)
-    assert job_counts(out) == {"tokenize": 1, "tokenize_all": 1, "train": 6, "infer": 6, "collect": 1,
-                               "report": 1, "all": 1, "total": 17}
+    # and one trial per fault kind for ep_dp and ma_sep, each against its reference run
+    assert job_counts(out) == {"tokenize": 1, "tokenize_all": 1, "train": 6, "infer": 6, "fault_reference": 2,
+                               "fault_trial": 10, "collect": 1, "report": 1, "all": 1, "total": 29}
     cmds = shell_commands(out)
-    train = sorted(c for c in cmds if " masep train " in c)
+    train = sorted(c for c in cmds if " masep train " in c and "--experiment faults" not in c)
     assert len(train) == 6
+    trial = [c for c in cmds if "--out results/runs/faults/ma_sep/kill_attention_k1/trial=0 " in c]
+    assert trial and trial[0].startswith("rm -rf results/runs/faults/ma_sep/kill_attention_k1/trial=0 && ")
+    assert all(f" {s} " in trial[0] for s in ("fault.kind=kill_attention_k", "fault.count=1", "fault.seed=0",
+                                             "launch.max_restarts=1", "--experiment faults"))
     single = [c for c in train if "parallel.strategy=single" in c]
     assert single and single[0].startswith("OMP_NUM_THREADS=1 masep train --config tiny --set ")
     assert "parallel.world_size=1 train.seed=0 --out results/runs/train/single/seed=0 " \
@@ -71,8 +76,11 @@ def test_infer_jobs_per_context(project):
 
 def test_dry_run_at_paper_scale(project):
     out = snakemake(project, "-n", "--configfile", "config/workflow-paper.yaml")
+    # fault trials: 20 per strategy and kind; kill_attention_k1..k7 (of 15 non-zero ranks) for the
+    # baselines, k1..k4 (of 8 attention ranks) for ma_sep: (4 kinds + 7) x 4 + (4 + 4) = 52 cells
     assert job_counts(out) == {"tokenize": 1024, "tokenize_all": 1, "train": 50, "infer": 20, "collect": 1,
-                               "report": 1, "all": 1, "total": 1098}
+                               "fault_reference": 5, "fault_trial": 52 * 20, "report": 1, "all": 1,
+                               "total": 1098 + 5 + 52 * 20}
 
 
 def test_named_targets_and_cli_config(project):
@@ -80,7 +88,8 @@ def test_named_targets_and_cli_config(project):
     assert counts == {"tokenize": 1, "tokenize_all": 1, "train": 18, "train_all": 1, "total": 21}
     counts = job_counts(snakemake(project, "-n", "collect", "--config", "context_lengths=[512]",
                                   "strategies=[single]"))
-    assert counts == {"tokenize": 1, "tokenize_all": 1, "train": 1, "infer": 1, "collect": 1, "total": 5}
+    assert counts == {"tokenize": 1, "tokenize_all": 1, "train": 1, "infer": 1, "fault_reference": 2,
+                      "fault_trial": 10, "collect": 1, "total": 17}  # the fault strategies are their own
     # one experiment, by its file; fresh=true empties its run folder first
     out = snakemake(project, "-n", "-p", "results/runs/infer/single/ctx=2048/run.json", "--config", "fresh=true")
     assert job_counts(out) == {"tokenize": 1, "tokenize_all": 1, "train": 1, "infer": 1, "total": 4}
@@ -147,11 +156,12 @@ def test_config_defaults_come_from_the_schema():
     from snakemake.utils import validate
 
     config = yaml.safe_load((ROOT / "config/config.yaml").read_text())
-    for key in ("set", "world_size", "overrides", "launch", "tokenize_threads", "fresh"):
+    for key in ("set", "world_size", "overrides", "launch", "tokenize_threads", "fresh", "faults"):
         del config[key]
     validate(config, str(ROOT / "workflow/schemas/config.schema.yaml"), set_default=True)
     assert (config["set"], config["world_size"], config["overrides"], config["launch"],
             config["tokenize_threads"], config["fresh"]) == ([], {}, {}, {}, 2, False)
+    assert config["faults"]["trials"] == 0
 
 
 def test_environment_yml_matches_pyproject():
@@ -195,7 +205,8 @@ def test_end_to_end_embedded_default(project):
     (project / "short.yaml").write_text(yaml.safe_dump({
         "set": ["data.max_docs=200", "train.steps=6", "train.eval_every=3", "train.checkpoint_every=3", "train.log_every=1",
                 "train.warmup_steps=1", "infer.new_tokens=4", "infer.warmup_tokens=1"],
-        "strategies": ["single", "ma_sep"], "context_lengths": [32, 64]}))
+        "strategies": ["single", "ma_sep"], "context_lengths": [32, 64],
+        "faults": {"strategies": [], "kinds": [], "trials": 0, "set": []}}))  # tests/test_faults.py
     out = snakemake(project, "--configfile", "short.yaml", timeout=900)
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
     with duckdb.connect(str(project / "results" / "masep.duckdb"), read_only=True) as con:

@@ -5,35 +5,19 @@
 #   <runs>/faults/<strategy>/<kind>/trial=<k>/run.json   (snakemake faults_all: every trial)
 # kill_attention_k<k>: k attention ranks at once, k = 1 .. half of them (the degradation curve).
 
+from masep.faults import trial_overrides, workflow_kinds
+
 FAULTS = config["faults"]
-
-
-def fault_kinds(strategy):
-    """The kinds of one strategy, kill_attention_k expanded to kill_attention_k1 .. k<n/2>."""
-    layout = make_layout(load_config(PRESETS, strategy_overrides(strategy)))
-    n_attention = len(layout.attention_ranks) if layout.moe_ranks else layout.world_size - 1
-    kinds = []
-    for kind in FAULTS["kinds"]:
-        ks = range(1, max(1, n_attention // 2) + 1) if kind == "kill_attention_k" else [None]
-        kinds += [kind if k is None else f"{kind}{k}" for k in ks]
-    return kinds
-
-
-def fault_overrides(strategy):
-    return strategy_overrides(strategy) + list(FAULTS["set"])
-
-
-def fault_settings(kind, trial, reference):
-    """masep overrides of one trial: kill_attention_k<k> -> fault.kind=kill_attention_k, fault.count=k."""
-    m = re.fullmatch(r"(kill_attention_k)(\d+)", kind)
-    return [f"fault.kind={m[1] if m else kind}", f"fault.count={m[2] if m else 1}", f"fault.seed={trial}",
-            f"fault.reference={reference}", "launch.max_restarts=1"]
+# Fault strategies need not be among `strategies`: give them their ranks too.
+for _strategy in FAULTS["strategies"]:
+    WORLD.setdefault(_strategy, config["world_size"].get(_strategy, 1))
+FAULT_STRATEGY = "|".join(re.escape(s) for s in FAULTS["strategies"]) or "^$"
 
 
 FAULT_RUNS = [
     f"{RUNS}/faults/{strategy}/{kind}/trial={trial}/run.json"
     for strategy in FAULTS["strategies"]
-    for kind in fault_kinds(strategy)
+    for kind in workflow_kinds(make_layout(load_config(PRESETS, strategy_overrides(strategy))), FAULTS["kinds"])
     for trial in range(FAULTS["trials"])
 ]
 
@@ -46,9 +30,11 @@ rule fault_reference:
         run=f"{RUNS}/faults/{{strategy}}/reference/run.json",
     log:
         "logs/faults/{strategy}/reference.log",
+    wildcard_constraints:
+        strategy=FAULT_STRATEGY,
     threads: lambda wc: WORLD[wc.strategy]
     params:
-        args=lambda wc: masep_args(fault_overrides(wc.strategy)),
+        args=lambda wc: masep_args(strategy_overrides(wc.strategy) + FAULTS["set"]),
         outdir=lambda wc, output: os.path.dirname(output.run),
         env=lambda wc, threads: local_threads_env(threads, WORLD[wc.strategy]),
     conda:
@@ -68,12 +54,15 @@ rule fault_trial:
     log:
         "logs/faults/{strategy}/{kind}/trial={trial}.log",
     wildcard_constraints:
+        strategy=FAULT_STRATEGY,
         kind=r"kill_attention|kill_moe|kill_attention_k\d+|stop|kill_checkpoint",
         trial=r"\d+",
     threads: lambda wc: WORLD[wc.strategy]
     params:
-        args=lambda wc, input: masep_args(fault_overrides(wc.strategy)
-                                          + fault_settings(wc.kind, wc.trial, os.path.abspath(os.path.dirname(input.reference)))),
+        args=lambda wc, input: masep_args(
+            strategy_overrides(wc.strategy) + FAULTS["set"]
+            + trial_overrides(wc.kind, wc.trial, os.path.abspath(os.path.dirname(input.reference)))
+        ),
         outdir=lambda wc, output: os.path.dirname(output.run),
         env=lambda wc, threads: local_threads_env(threads, WORLD[wc.strategy]),
     conda:
