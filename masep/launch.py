@@ -31,6 +31,11 @@ exception or signal, and its log. Cancelling escalates SIGINT -> SIGTERM -> SIGK
 job's processes (locally: submitit's controller and every process under it; on SLURM: scancel)
 and checks that they are gone. Rank 0's stdout (its progress lines) is echoed to this console.
 
+Restart: with `cfg.launch.max_restarts` N > 0, a rank found lost (as above) ends the job and the
+launcher submits `entry` again (resume=True), up to N times; the ranks continue from the newest
+checkpoint. Each rank also writes its progress (`report_progress`: last finished step and phase)
+to `<log folder>/<job id>_<rank>_progress.json`, which a fault injector (masep.faults) watches.
+
 Requeue: `entry` should subclass `RankEntry` (a `submitit.helpers.Checkpointable`). When SLURM
 (or the local executor) signals a timeout, rank 0's `entry.checkpoint()` resubmits a copy with
 `resume=True`; the rank worker then starts from the newest checkpoint in its run folder. At most
