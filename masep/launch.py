@@ -338,9 +338,9 @@ def _cancel(job) -> str:
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
         for proc in alive:
             with contextlib.suppress(psutil.Error):
+                # A stopped rank is left stopped until SIGKILL: resumed, it would go on training
+                # (the ranks pass SIGINT/SIGTERM by) and write rows and checkpoints after the verdict.
                 proc.send_signal(sig)
-                if sig != signal.SIGKILL:
-                    proc.send_signal(signal.SIGCONT)  # a stopped process acts on signals only when resumed
         _, alive = psutil.wait_procs(alive, timeout=CANCEL_GRACE_S)
         if not alive:
             return f"cancelled it ({signal.Signals(sig).name}: {len(procs)} process(es) gone)"
