@@ -121,27 +121,36 @@ def train(tmp: Path, tokens: Path, out: Path, *extra: str) -> str:
     return done.stdout
 
 
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tokens) -> Path:
+    tmp = tmp_path_factory.mktemp("reference")
+    train(tmp, tokens, tmp / "runs" / "reference")
+    return tmp / "runs" / "reference"
+
+
 @pytest.mark.slow
-def test_full_restart_after_a_killed_rank_equals_the_uninterrupted_run(tmp_path, tokens):
-    ref = tmp_path / "runs" / "reference"
-    train(tmp_path, tokens, ref)
-    out = tmp_path / "runs" / "kill"
-    # seed 0 plans a kill of rank 2 after step 4: the checkpoint of step 2 is the one to resume from
-    log = train(tmp_path, tokens, out, "launch.max_restarts=1", "fault.kind=kill_attention", "fault.seed=0",
-                f"fault.reference={ref}")
+@pytest.mark.parametrize("kind", ["kill_attention", "stop", "kill_checkpoint"])
+def test_full_restart_after_a_lost_rank_equals_the_uninterrupted_run(tmp_path, tokens, reference, kind):
+    out = tmp_path / "runs" / kind
+    # seed 0: rank 2, after step 4 (kill_checkpoint: while writing the checkpoint after step 5)
+    log = train(tmp_path, tokens, out, "launch.max_restarts=1", f"fault.kind={kind}", "fault.seed=0",
+                f"fault.reference={reference}")
     [row] = pq.read_table(out / "faults-rank0.parquet").to_pylist()
     assert row["step_injected"] == row["planned_step"]  # the injector hits the step it planned
     steps = pq.read_table(out / "steps-rank0.parquet").to_pylist()
-    reference = pq.read_table(ref / "steps-rank0.parquet").to_pylist()
+    ref = pq.read_table(reference / "steps-rank0.parquet").to_pylist()
     assert [r["step"] for r in steps] == list(range(8))  # no step lost or repeated
-    assert [r["batch_crc32"] for r in steps] == [r["batch_crc32"] for r in reference]
-    assert steps[-1]["loss"] == pytest.approx(reference[-1]["loss"], abs=1e-5)
-    resumed = (row["step_injected"] + 1) // 3 * 3
+    assert [r["batch_crc32"] for r in steps] == [r["batch_crc32"] for r in ref]
+    assert steps[-1]["loss"] == pytest.approx(ref[-1]["loss"], abs=1e-5)
+    # the newest complete checkpoint: step 3 (kill_checkpoint: 6 if the write finished first)
+    resumed = row["resumed_from_step"]
+    assert resumed == 3 or (kind == "kill_checkpoint" and resumed == 6)
     assert row["recovery_mode"] == "full_restart" and row["restarts"] == 1
-    assert row["resumed_from_step"] == resumed and row["steps_replayed"] == row["step_injected"] + 1 - resumed
+    assert row["steps_replayed"] == row["step_injected"] + 1 - resumed
     assert (row["batches_completed"], row["batches_lost"], row["batches_repeated"], row["batches_mismatched"]) == (8, 0, 0, 0)
     assert 0 < row["detection_s"] < row["recovery_s"] and row["final_loss_abs_diff"] <= 1e-5
     rank = row["target_ranks"]
     assert f"rank {rank} " in next(l for l in log.splitlines() if "restarting every rank" in l)
-    assert f"fault kill_attention (SIGKILL) of rank(s) {rank} after step {row['step_injected']}: recovered by " \
+    signal = "SIGSTOP" if kind == "stop" else "SIGKILL"
+    assert f"fault {kind} ({signal}) of rank(s) {rank} after step {row['step_injected']}: recovered by " \
            f"full restart from step {resumed}" in log
