@@ -65,6 +65,9 @@ def plan(cfg, layout) -> dict:
     f, steps = cfg.fault, cfg.train.steps
     rng = random.Random(f.seed)
     last = f.max_step or steps - 2
+    if last < f.min_step:
+        raise FaultError(f"fault.min_step={f.min_step}: no step to inject at in a run of train.steps={steps}; "
+                         f"lower fault.min_step or train more steps")
     if f.kind == "kill_checkpoint":
         every = cfg.train.checkpoint_every
         choices = [s for s in range(f.min_step, last + 1) if (s + 1) % every == 0]

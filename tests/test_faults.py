@@ -44,6 +44,9 @@ def test_plan_refuses_more_than_half_the_attention_ranks():
     cfg = _cfg("ma_sep", "fault.kind=kill_attention_k", "fault.count=2")  # 2 attention ranks
     with pytest.raises(FaultError, match="at most half"):
         plan(cfg, make_layout(cfg))
+    short = _cfg("tp", "fault.kind=stop", "train.steps=2")
+    with pytest.raises(FaultError, match="fault.min_step"):
+        plan(short, make_layout(short))
     with pytest.raises(ConfigError, match="fault.kind"):
         _cfg("tp", "fault.kind=meteor")
 
