@@ -152,8 +152,26 @@ class LaunchConfig:
     mem_gb: Optional[int] = None
     extra_sbatch: dict[str, Any] = field(default_factory=dict)
     max_requeues: int = 3
+    # After a rank is lost, relaunch the job's ranks from the newest checkpoint this many times
+    # (full restart in the same `masep train`); 0: the first lost rank ends the run.
+    max_restarts: int = 0
     wait_timeout_s: float = 7200.0
     log_dir: str = "logs/submitit"
+
+
+FAULT_KINDS = ("none", "kill_attention", "kill_moe", "kill_attention_k", "stop", "kill_checkpoint")
+
+
+@dataclass
+class FaultConfig:
+    """One fault the launcher injects into a training run from outside its ranks (masep.faults):
+    at a step drawn with `seed` from [min_step, max_step], a signal to the chosen rank(s)."""
+    kind: str = "none"  # one of FAULT_KINDS
+    count: int = 1  # kill_attention_k: attention ranks killed at once
+    seed: int = 0
+    min_step: int = 1
+    max_step: int = 0  # 0: train.steps - 2
+    reference: Optional[str] = None  # run folder of the uninterrupted reference run
 
 
 @dataclass
@@ -166,6 +184,7 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     ma: MaConfig = field(default_factory=MaConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+    fault: FaultConfig = field(default_factory=FaultConfig)
     runs_dir: str = "results/runs"
 
     def to_dict(self) -> dict:
@@ -390,5 +409,11 @@ def validate(cfg: Config) -> None:
     _require(p.world_size > 0, "parallel.world_size", "must be positive")
     _require(l.executor in ("local", "slurm", "debug"), "launch.executor", "must be local, slurm or debug")
     _require(l.max_requeues >= 0, "launch.max_requeues", "must not be negative")
+    _require(l.max_restarts >= 0, "launch.max_restarts", "must not be negative")
+    f = cfg.fault
+    _require(f.kind in FAULT_KINDS, "fault.kind", f"must be one of {', '.join(FAULT_KINDS)}")
+    _require(f.count >= 1, "fault.count", "must be positive")
+    _require(0 <= f.min_step and (f.max_step == 0 or f.min_step <= f.max_step < t.steps), "fault.max_step",
+             f"need 0 <= fault.min_step <= fault.max_step < train.steps ({t.steps}), or max_step 0")
     # Layout fit (degrees dividing heads, experts, layers, world) is checked by
     # masep.parallel.layout when a strategy is chosen, before any process starts.

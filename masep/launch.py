@@ -21,6 +21,11 @@ exception or signal, and its log. Cancelling escalates SIGINT -> SIGTERM -> SIGK
 job's processes (locally: submitit's controller and every process under it; on SLURM: scancel)
 and checks that they are gone. Rank 0's stdout (its progress lines) is echoed to this console.
 
+Restart: with `cfg.launch.max_restarts` N > 0, a rank found lost (as above) ends the job and the
+launcher submits `entry` again (resume=True), up to N times; the ranks continue from the newest
+checkpoint. Each rank also writes its progress (`report_progress`: last finished step and phase)
+to `<log folder>/<job id>_<rank>_progress.json`, which a fault injector (masep.faults) watches.
+
 Requeue: `entry` should subclass `RankEntry` (a `submitit.helpers.Checkpointable`). When SLURM
 (or the local executor) signals a timeout, rank 0's `entry.checkpoint()` resubmits a copy with
 `resume=True`; the rank worker then starts from the newest checkpoint in its run folder. At most
@@ -175,6 +180,10 @@ def heartbeat_path(folder: str | Path, job_id: str, rank: int) -> Path:
     return Path(folder) / f"{job_id}_{rank}_heartbeat.json"
 
 
+def progress_path(folder: str | Path, job_id: str, rank: int) -> Path:
+    return Path(folder) / f"{job_id}_{rank}_progress.json"
+
+
 def _requeue_marker(folder: str | Path, job_id: str) -> Path:
     return Path(folder) / f"{job_id}_requeued"
 
@@ -307,9 +316,9 @@ def _cancel(job) -> str:
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
         for proc in alive:
             with contextlib.suppress(psutil.Error):
+                # A stopped rank is left stopped until SIGKILL: resumed, it would go on training
+                # (the ranks pass SIGINT/SIGTERM by) and write rows and checkpoints after the verdict.
                 proc.send_signal(sig)
-                if sig != signal.SIGKILL:
-                    proc.send_signal(signal.SIGCONT)  # a stopped process acts on signals only when resumed
         _, alive = psutil.wait_procs(alive, timeout=CANCEL_GRACE_S)
         if not alive:
             return f"cancelled it ({signal.Signals(sig).name}: {len(procs)} process(es) gone)"
@@ -371,7 +380,10 @@ def _wait(job, timeout_s: float, stale_s: float) -> None:
                 certain, what, log = verdict
                 # a peer's "connection closed" may come before the silence of a remote rank shows
                 if certain or time.monotonic() - first_seen > SILENT_S + 2 * HEARTBEAT_S:
-                    raise LaunchError(f"{_describe(job)}: {what}; {_cancel(job)}; log: {log}")
+                    detected_at = time.time()
+                    err = LaunchError(f"{_describe(job)}: {what}; {_cancel(job)}; log: {log}")
+                    err.detected_at = detected_at  # unix time a rank was found lost: a restart may follow
+                    raise err
             if time.monotonic() > deadline:
                 raise LaunchError(f"{_describe(job)} did not finish within launch.wait_timeout_s="
                                   f"{timeout_s:g} s; {_cancel(job)}; log: {_task(job, 0).paths.stderr}")
@@ -474,9 +486,12 @@ def _sigterm_interrupts():
 
 
 def launch(entry: Callable[[], Any], cfg, world_size: int, job_name: str,
-           folder: str | Path, run_dir: str | Path | None = None) -> list:
+           folder: str | Path, run_dir: str | Path | None = None, injector=None) -> list:
     """Run `entry()` once in each of `world_size` tasks of one job; return their results by rank.
-    With `run_dir`, the job holds that folder's lock while it runs."""
+    With `run_dir`, the job holds that folder's lock while it runs. A rank lost while the job
+    runs ends it; up to `cfg.launch.max_restarts` times a new job of `entry` (resume=True)
+    then continues from the newest checkpoint. `injector` (masep.faults.Injector) watches
+    each job and hears of each loss."""
     lc = cfg.launch
     with (run_lock(run_dir, lc.executor) if run_dir is not None else contextlib.nullcontext(None)) as record:
         try:
@@ -488,28 +503,51 @@ def launch(entry: Callable[[], Any], cfg, world_size: int, job_name: str,
                               f"use executor=local without SLURM") from e
         if lc.executor == "debug":
             return _run_debug(ex, entry, job_name)
-        # Hide the caller's SLURM/torchrun variables from the job (sbatch and the local executor
-        # pass this process' environment on), and give local ranks a free rendezvous port.
-        with submitit.helpers.clean_env():
-            extra = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": _free_port()} if lc.executor == "local" else {}
-            with submitit.helpers.environment_variables(**extra):
-                try:
-                    job = ex.submit(entry)
-                except Exception as e:  # sbatch refused, submitit missing binaries, ...
-                    raise LaunchError(f"{job_name}: submission to {lc.executor} failed: {e}") from e
-        if record is not None:
-            record(job.job_id)
-        print(f"masep launch: {job_name}: submitted {_describe(job)} with {world_size} task(s) "
-              f"on {lc.executor}; logs in {Path(folder).resolve()}", flush=True)
-        try:
-            with _sigterm_interrupts():
-                _wait(job, lc.wait_timeout_s, cfg.parallel.timeout_s)
-        except KeyboardInterrupt:
-            print(f"masep launch: {job_name}: interrupted; {_cancel(job)}", file=sys.stderr, flush=True)
-            raise
+        for restart in range(lc.max_restarts + 1):
+            try:
+                job = _submit_and_wait(ex, entry, cfg, world_size, job_name, folder, record, injector)
+                break
+            except LaunchError as e:
+                if getattr(e, "detected_at", None) is None or restart == lc.max_restarts:
+                    raise
+                if injector is not None:
+                    injector.lost(e, restart + 1)
+                print(f"masep launch: {job_name}: {e}; restarting every rank from the newest checkpoint "
+                      f"(restart {restart + 1} of launch.max_restarts={lc.max_restarts})", flush=True)
+                entry = copy.copy(entry)
+                entry.resume = True
         results = _collect(job)
     print(f"masep launch: {job_name}: {_describe(job)} finished", flush=True)
     return results
+
+
+def _submit_and_wait(ex, entry, cfg, world_size: int, job_name: str, folder, record, injector):
+    lc = cfg.launch
+    # Hide the caller's SLURM/torchrun variables from the job (sbatch and the local executor
+    # pass this process' environment on), and give local ranks a free rendezvous port.
+    with submitit.helpers.clean_env():
+        extra = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": _free_port()} if lc.executor == "local" else {}
+        with submitit.helpers.environment_variables(**extra):
+            try:
+                job = ex.submit(entry)
+            except Exception as e:  # sbatch refused, submitit missing binaries, ...
+                raise LaunchError(f"{job_name}: submission to {lc.executor} failed: {e}") from e
+    if record is not None:
+        record(job.job_id)
+    print(f"masep launch: {job_name}: submitted {_describe(job)} with {world_size} task(s) "
+          f"on {lc.executor}; logs in {Path(folder).resolve()}", flush=True)
+    if injector is not None:
+        injector.watch(job)
+    try:
+        with _sigterm_interrupts():
+            _wait(job, lc.wait_timeout_s, cfg.parallel.timeout_s)
+    except KeyboardInterrupt:
+        print(f"masep launch: {job_name}: interrupted; {_cancel(job)}", file=sys.stderr, flush=True)
+        raise
+    finally:
+        if injector is not None:
+            injector.stop()
+    return job
 
 
 def _run_debug(ex, entry, job_name: str) -> list:

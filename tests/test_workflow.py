@@ -46,13 +46,16 @@ def shell_commands(out: subprocess.CompletedProcess) -> list[str]:
 def test_dry_run_of_the_embedded_default(project):
     out = snakemake(project, "-n", "-p")
     # every strategy trains once and decodes twice (infer_repeats 2; infer_jobs: per_strategy ->
-    # ctx=all); the scaling sweep trains single at 1 rank, tp, pp, tp_pp at 1-4, ep_dp at 1, 2, 4
-    # and ma_sep at 2-4
-    assert job_counts(out) == {"tokenize": 1, "tokenize_all": 1, "train": 25, "train_variant": 1, "infer": 12, "collect": 1,
-                               "report": 1, "all": 1, "total": 43}
+    # ctx=all); the scaling sweep; the paper variant of ma_sep; fault trials against references
+    assert job_counts(out) == {"tokenize": 1, "tokenize_all": 1, "train": 21, "train_variant": 1, "infer": 12,
+                               "collect": 1, "report": 1, "all": 1, "total": 39}
     cmds = shell_commands(out)
     train = sorted(c for c in cmds if " masep train " in c and "results/runs/train/" in c)
     assert len(train) == 6
+    trial = [c for c in cmds if "--out results/runs/faults/ma_sep/kill_attention_k1/trial=0 " in c]
+    assert trial and trial[0].startswith("rm -rf results/runs/faults/ma_sep/kill_attention_k1/trial=0 && ")
+    assert all(f" {s} " in trial[0] for s in ("fault.kind=kill_attention_k", "fault.count=1", "fault.seed=0",
+                                             "launch.max_restarts=1", "--experiment faults"))
     single = [c for c in train if "parallel.strategy=single" in c]
     assert single and single[0].startswith("OMP_NUM_THREADS=4 masep train --config tiny --set ")
     assert "parallel.world_size=1 train.seed=0 --out results/runs/train/single/ws=1/seed=0 " \
@@ -85,7 +88,8 @@ def test_dry_run_at_paper_scale(project):
     # 50 training runs; the sweep at 4-32 GPUs: 8 sizes each, ep_dp only at 4, 8, 16 (16 experts);
     # decoding per training seed: 10 TPOT repeats per strategy and context
     assert job_counts(out) == {"tokenize": 1024, "tokenize_all": 1, "train": 85, "train_variant": 10, "infer": 200, "collect": 1,
-                               "report": 1, "all": 1, "total": 1323}
+                               "report": 1, "all": 1, "fault_reference": 5,
+                               "fault_trial": 52 * 20, "total": 1323 + 5 + 52 * 20}
     outs = re.findall(r"--out results/runs/infer/(\w+)/ws=16/seed=\d+/rep=0/ctx=(\d+) ", "\n".join(shell_commands(out)))
     assert len(outs) == 200 and min(outs.count(o) for o in set(outs)) == 10
     # 12 GPUs: tp 4 x dp 3, global batch 1032 (the nearest to 1024 that 3 x 8 divides)
@@ -98,7 +102,7 @@ def test_named_targets_and_cli_config(project):
     counts = job_counts(snakemake(project, "-n", "collect", "--config", "context_lengths=[512]",
                                   "strategies=[single]"))
     assert counts == {"tokenize": 1, "tokenize_all": 1, "train": 2, "train_variant": 1, "infer": 2, "collect": 1,
-                      "total": 8}
+                      "total": 8}  # the embedded default's fault trials are not in the study (faults.study)
     # the ablation: plain ma_sep and its variants
     counts = job_counts(snakemake(project, "-n", "ablation"))
     assert counts == {"tokenize": 1, "tokenize_all": 1, "train": 1, "train_variant": 3, "ablation": 1, "total": 7}
@@ -169,11 +173,12 @@ def test_config_defaults_come_from_the_schema():
     from snakemake.utils import validate
 
     config = yaml.safe_load((ROOT / "config/config.yaml").read_text())
-    for key in ("set", "world_size", "overrides", "launch", "tokenize_threads", "fresh"):
+    for key in ("set", "world_size", "overrides", "launch", "tokenize_threads", "fresh", "faults"):
         del config[key]
     validate(config, str(ROOT / "workflow/schemas/config.schema.yaml"), set_default=True)
     assert (config["set"], config["world_size"], config["overrides"], config["launch"],
             config["tokenize_threads"], config["fresh"]) == ([], {}, {}, {}, 2, False)
+    assert config["faults"]["trials"] == 0
 
 
 def test_environment_yml_matches_pyproject():
@@ -218,7 +223,7 @@ def test_end_to_end_embedded_default(project):
         "set": ["data.max_docs=200", "train.steps=6", "train.eval_every=3", "train.checkpoint_every=3", "train.log_every=1",
                 "train.warmup_steps=1", "infer.new_tokens=4", "infer.warmup_tokens=1"],
         "strategies": ["single", "ma_sep"], "context_lengths": [32, 64], "scaling_world_sizes": [],
-        "infer_repeats": 1}))
+        "infer_repeats": 1, "faults": {"strategies": [], "kinds": [], "trials": 0, "set": []}}))
     out = snakemake(project, "--configfile", "short.yaml", timeout=900)
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
     with duckdb.connect(str(project / "results" / "masep.duckdb"), read_only=True) as con:

@@ -32,7 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_strategy_arguments(p)
     p.add_argument("--out", required=True, help="run folder, e.g. results/runs/train/tp/seed=0")
     p.add_argument("--experiment", default="train",
-                   help="experiment recorded in run.json: train (default), or ablation for a labelled variant")
+                   help="experiment recorded in run.json: train (default), ablation for a labelled variant, "
+                        "faults for a fault trial")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -44,7 +45,13 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = f"train-{cfg.parallel.strategy}-seed{cfg.train.seed}"
+    injector = None
+    if cfg.fault.kind != "none":
+        from masep.faults import Injector
+
+        (out / "faults.json").unlink(missing_ok=True)  # a trial's record is of its own fault only
+        injector = Injector(cfg, layout, out)
     results = launch(TrainEntry(cfg, str(out), args.experiment), cfg, layout.world_size, name,
-                     Path(cfg.launch.log_dir) / name, run_dir=out)
+                     Path(cfg.launch.log_dir) / name, run_dir=out, injector=injector)
     print(f"{name}: done, final loss {results[0]['final_loss']:.4f}; {out / 'run.json'}")
     return 0

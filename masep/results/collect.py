@@ -43,7 +43,8 @@ RESERVED = {"runs", "run_steps", "loss_curve", "run_summary", "tpot_by_context",
             "run_info", "steady_steps", "expert_shares", "run_metrics", "improvement_metrics",
             "run_values", "metric_means", "table1_performance", "table2_communication", "table3_memory",
             "table4_tpot", "energy", "load_balance", "model_quality", "scaling", "expert_utilization",
-            "convergence", "memory_by_rank", "energy_by_rank", "repeat_stats", "predictor_accuracy", "ma_ablation"}
+            "convergence", "memory_by_rank", "energy_by_rank", "repeat_stats", "predictor_accuracy", "ma_ablation",
+            "robustness", "robustness_degradation", "fault_columns"}
 
 
 class CollectError(RuntimeError):

@@ -11,8 +11,11 @@ submitit job: the GPU benchmark runs under torchrun on machines without it.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import time
 from dataclasses import dataclass
+from pathlib import Path
 from datetime import timedelta
 from typing import Any, Optional
 
@@ -57,6 +60,19 @@ def _pick_device(local_rank: int, local_world_size: int):
                       f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r})")
 
 
+_progress: Optional[Path] = None  # this rank's progress file (set by init_distributed in a submitit job)
+
+
+def report_progress(step: int, phase: str) -> None:
+    """Tell watchers outside the rank (masep.faults) which step it finished and what it does now
+    ("train", "checkpoint"). A plain write and rename: no fsync on the step's path."""
+    if _progress is None:
+        return
+    tmp = _progress.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"step": step, "phase": phase, "t": time.time(), "pid": os.getpid()}))
+    os.replace(tmp, _progress)
+
+
 def init_distributed(timeout_s: float) -> DistInfo:
     """Initialise torch.distributed for this rank from submitit's, torchrun's or no environment."""
     import torch
@@ -81,9 +97,11 @@ def init_distributed(timeout_s: float) -> DistInfo:
         tde.export(set_cuda_visible_devices=False, overwrite=True)
         rank, world, local_rank, local_world = tde.rank, tde.world_size, tde.local_rank, tde.local_world_size
         if job_env.cluster in ("slurm", "local"):
-            from masep.launch import start_heartbeat  # the launcher watches it
+            from masep.launch import progress_path, start_heartbeat  # the launcher watches both
 
             start_heartbeat(job_env.paths.folder, job_id, rank)
+            global _progress
+            _progress = progress_path(job_env.paths.folder, job_id, rank)
     elif "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         local_rank = int(os.environ.get("LOCAL_RANK", rank))

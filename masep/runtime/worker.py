@@ -24,7 +24,7 @@ from masep.parallel.base import GlobalBatch
 from masep.parallel.layout import make_layout
 from masep.provenance import git_commit, package_versions
 from masep.runtime import checkpoint
-from masep.runtime.distributed import DistInfo
+from masep.runtime.distributed import DistInfo, report_progress
 from masep.runtime.trainer import Trainer
 from masep.telemetry import writer as w
 from masep.telemetry.memory import peak_bytes
@@ -140,6 +140,7 @@ def train_rank(cfg: Config, out_dir: Path, info: DistInfo, experiment: str = "tr
         row = trainer.train_step(_as_batch(batch))
         rows["steps"].append({"run_id": run_id, **row, "t_end_unix_s": time.time(),  # aligns telemetry
                               "batch_crc32": batch_crc32(batch)})
+        report_progress(step, "train")
         stats = trainer.last_stats
         if rank == 0:
             tpe = stats.tokens_per_expert
@@ -161,16 +162,35 @@ def train_rank(cfg: Config, out_dir: Path, info: DistInfo, experiment: str = "tr
                   f"z {row['z_loss']:.3f} tok/s {row['tokens_per_s']:.0f} eta {eta:.0f}s", flush=True)
         if (step + 1) % t.checkpoint_every == 0 or last:
             flush()  # rows first: a checkpoint never runs ahead of the rows it covers
+            report_progress(step, "checkpoint")
             trainer.save(ckpt_dir)
     telemetry.stop()
     flush()
     _barrier()
+    if rank == 0 and cfg.fault.kind != "none":
+        _write_faults(cfg, out_dir, run_id, rows["steps"], start)
     if rank == 0:
         w.atomic_write_json(out_dir / "run.json", run_record(
             cfg, out_dir, experiment, info, started_at, "completed",
             {"resumed_from_step": start or None, "steps_completed": t.steps, "files": w.file_manifest(out_dir),
              "flops": flops_record(cfg, info.device)}))
     return {"rank": rank, "final_loss": rows["steps"][-1]["loss"] if rows["steps"] else None}
+
+
+def _write_faults(cfg: Config, out_dir: Path, run_id: str, steps: list[dict], start: int) -> None:
+    """faults-rank0.parquet: what the injector did (faults.json) and what this run shows of it."""
+    import json
+
+    from masep import faults
+
+    record_path = out_dir / faults.RECORD
+    if not record_path.exists():
+        raise FileNotFoundError(f"{record_path}: no fault record of fault.kind={cfg.fault.kind}; run this "
+                                f"trial through `masep train` (its launcher injects the fault)")
+    ref = Path(cfg.fault.reference) if cfg.fault.reference else None
+    rows = faults.fault_rows(run_id, json.loads(record_path.read_text()), steps, cfg.train.steps, start, ref)
+    w.write_parquet(out_dir / "faults-rank0.parquet", rows)
+    print(faults.describe(rows[0]), flush=True)
 
 
 # ------------------------------------------------------------------ inference

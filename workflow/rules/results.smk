@@ -16,6 +16,7 @@ rule collect:
         INFER_RUNS,
         SCALING_RUNS,
         STUDY_VARIANT_RUNS,
+        FAULT_RUNS if FAULTS.get("study", True) else [],
     output:
         summary=COLLECTED,
     log:

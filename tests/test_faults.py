@@ -1,0 +1,159 @@
+"""Fault trials: the injector's seeded plan, a full restart after a SIGKILL sent by the launcher's
+injector to a rank's pid (ep_dp on 3 CPU ranks) against an uninterrupted reference, and the
+robustness views on synthetic rows."""
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import duckdb
+import pyarrow.parquet as pq
+import pytest
+
+from masep.config import ConfigError, load_config
+from masep.faults import FaultError, plan
+from masep.parallel.layout import make_layout
+from masep.results.collect import SQL_DIR
+
+
+def _cfg(strategy: str, *sets: str):
+    return load_config("tiny", [f"parallel.strategy={strategy}", "parallel.world_size=4", "train.steps=20",
+                                "train.checkpoint_every=5", *sets])
+
+
+def test_plan_is_seeded_and_picks_ranks_by_role():
+    cfg = _cfg("ma_sep", "fault.kind=kill_moe", "fault.seed=3")
+    layout = make_layout(cfg)
+    assert plan(cfg, layout) == plan(cfg, layout)
+    p = plan(cfg, layout)
+    assert p["ranks"][0] in layout.moe_rank_list and 1 <= p["step"] <= 18 and p["signal"] == "SIGKILL"
+    for seed in range(10):
+        attn = plan(_cfg("ma_sep", "fault.kind=kill_attention", f"fault.seed={seed}"), layout)
+        assert attn["ranks"][0] in layout.attention_ranks
+        tp = _cfg("tp", "fault.kind=kill_checkpoint", f"fault.seed={seed}")
+        ckpt = plan(tp, make_layout(tp))
+        assert (ckpt["step"] + 1) % 5 == 0 and ckpt["ranks"][0] != 0
+        assert plan(_cfg("tp", "fault.kind=stop", f"fault.seed={seed}"), make_layout(tp))["signal"] == "SIGSTOP"
+    ep_dp = _cfg("ep_dp", "fault.kind=kill_attention")
+    hit = {plan(_cfg("ep_dp", "fault.kind=kill_attention", f"fault.seed={s}"), make_layout(ep_dp))["ranks"][0]
+           for s in range(30)}
+    assert hit == {1, 2, 3}  # any rank but rank 0, which hosts the rendezvous store
+
+
+def test_plan_refuses_more_than_half_the_attention_ranks():
+    cfg = _cfg("ma_sep", "fault.kind=kill_attention_k", "fault.count=2")  # 2 attention ranks
+    with pytest.raises(FaultError, match="at most half"):
+        plan(cfg, make_layout(cfg))
+    short = _cfg("tp", "fault.kind=stop", "train.steps=2")
+    with pytest.raises(FaultError, match="fault.min_step"):
+        plan(short, make_layout(short))
+    with pytest.raises(ConfigError, match="fault.kind"):
+        _cfg("tp", "fault.kind=meteor")
+
+
+# ------------------------------------------------------------------ the robustness views
+
+
+def _views(rows: list[dict]) -> duckdb.DuckDBPyConnection:
+    import pyarrow as pa
+
+    con = duckdb.connect()
+    synthetic = pa.Table.from_pylist(rows)  # noqa: F841 - read by the query below
+    con.execute("CREATE TABLE faults AS SELECT * FROM synthetic")
+    for name in ("60_paper_claims.sql", "65_robustness.sql"):
+        con.execute((SQL_DIR / name).read_text())
+    return con
+
+
+def _row(strategy, kind, recovery_s, failed=1, before=100.0, after=100.0, diff=0.0, lost=0):
+    return {"run_id": f"{strategy}/{kind}/{recovery_s}", "strategy": strategy, "kind": kind,
+            "failed_ranks": failed, "t_injected_unix_s": 1.0, "detection_s": 0.1, "recovery_s": recovery_s,
+            "recovery_mode": "full_restart", "steps_replayed": 2, "batches_lost": lost, "batches_repeated": 0,
+            "batches_mismatched": 0, "throughput_before_tok_s": before, "throughput_after_tok_s": after,
+            "final_loss_abs_diff": diff}
+
+
+def test_robustness_view_on_synthetic_rows():
+    rows = [_row("tp", "kill_attention", float(s)) for s in range(1, 11)]
+    rows += [_row("ma_sep", "kill_moe", 1.0), _row("ma_sep", "kill_moe", 2.0, diff=1e-3),
+             _row("ma_sep", "kill_moe", 3.0, lost=1), _row("ma_sep", "kill_moe", 4.0)]
+    # a linear degradation: 100 tok/s less per failed rank, and one point off the line
+    rows += [_row("ma_sep", "kill_attention_k", 1.0, failed=k, before=400.0, after=400.0 - 100 * k)
+             for k in (1, 2, 2)]
+    con = _views(rows)
+    tp = con.execute("SELECT trials, correct_trials, recovery_p50_s, recovery_p95_s, paper_recovery_s, "
+                     "paper_success_pct FROM robustness WHERE strategy = 'tp'").fetchone()
+    assert tp[:4] == (10, 10, 5.5, pytest.approx(9.55)) and tp[4:] == (8.7, None)
+    moe = con.execute("SELECT trials, correct_trials, success_pct, paper_recovery_s, paper_success_pct "
+                      "FROM robustness WHERE kind = 'kill_moe'").fetchone()
+    assert moe == (4, 2, 50.0, 2.3, 99.2)
+    curve = con.execute("SELECT failed_ranks, points, throughput_tok_s, slope_tok_s_per_rank, r2 "
+                        "FROM robustness_degradation WHERE strategy = 'ma_sep'").fetchall()
+    assert [c[:3] for c in curve] == [(0, 3, 400.0), (1, 1, 300.0), (2, 2, 200.0)]
+    assert curve[0][3] == pytest.approx(-100.0) and curve[0][4] == pytest.approx(1.0)
+
+
+def test_robustness_views_exist_without_fault_trials():
+    con = duckdb.connect()
+    for name in ("60_paper_claims.sql", "65_robustness.sql"):
+        con.execute((SQL_DIR / name).read_text())
+    assert con.execute("SELECT count(*) FROM robustness").fetchone() == (0,)
+    assert con.execute("SELECT count(*) FROM robustness_degradation").fetchone() == (0,)
+
+
+# ------------------------------------------------------------------ a full restart, end to end
+
+SETS = ["train.steps=8", "train.checkpoint_every=3", "train.eval_every=4", "train.log_every=1",
+        "train.global_batch=6", "data.seq_len=32", "model.experts=6", "parallel.timeout_s=10"]
+
+
+@pytest.fixture(scope="module")
+def tokens(tmp_path_factory) -> Path:
+    from masep.data import tokenize as tok
+
+    root = tmp_path_factory.mktemp("tokens")
+    tok.tokenize_shard(load_config("tiny", [f"data.tokens_dir={root}"]).data, 0)
+    return root
+
+
+def train(tmp: Path, tokens: Path, out: Path, *extra: str) -> str:
+    cmd = ["masep", "train", "--config", "tiny", "--strategy", "ep_dp", "--world-size", "3", "--set",
+           f"data.tokens_dir={tokens}", f"launch.log_dir={tmp}/logs", *SETS, *extra, "--out", str(out)]
+    done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-4000:]
+    return done.stdout
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tokens) -> Path:
+    tmp = tmp_path_factory.mktemp("reference")
+    train(tmp, tokens, tmp / "runs" / "reference")
+    return tmp / "runs" / "reference"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["kill_attention", "stop", "kill_checkpoint"])
+def test_full_restart_after_a_lost_rank_equals_the_uninterrupted_run(tmp_path, tokens, reference, kind):
+    out = tmp_path / "runs" / kind
+    # seed 0: rank 2, after step 4 (kill_checkpoint: while writing the checkpoint after step 5)
+    log = train(tmp_path, tokens, out, "launch.max_restarts=1", f"fault.kind={kind}", "fault.seed=0",
+                f"fault.reference={reference}")
+    [row] = pq.read_table(out / "faults-rank0.parquet").to_pylist()
+    assert row["step_injected"] == row["planned_step"]  # the injector hits the step it planned
+    steps = pq.read_table(out / "steps-rank0.parquet").to_pylist()
+    ref = pq.read_table(reference / "steps-rank0.parquet").to_pylist()
+    assert [r["step"] for r in steps] == list(range(8))  # no step lost or repeated
+    assert [r["batch_crc32"] for r in steps] == [r["batch_crc32"] for r in ref]
+    assert steps[-1]["loss"] == pytest.approx(ref[-1]["loss"], abs=1e-5)
+    # the newest complete checkpoint: step 3 (kill_checkpoint: 6 if the write finished first)
+    resumed = row["resumed_from_step"]
+    assert resumed == 3 or (kind == "kill_checkpoint" and resumed == 6)
+    assert row["recovery_mode"] == "full_restart" and row["restarts"] == 1
+    assert row["steps_replayed"] == row["step_injected"] + 1 - resumed
+    assert (row["batches_completed"], row["batches_lost"], row["batches_repeated"], row["batches_mismatched"]) == (8, 0, 0, 0)
+    assert 0 < row["detection_s"] < row["recovery_s"] and row["final_loss_abs_diff"] <= 1e-5
+    rank = row["target_ranks"]
+    assert f"rank {rank} " in next(l for l in log.splitlines() if "restarting every rank" in l)
+    signal = "SIGSTOP" if kind == "stop" else "SIGKILL"
+    assert f"fault {kind} ({signal}) of rank(s) {rank} after step {row['step_injected']}: recovered by " \
+           f"full restart from step {resumed}" in log

@@ -1,0 +1,77 @@
+# Fault experiments (config `faults`): per strategy an uninterrupted reference run, then one
+# training run per fault kind and trial, into which the launcher injects the fault (masep.faults)
+# at a step drawn from the trial number, with launch.max_restarts=1. Targets:
+#   <runs>/faults/<strategy>/reference/run.json
+#   <runs>/faults/<strategy>/<kind>/trial=<k>/run.json   (snakemake faults_all: every trial)
+# kill_attention_k<k>: k attention ranks at once, k = 1 .. half of them (the degradation curve).
+
+from masep.faults import trial_overrides, workflow_kinds
+
+FAULTS = config["faults"]
+# Fault strategies need not be among `strategies`: give them their ranks too.
+for _strategy in FAULTS["strategies"]:
+    WORLD.setdefault(_strategy, config["world_size"].get(_strategy, 1))
+FAULT_STRATEGY = "|".join(re.escape(s) for s in FAULTS["strategies"]) or "^$"
+
+
+FAULT_RUNS = [
+    f"{RUNS}/faults/{strategy}/{kind}/trial={trial}/run.json"
+    for strategy in FAULTS["strategies"]
+    for kind in workflow_kinds(make_layout(load_config(PRESETS, strategy_overrides(strategy))), FAULTS["kinds"])
+    for trial in range(FAULTS["trials"])
+]
+
+
+rule fault_reference:
+    """The run every trial of a strategy is compared with: same schedule, no fault."""
+    input:
+        tokens=TOKENS_DONE,
+    output:
+        run=f"{RUNS}/faults/{{strategy}}/reference/run.json",
+    log:
+        "logs/faults/{strategy}/reference.log",
+    wildcard_constraints:
+        strategy=FAULT_STRATEGY,
+    threads: lambda wc: WORLD[wc.strategy]
+    params:
+        args=lambda wc: masep_args(strategy_overrides(wc.strategy) + FAULTS["set"]),
+        outdir=lambda wc, output: os.path.dirname(output.run),
+        env=lambda wc: local_threads_env(WORLD[wc.strategy]),
+    conda:
+        CONDA_ENV
+    shell:
+        "rm -rf {params.outdir:q} && {params.env}masep train {params.args} --experiment faults "
+        "--out {params.outdir:q} > {log} 2>&1"
+
+
+rule fault_trial:
+    """One fault trial, always from an empty run folder (its record is of its own fault)."""
+    input:
+        tokens=TOKENS_DONE,
+        reference=f"{RUNS}/faults/{{strategy}}/reference/run.json",
+    output:
+        run=f"{RUNS}/faults/{{strategy}}/{{kind}}/trial={{trial}}/run.json",
+    log:
+        "logs/faults/{strategy}/{kind}/trial={trial}.log",
+    wildcard_constraints:
+        strategy=FAULT_STRATEGY,
+        kind=r"kill_attention|kill_moe|kill_attention_k\d+|stop|kill_checkpoint",
+        trial=r"\d+",
+    threads: lambda wc: WORLD[wc.strategy]
+    params:
+        args=lambda wc, input: masep_args(
+            strategy_overrides(wc.strategy) + FAULTS["set"]
+            + trial_overrides(wc.kind, wc.trial, os.path.abspath(os.path.dirname(input.reference)))
+        ),
+        outdir=lambda wc, output: os.path.dirname(output.run),
+        env=lambda wc: local_threads_env(WORLD[wc.strategy]),
+    conda:
+        CONDA_ENV
+    shell:
+        "rm -rf {params.outdir:q} && {params.env}masep train {params.args} --experiment faults "
+        "--out {params.outdir:q} > {log} 2>&1"
+
+
+rule faults_all:
+    input:
+        FAULT_RUNS,
