@@ -52,19 +52,22 @@ def test_dry_run_of_the_embedded_default(project):
     cmds = shell_commands(out)
     train = sorted(c for c in cmds if " masep train " in c and "results/runs/train/" in c)
     assert len(train) == 6
-    trial = [c for c in cmds if "--out results/runs/faults/ma_sep/kill_attention_k1/trial=0 " in c]
-    assert trial and trial[0].startswith("rm -rf results/runs/faults/ma_sep/kill_attention_k1/trial=0 && ")
-    assert all(f" {s} " in trial[0] for s in ("fault.kind=kill_attention_k", "fault.count=1", "fault.seed=0",
-                                             "launch.max_restarts=1", "--experiment faults"))
     single = [c for c in train if "parallel.strategy=single" in c]
     assert single and single[0].startswith("OMP_NUM_THREADS=4 masep train --config tiny --set ")
     assert "parallel.world_size=1 train.seed=0 --out results/runs/train/single/ws=1/seed=0 " \
            "> logs/train/single/ws=1/seed=0.log 2>&1" in single[0]
-    # the sweep: degrees lowered to fit, the nearest global batch 3 replicas divide (8 -> 6)
+    # the sweep at 3 ranks: degrees lowered to fit, the nearest global batch 3 replicas divide (8 -> 6)
+    sweep = shell_commands(snakemake(project, "-n", "-p", "scaling_all", "--config", "scaling_world_sizes=[3]"))
     assert any("parallel.strategy=tp parallel.world_size=4 " in c and "parallel.world_size=3 parallel.tp=1 "
-               "train.global_batch=6 train.seed=0 --out results/runs/scaling/tp/ws=3/seed=0 " in c for c in cmds)
+               "train.global_batch=6 train.seed=0 --out results/runs/scaling/tp/ws=3/seed=0 " in c for c in sweep)
     assert any("parallel.world_size=3 parallel.attn_replicas=2 parallel.attn_tp=1 parallel.moe_ranks=1 " in c
-               for c in cmds)
+               for c in sweep)
+    # the fault trials: their own target (faults.study is false in the embedded default)
+    faults = shell_commands(snakemake(project, "-n", "-p", "faults_all"))
+    trial = [c for c in faults if "--out results/runs/faults/ma_sep/kill_attention_k1/trial=0 " in c]
+    assert trial and trial[0].startswith("rm -rf results/runs/faults/ma_sep/kill_attention_k1/trial=0 && ")
+    assert all(f" {s} " in trial[0] for s in ("fault.kind=kill_attention_k", "fault.count=1", "fault.seed=0",
+                                             "launch.max_restarts=1", "--experiment faults"))
     assert any("parallel.strategy=ma_sep parallel.world_size=4 " in c for c in train)
     infer = sorted(c for c in cmds if " masep infer " in c)
     assert len(infer) == 12 and all("'infer.context_lengths=[512, 1024, 2048, 4096]'" in c for c in infer)
@@ -124,7 +127,7 @@ def test_slurm_profile(project):
     block = re.search(r"rule train:(.*?)Shell command", out.stdout + out.stderr, flags=re.S)[1]
     assert "threads:" not in block  # Snakemake prints threads only when more than one
     # the same profile by path
-    assert job_counts(snakemake(project, "-n", "--profile", "profiles/slurm"))["train"] == 25
+    assert job_counts(snakemake(project, "-n", "--profile", "profiles/slurm"))["train"] == 21
 
 
 def test_lint_is_clean(project):
