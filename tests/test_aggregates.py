@@ -5,10 +5,7 @@ import pytest
 
 from masep.report.render import render
 from masep.results.collect import collect
-from test_metrics import GPU, query, train_steps, windows
-from test_metrics import write_run as write_metrics_run
-from test_report import _cells
-from test_results import write_run
+from helpers import GPU, query, row_cells, train_steps, windows, write_run_from_rows, write_sample_run
 
 
 def test_energy_per_token_leaves_out_the_tokens_of_windows_without_a_reading(tmp_path):
@@ -17,8 +14,8 @@ def test_energy_per_token_leaves_out_the_tokens_of_windows_without_a_reading(tmp
     rank0, rank1 = windows(2, [100.0, 300.0], 1000, 50.0)
     unread = {**rank0, "segment_start_s": 50.0, "gpu_energy_j": None, "energy_reason": "NVML energy read failed"}
     root = tmp_path / "runs"
-    run_id = write_metrics_run(root, "ep_dp", "seed=0", 2, {"steps": train_steps(2, 10, 1000, 1.0),
-                                                          "energy_window": [rank0, unread, rank1]}, GPU)
+    run_id = write_run_from_rows(root, "ep_dp", "seed=0", 2, {"steps": train_steps(2, 10, 1000, 1.0),
+                                                            "energy_window": [rank0, unread, rank1]}, GPU)
     db = tmp_path / "db.duckdb"
     collect(root, db)
     (mj,) = query(db, "SELECT value FROM run_metrics WHERE run_id = ? AND metric = 'energy_per_token_mj'", run_id)[0]
@@ -27,8 +24,8 @@ def test_energy_per_token_leaves_out_the_tokens_of_windows_without_a_reading(tmp
 
 def test_report_leaves_a_run_without_steady_steps_out_of_the_throughput_mean(tmp_path):
     runs = tmp_path / "runs"
-    write_run(runs, "train", "single", "seed=0", steps=10)  # steady steps at 512 tokens/s
-    write_run(runs, "train", "single", "seed=1", steps=1, seed=1)  # only a warm-up step: no throughput
+    write_sample_run(runs, "train", "single", "seed=0", steps=10)  # steady steps at 512 tokens/s
+    write_sample_run(runs, "train", "single", "seed=1", steps=1, seed=1)  # only a warm-up step: no throughput
     db = tmp_path / "masep.duckdb"
     collect(runs, db)
     assert query(db, "SELECT seed, tokens_per_s FROM run_summary ORDER BY seed") == [(0, 512.0), (1, None)]
@@ -36,4 +33,4 @@ def test_report_leaves_a_run_without_steady_steps_out_of_the_throughput_mean(tmp
     page = (tmp_path / "report" / "index.html").read_text()
     throughput = page[page.index("<h2>Throughput"):]
     # strategy, world size, runs, runs measured, mean, min, max
-    assert _cells(throughput, "single")[:7] == ["single", "1", "2", "1", "512", "512", "512"]
+    assert row_cells(throughput, "single")[:7] == ["single", "1", "2", "1", "512", "512", "512"]

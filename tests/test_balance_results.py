@@ -10,7 +10,7 @@ import pytest
 from masep.parallel.balance import BalanceEvent
 from masep.results.collect import collect
 from masep.telemetry.writer import write_parquet
-from test_results import write_run
+from helpers import write_sample_run
 
 
 def _event(rank: int, step: int, side: str, predicted: float, measured: float, plan: bool) -> BalanceEvent:
@@ -26,8 +26,8 @@ def _event(rank: int, step: int, side: str, predicted: float, measured: float, p
 
 def test_balance_events_and_predictor_accuracy(tmp_path):
     root = tmp_path / "runs"
-    folder = write_run(root, "train", "ma_sep", "seed=0", world_size=2, steps=3)
-    write_run(root, "train", "single", "seed=0", steps=3)  # no balancing: no rows
+    folder = write_sample_run(root, "train", "ma_sep", "seed=0", world_size=2, steps=3)
+    write_sample_run(root, "train", "single", "seed=0", steps=3)  # no balancing: no rows
     for rank in range(2):
         rows = [_event(rank, 100, "moe", 1.1, 1.0, True), _event(rank, 100, "attention", 0.9, 1.0, False),
                 _event(rank, 200, "moe", 1.0 + 0.02 * rank, 1.0, False)]
@@ -46,7 +46,7 @@ def test_balance_events_and_predictor_accuracy(tmp_path):
 
 def test_study_without_balancing_has_empty_balance_views(tmp_path):
     root = tmp_path / "runs"
-    write_run(root, "train", "single", "seed=0", steps=3)
+    write_sample_run(root, "train", "single", "seed=0", steps=3)
     db = tmp_path / "masep.duckdb"
     assert "balance_events" not in collect(root, db)
     with duckdb.connect(str(db), read_only=True) as con:
@@ -58,10 +58,10 @@ def test_ma_ablation_lists_plain_ma_sep_beside_its_variants(tmp_path):
     import json
 
     root = tmp_path / "runs"
-    write_run(root, "train", "ma_sep", "seed=0", world_size=2, steps=10)
-    write_run(root, "train", "tp", "seed=0", world_size=2, steps=10)  # not ma_sep: not listed
+    write_sample_run(root, "train", "ma_sep", "seed=0", world_size=2, steps=10)
+    write_sample_run(root, "train", "tp", "seed=0", world_size=2, steps=10)  # not ma_sep: not listed
     for label, ma, compression in (("ma_sep+paper", True, "int8"), ("ma_sep+int8", False, "int8")):
-        folder = write_run(root, "ablation", label, "seed=0", world_size=2, steps=10)
+        folder = write_sample_run(root, "ablation", label, "seed=0", world_size=2, steps=10)
         record = json.loads((folder / "run.json").read_text())
         record["strategy"] = "ma_sep"
         record["config"].update(ma={"rebalance": ma}, train={"grad_compression": compression})

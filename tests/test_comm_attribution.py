@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from masep.config import load_config
-from test_metrics import SMALL_VOCAB
+from helpers import SMALL_VOCAB
 
 KIND = {"attention": "attn_allreduce", "moe": "moe_dispatch"}
 COLLECTIVES = ("all_reduce", "all_to_all_single", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor",

@@ -17,52 +17,12 @@ from masep.data.batches import TokenDataset, shard_dirs
 from masep.data.c4 import C4ReadError, load_c4_shard, shard_name, shard_path
 from masep.data.shards import ShardError, read_manifest, sha256_file, shard_dir
 from masep.data.tokenizer import EOT_ID, get_tokenizer
-
-WORDS = ("the of and to in is was for on that with as by at from his her an which were are "
-         "river stone window garden engine letter winter harbour music lantern orbit").split()
-
-
-def make_docs(n: int, seed: int = 0, max_words: int = 400) -> list[dict]:
-    rng = random.Random(seed)
-    docs = []
-    for i in range(n):
-        words = [rng.choice(WORDS) for _ in range(rng.choice([1, 5, 30, 120, max_words]))]
-        text = " ".join(words).capitalize() + ".\nSecond line of document %d." % i
-        docs.append({"text": text, "timestamp": "2019-04-25T12:57:54Z", "url": f"https://example.org/{seed}/{i}"})
-    return docs
-
-
-def write_gz(path: Path, lines: list) -> Path:
-    """JSON lines (dicts are dumped, str/bytes written as they are) into a C4-style .json.gz."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    body = b"".join((json.dumps(x).encode() if isinstance(x, dict) else
-                     x if isinstance(x, bytes) else x.encode()) + b"\n" for x in lines)
-    path.write_bytes(gzip.compress(body, mtime=0))
-    return path
-
-
-def local_cfg(tmp_path: Path, *overrides: str):
-    return load_config("tiny", ["data.source=local", f"data.local_dir={tmp_path / 'c4'}",
-                                f"data.tokens_dir={tmp_path / 'tokens'}", "data.seq_len=32", *overrides])
-
-
-def c4_file(tmp_path: Path, index: int = 0) -> Path:
-    return tmp_path / "c4" / shard_name(index)
+from helpers import WORDS, c4_file, flip_middle_byte, local_cfg, make_docs, write_gz
 
 
 def no_trace_of_shard(cfg, index: int = 0) -> bool:
     final = shard_dir(cfg.data, index)
     return not final.exists() and not list(final.parent.glob(f".{final.name}*"))
-
-
-@pytest.fixture
-def local_shard(tmp_path):
-    docs = make_docs(240)
-    write_gz(c4_file(tmp_path), docs)
-    cfg = local_cfg(tmp_path)
-    status, manifest = tok.tokenize_shard(cfg.data, 0)
-    assert status == "built"
-    return cfg, docs, manifest
 
 
 def read_split(directory: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -142,12 +102,6 @@ def test_empty_and_invalid_unicode_documents_are_skipped_and_counted(tmp_path):
 # ------------------------------------------------------------------ bad input
 
 
-def _flip_middle_byte(path: Path) -> None:
-    b = bytearray(path.read_bytes())
-    b[len(b) // 2] ^= 0xFF
-    path.write_bytes(bytes(b))
-
-
 def _truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[:-100])
 
@@ -155,7 +109,7 @@ def _truncate(path: Path) -> None:
 BAD_INPUTS = {
     "missing": (lambda p: p.unlink(), "no such C4 file"),
     "truncated": (_truncate, "truncated or corrupt gzip"),
-    "corrupt": (_flip_middle_byte, "truncated or corrupt gzip"),
+    "corrupt": (flip_middle_byte, "truncated or corrupt gzip"),
     "not_gzip": (lambda p: p.write_bytes(b'{"text": "plain"}\n' * 50), "truncated or corrupt gzip"),
     "bad_json": (lambda p: write_gz(p, make_docs(20)[:7] + ['{"text": "unterminated'] + make_docs(5)),
                  "line 8 is not valid JSON"),
@@ -215,7 +169,7 @@ def test_done_shard_with_a_flipped_byte_is_rebuilt(local_shard, capsys):
     cfg, _, manifest = local_shard
     directory = shard_dir(cfg.data, 0)
     good = (directory / "train.bin").read_bytes()
-    _flip_middle_byte(directory / "train.bin")
+    flip_middle_byte(directory / "train.bin")
     with pytest.raises(ShardError, match="train.bin fails its checksum"):
         shard_dirs(cfg)
     status, rebuilt = tok.tokenize_shard(cfg.data, 0)

@@ -8,7 +8,7 @@ from masep.data import c4
 from masep.data import tokenize as tok
 from masep.data.c4 import load_c4_shard
 from masep.data.shards import shard_dir
-from test_data import c4_file, local_cfg, make_docs, write_gz
+from helpers import c4_file, local_cfg, make_docs, write_gz
 
 
 @pytest.mark.parametrize("streaming", [True, False])

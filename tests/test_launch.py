@@ -13,46 +13,11 @@ import submitit
 
 from masep.config import load_config
 from masep.launch import LaunchError, RankEntry, executor_parameters, launch
-from masep.runtime.distributed import init_distributed, shutdown_distributed
+from helpers import AllReduceRanks, FailOnRank, Sleep
 
 # The entries below live in this test module, which the task processes cannot import:
 # ship them by value.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
-
-
-class AllReduceRanks(RankEntry):
-    """Each rank contributes its rank id; every rank must see the sum."""
-
-    def __call__(self):
-        import torch
-        import torch.distributed as dist
-
-        info = init_distributed(timeout_s=30)
-        t = torch.tensor([float(info.rank)])
-        dist.all_reduce(t)
-        shutdown_distributed()
-        return {"rank": info.rank, "world": info.world_size, "sum": t.item(),
-                "job_id": info.job_id, "slurm_job_id": info.slurm_job_id, "device": str(info.device)}
-
-
-class FailOnRank(RankEntry):
-    def __init__(self, bad_rank: int):
-        self.bad_rank = bad_rank
-
-    def __call__(self):
-        rank = submitit.JobEnvironment().global_rank
-        if rank == self.bad_rank:
-            raise ValueError(f"boom from rank {rank}")
-        return rank
-
-
-class Sleep(RankEntry):
-    def __init__(self, seconds: float):
-        self.seconds = seconds
-
-    def __call__(self):
-        time.sleep(self.seconds)
-        return "slept"
 
 
 class SleepUntilRequeued(RankEntry):

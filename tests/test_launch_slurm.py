@@ -15,8 +15,7 @@ import pytest
 
 from masep.config import load_config
 from masep.launch import LaunchError, launch
-
-from test_launch import AllReduceRanks, FailOnRank, Sleep
+from helpers import AllReduceRanks, FailOnRank, Sleep
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 

@@ -6,18 +6,13 @@ arithmetic against numbers computed by hand. Those numbers only ever live in tmp
 """
 from __future__ import annotations
 
-import gzip
 import json
 import math
-import random
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
-import duckdb
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 from scipy import stats
@@ -29,15 +24,7 @@ from masep.telemetry.energy import MIN_WINDOW_S, Rapl, interpolate, segment_wind
 from masep.telemetry.flops import H200_DENSE_BF16, train_flops_per_token
 from masep.telemetry.mfu import flops_record, group_train_flops_per_token
 from masep.telemetry.nvml import NvmlGpu, TelemetrySampler
-
-SMALL = ["data.seq_len=32", "train.global_batch=4", "train.micro_batch=2", "model.hidden=32", "model.layers=2",
-         "model.heads=2", "model.experts=8", "model.expert_hidden=32", "parallel.timeout_s=60"]
-SMALL_VOCAB = SMALL + ["model.vocab_size=1000", "model.vocab_pad_multiple=128"]  # random-token runs
-
-
-def query(db: Path, sql: str, *params) -> list[tuple]:
-    with duckdb.connect(str(db), read_only=True) as con:
-        return con.execute(sql, list(params)).fetchall()
+from helpers import GPU, SMALL, SMALL_VOCAB, query, train_steps, windows, write_c4, write_run_from_rows
 
 
 # ------------------------------------------------------------------ MFU
@@ -212,15 +199,6 @@ def test_short_or_warmup_only_windows_are_null_with_reason():
 # ------------------------------------------------------------------ a real training run
 
 
-def write_c4(path: Path, n_docs: int = 120) -> None:
-    rng = random.Random(0)
-    words = "the of and river stone window garden engine letter winter harbour music lantern orbit".split()
-    docs = [{"text": " ".join(rng.choice(words) for _ in range(rng.randint(20, 200))), "url": f"u{i}",
-             "timestamp": ""} for i in range(n_docs)]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(gzip.compress(b"".join(json.dumps(d).encode() + b"\n" for d in docs), mtime=0))
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """One single-rank training run through the worker (6 steps), collected."""
@@ -361,31 +339,13 @@ def _delayed_comm_rank(rank: int, world: int, kind: str, delay_s: float, steps: 
     return phases
 
 
-def write_run(root: Path, strategy: str, key: str, world: int, kinds: dict[str, list[dict]],
-              extra: dict | None = None, experiment: str = "train", seed: int = 0) -> str:
-    folder = root / experiment / strategy / key
-    folder.mkdir(parents=True)
-    run_id = f"{experiment}/{strategy}/{key}"
-    for kind, rows in kinds.items():
-        by_rank: dict[int, list[dict]] = {}
-        for r in rows:
-            by_rank.setdefault(r.get("rank", 0), []).append({"run_id": run_id, **r})
-        for rank, rs in by_rank.items():
-            pq.write_table(pa.Table.from_pylist(rs), folder / f"{kind}-rank{rank}.parquet")
-    (folder / "run.json").write_text(json.dumps({
-        "run_id": run_id, "experiment": experiment, "strategy": strategy, "seed": seed, "world_size": world,
-        "config": {"model": {"lb_coef": 0.01, "z_coef": 0.001}, "train": {"seed": seed}}, "status": "completed",
-        **(extra or {})}))
-    return run_id
-
-
 def test_injected_delay_raises_exactly_that_kinds_share(tmp_path):
     from masep.testing import run_ranks
 
     results = run_ranks(2, _delayed_comm_rank, "grad_sync", 0.05, 6, timeout_s=120)
     root = tmp_path / "runs"
     for phase, key in enumerate(("seed=0", "seed=1")):
-        write_run(root, "ep_dp", key, 2, {"steps": [r for rank_rows in results for r in rank_rows[phase]]})
+        write_run_from_rows(root, "ep_dp", key, 2, {"steps": [r for rank_rows in results for r in rank_rows[phase]]})
     db = tmp_path / "db.duckdb"
     collect(root, db)
     shares = {(run_id.endswith("seed=1"), metric): v for run_id, metric, v in query(
@@ -401,25 +361,6 @@ def test_injected_delay_raises_exactly_that_kinds_share(tmp_path):
 # ------------------------------------------------------------------ views on made-up run folders
 
 
-def train_steps(world: int, n: int, tokens: int, step_time: float, comm: dict | None = None, compute=None) -> list:
-    return [{"step": s, "rank": r, "tokens": tokens, "loss": 5.0 - 0.1 * s, "lb_loss": 1.1, "z_loss": 2.0,
-             "step_time_s": step_time, "tokens_per_s": tokens / step_time, "dropped_tokens": 3,
-             "compute_s": (compute or {}).get(r, step_time / 2), "idle_s": 0.0,
-             **{f"comm_{k}_s": (comm or {}).get(k, 0.0) for k in
-                ("attn_allreduce", "moe_dispatch", "grad_sync", "p2p")}}
-            for s in range(n) for r in range(world)]
-
-
-def windows(world: int, energy_j: list, tokens: int, util: float) -> list:
-    return [{"rank": r, "host": f"h{r // 2}", "segment_start_s": 1.0, "steps": 9, "tokens": tokens, "window_s": 10.0,
-             "samples": 100, "gpu_util_mean": util + r, "mem_util_mean": 30.0, "power_mean_w": 400.0,
-             "gpu_energy_j": energy_j[r], "cpu_energy_j": None, "gpu_reason": None, "energy_reason": None,
-             "cpu_energy_reason": "no RAPL: test"} for r in range(world)]
-
-
-GPU = {"device": "cuda:0"}
-
-
 def flops(gpus: int, attn_gpus=None, moe_gpus=None) -> dict:
     return {"flops": {"train_flops_per_token": 1e9, "attention_group_flops_per_token": 4e8,
                       "moe_group_flops_per_token": 6e8, "gpus": gpus, "attention_group_gpus": attn_gpus,
@@ -431,18 +372,18 @@ def flops(gpus: int, attn_gpus=None, moe_gpus=None) -> dict:
 def gpu_study(tmp_path) -> Path:
     """tp_pp and ma_sep on 4 'GPUs', 10 steps each, with telemetry windows; inference of both."""
     root = tmp_path / "runs"
-    write_run(root, "tp_pp", "seed=0", 4, {
+    write_run_from_rows(root, "tp_pp", "seed=0", 4, {
         "steps": train_steps(4, 10, 4000, 2.0, {"attn_allreduce": 0.2, "grad_sync": 0.1},
                              compute={0: 1.0, 1: 1.2, 2: 1.0, 3: 1.2}),
         "energy_window": windows(4, [800.0, 800.0, 800.0, 800.0], 36000, 60.0),
         "experts": [{"step": 0, "layer": 0, "expert": e, "tokens": t} for e, t in enumerate([10, 30, 20, 40])],
     }, {**GPU, **flops(4)})
-    write_run(root, "ma_sep", "seed=0", 4, {
+    write_run_from_rows(root, "ma_sep", "seed=0", 4, {
         "steps": train_steps(4, 10, 4000, 1.0, {"moe_dispatch": 0.25, "grad_sync": 0.05}),
         "energy_window": windows(4, [360.0, 360.0, 720.0, 720.0], 36000, 80.0),
     }, {**GPU, **flops(4, 2, 2)})
     for strategy, tpot in (("tp_pp", 4.0), ("ma_sep", 3.0)):
-        write_run(root, strategy, "ctx=2048", 4, {"inference": [
+        write_run_from_rows(root, strategy, "ctx=2048", 4, {"inference": [
             {"rank": r, "context_len": 2048, "batch": 1, "new_tokens": 8, "prefill_ms": 50.0, "tpot_ms": tpot,
              "tokens_per_s": 1000 / tpot} for r in range(4)]}, GPU, experiment="infer")
     return root
@@ -511,7 +452,8 @@ def test_repeat_stats_ci_matches_scipy(tmp_path):
     tps = {"ma_sep": [1010.0, 1200.0, 1090.0, 1130.0], "tp_pp": [800.0, 790.0, 850.0, 810.0]}
     for strategy, values in tps.items():
         for seed, v in enumerate(values):
-            write_run(root, strategy, f"seed={seed}", 1, {"steps": train_steps(1, 10, int(v), 1.0)}, seed=seed)
+            write_run_from_rows(root, strategy, f"seed={seed}", 1, {"steps": train_steps(1, 10, int(v), 1.0)},
+                                seed=seed)
     db = tmp_path / "db.duckdb"
     collect(root, db)
     rows = {(s, m): r for s, m, *r in query(
@@ -542,7 +484,7 @@ def test_t_table_matches_scipy(tmp_path):
 
 def test_cpu_figures_beside_claims_say_they_are_not_comparable(gpu_study, tmp_path):
     """A figure from CPU ranks (the embedded default) is marked beside the paper's 16-GPU claim."""
-    write_run(gpu_study, "tp", "seed=0", 4, {"steps": train_steps(4, 10, 4000, 2.0)}, {"device": "cpu"})
+    write_run_from_rows(gpu_study, "tp", "seed=0", 4, {"steps": train_steps(4, 10, 4000, 2.0)}, {"device": "cpu"})
     db = tmp_path / "db.duckdb"
     collect(gpu_study, db)
     note = dict(query(db, "SELECT strategy, note FROM table1_performance WHERE metric = 'throughput_tok_s' "

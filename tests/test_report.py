@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -13,7 +12,7 @@ import pytest
 
 from masep.report.render import ReportError, render
 from masep.results.collect import collect
-from test_results import write_run
+from helpers import row_cells, write_sample_run
 
 FILES = ["figures/loss_curves.png", "figures/loss_curves.svg", "figures/throughput.png",
          "figures/throughput.svg", "figures/tpot.png", "figures/tpot.svg", "index.html"]
@@ -23,23 +22,14 @@ def _files(out):
     return sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
 
 
-def _cells(html_text: str, first_cell: str) -> list[str]:
-    """The cells of the first table row whose first cell is `first_cell`."""
-    for row in re.findall(r"<tr>(.*?)</tr>", html_text):
-        cells = re.findall(r"<td[^>]*>(.*?)</td>", row)
-        if cells and cells[0] == first_cell:
-            return cells
-    raise AssertionError(f"no row {first_cell!r}")
-
-
 def test_report_from_a_study(tmp_path):
     runs = tmp_path / "runs"
-    write_run(runs, "train", "single", "seed=0", steps=10, evals=[(10, 3.5)])
-    write_run(runs, "train", "single", "seed=1", steps=10, seed=1, evals=[(10, 3.7)])
-    write_run(runs, "train", "ep_dp", "seed=0", world_size=2, steps=10)
-    write_run(runs, "infer", "single", "ctx=512", contexts=(512,))
-    write_run(runs, "infer", "single", "ctx=2048", contexts=(2048,))
-    write_run(runs, "infer", "ep_dp", "ctx=512", world_size=2, contexts=(512,))
+    write_sample_run(runs, "train", "single", "seed=0", steps=10, evals=[(10, 3.5)])
+    write_sample_run(runs, "train", "single", "seed=1", steps=10, seed=1, evals=[(10, 3.7)])
+    write_sample_run(runs, "train", "ep_dp", "seed=0", world_size=2, steps=10)
+    write_sample_run(runs, "infer", "single", "ctx=512", contexts=(512,))
+    write_sample_run(runs, "infer", "single", "ctx=2048", contexts=(2048,))
+    write_sample_run(runs, "infer", "ep_dp", "ctx=512", world_size=2, contexts=(512,))
     db = tmp_path / "masep.duckdb"
     collect(runs, db)
     shutil.rmtree(runs)  # the report reads the database only
@@ -55,15 +45,15 @@ def test_report_from_a_study(tmp_path):
     # throughput table: strategy, world size, runs, measured, mean, min, max, step time
     throughput = page[page.index("<h2>Throughput"):]
     # (tokens over time of the steady steps: 256 / 0.5 for both seeds)
-    assert _cells(throughput, "single")[:7] == ["single", "1", "2", "2", "512", "512", "512"]
-    assert _cells(throughput, "ep_dp")[:5] == ["ep_dp", "2", "1", "1", "512"]
+    assert row_cells(throughput, "single")[:7] == ["single", "1", "2", "2", "512", "512", "512"]
+    assert row_cells(throughput, "ep_dp")[:5] == ["ep_dp", "2", "1", "1", "512"]
     # TPOT table: ep_dp never ran at 2048 -> not measured, not 0
     tpot = page[page.index("Inference: time per output token"):]
-    assert _cells(tpot, "ep_dp") == ["ep_dp", "1.512", "not measured"]
-    assert _cells(tpot, "single") == ["single", "1.512", "3.048"]
+    assert row_cells(tpot, "ep_dp") == ["ep_dp", "1.512", "not measured"]
+    assert row_cells(tpot, "single") == ["single", "1.512", "3.048"]
     # loss table: ep_dp has no eval -> not measured
     loss = page[page.index("Loss curves"):]
-    assert _cells(loss, "ep_dp")[5:7] == ["not measured", "not measured"]
+    assert row_cells(loss, "ep_dp")[5:7] == ["not measured", "not measured"]
     # local runs have no SLURM job: not applicable rather than not measured
     assert "not applicable (local run)" in page
     # a study without ma_sep: the balancing section says so
@@ -88,7 +78,7 @@ def test_empty_and_partial_databases_render(tmp_path):
     assert "training loss: not measured" in (tmp_path / "empty/figures/loss_curves.svg").read_text() or \
         "not measured" in page
     # training only: the TPOT figure says it was not measured
-    write_run(tmp_path / "runs", "train", "single", "seed=0", steps=3)
+    write_sample_run(tmp_path / "runs", "train", "single", "seed=0", steps=3)
     collect(tmp_path / "runs", db)
     render(db, tmp_path / "partial")
     page = (tmp_path / "partial" / "index.html").read_text()
@@ -123,9 +113,9 @@ def test_bench_section_shows_committed_summaries(tmp_path):
     assert "<h3>bench/single/20261129T044725Z</h3>" in section
     assert "<p>NVIDIA H200, torch 2.11.0+cu130, 2026-11-29T04:47:25Z, commit None; peak 790 TFLOP/s" in section
     # run, GPUs, step ms, tok/s/GPU, tok/s all, vs 1 GPU, MFU, compute ms, comm, idle, peak GiB, mJ/token, TPOT...
-    assert _cells(section, "single") == ["single", "1", "1385", "47313", "47313", "1.00x", "40.0%", "1385", "none",
-                                         "0", "107.6", "14.47", "46.43 (89.8x)", "46.37 (88.4x)", "45.92 (85.0x)",
-                                         "46.45 (81.2x)"]
+    assert row_cells(section, "single") == ["single", "1", "1385", "47313", "47313", "1.00x", "40.0%", "1385", "none",
+                                            "0", "107.6", "14.47", "46.43 (89.8x)", "46.37 (88.4x)", "45.92 (85.0x)",
+                                            "46.45 (81.2x)"]
     assert "single-GPU MFU 40.0% (goal 45%)" in section
     assert "not measured" not in section
     # the same files render the same page
@@ -151,4 +141,4 @@ def test_bench_section_without_summaries(tmp_path):
     out = subprocess.run([sys.executable, "-m", "masep.cli", "report", "--db", str(db), "--out", "cli-out"],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    assert _cells(_bench_section((tmp_path / "cli-out" / "index.html").read_text()), "single")[2] == "1385"
+    assert row_cells(_bench_section((tmp_path / "cli-out" / "index.html").read_text()), "single")[2] == "1385"

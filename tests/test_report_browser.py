@@ -11,7 +11,7 @@ import pytest
 from masep.report.render import render
 from masep.report.sections import SECTIONS
 from masep.results.collect import collect
-from test_results import write_run
+from helpers import write_sample_run
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 DRIVER = shutil.which("chromedriver")
@@ -42,11 +42,11 @@ def _study(tmp_path):
     for strategy, sizes in (("single", (1,)), ("tp", (2, 4)), ("tp_pp", (2, 4)), ("ma_sep", (2, 4))):
         for ws in sizes:
             for seed in (0, 1):
-                write_run(runs, "train", strategy, f"ws={ws}/seed={seed}", world_size=ws, seed=seed, steps=10,
-                          evals=[(10, 3.5 + seed / 10)])
+                write_sample_run(runs, "train", strategy, f"ws={ws}/seed={seed}", world_size=ws, seed=seed,
+                                 steps=10, evals=[(10, 3.5 + seed / 10)])
         for seed in (0, 1):
-            write_run(runs, "infer", strategy, f"ws={sizes[-1]}/seed={seed}/rep=0/ctx=all", world_size=sizes[-1],
-                      seed=seed, contexts=(512, 2048))
+            write_sample_run(runs, "infer", strategy, f"ws={sizes[-1]}/seed={seed}/rep=0/ctx=all",
+                             world_size=sizes[-1], seed=seed, contexts=(512, 2048))
     db = tmp_path / "masep.duckdb"
     collect(runs, db)
     return db

@@ -5,86 +5,27 @@ the test and only ever live in tmp_path.
 """
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import duckdb
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from masep.results.collect import CollectError, collect
-
-STEP_COLUMNS = ["run_id", "step", "rank", "tokens", "loss", "lb_loss", "z_loss", "lr", "grad_norm",
-                "step_time_s", "tokens_per_s", "dropped_tokens", "peak_mem_bytes", "compute_s",
-                "comm_attn_allreduce_s", "comm_moe_dispatch_s", "comm_grad_sync_s",
-                "comm_p2p_s", "idle_s"]
-
-
-def write_run(root: Path, experiment: str, strategy: str, key: str, *, world_size: int = 1,
-              steps: int = 0, seed: int = 0, contexts=(), evals=(), extra_kinds=(),
-              complete: bool = True, drop_step_columns=()) -> Path:
-    """A run folder with per-rank Parquet files; run.json last (only when `complete`)."""
-    folder = root / experiment / strategy / key
-    folder.mkdir(parents=True)
-    run_id = f"{experiment}-{strategy}-{key}"
-    for rank in range(world_size):
-        if steps:
-            rows = {c: [] for c in STEP_COLUMNS}
-            for s in range(1, steps + 1):
-                row = dict(run_id=run_id, step=s, rank=rank, tokens=256, loss=10.0 - s + rank * 0.0,
-                           lb_loss=0.01, z_loss=0.001, lr=1e-3, grad_norm=1.0,
-                           step_time_s=2.0 if s == 1 else 0.5, tokens_per_s=128.0 if s == 1 else 512.0 + seed,
-                           dropped_tokens=s, peak_mem_bytes=1000 + rank, compute_s=0.4,
-                           comm_attn_allreduce_s=None, comm_moe_dispatch_s=None,
-                           comm_grad_sync_s=0.05 if world_size > 1 else None,
-                           comm_p2p_s=None, idle_s=0.05)
-                for c in STEP_COLUMNS:
-                    rows[c].append(row[c])
-            table = pa.table({c: rows[c] for c in STEP_COLUMNS if c not in drop_step_columns})
-            pq.write_table(table, folder / f"steps-rank{rank}.parquet")
-            pq.write_table(pa.table({"run_id": [run_id] * 4, "step": [steps] * 4, "layer": [0, 0, 1, 1],
-                                     "expert": [0, 1, 0, 1], "tokens": [10, 20, 15, 15]}),
-                           folder / f"experts-rank{rank}.parquet")
-        if contexts:
-            pq.write_table(pa.table({
-                "run_id": [run_id] * len(contexts), "rank": [rank] * len(contexts),
-                "context_len": list(contexts), "batch": [1] * len(contexts),
-                "new_tokens": [16] * len(contexts),
-                "prefill_ms": [c / 100 for c in contexts], "tpot_ms": [1.0 + c / 1000 for c in contexts],
-                "tokens_per_s": [1000 / (1.0 + c / 1000) for c in contexts]}),
-                folder / f"inference-rank{rank}.parquet")
-        for kind in extra_kinds:
-            pq.write_table(pa.table({"run_id": [run_id], "rank": [rank], "recovery_s": [1.5]}),
-                           folder / f"{kind}-rank{rank}.parquet")
-    if evals:
-        pq.write_table(pa.table({"run_id": [run_id] * len(evals), "step": [s for s, _ in evals],
-                                 "val_loss": [v for _, v in evals],
-                                 "val_ppl": [2.718281828 ** v for _, v in evals]}),
-                       folder / "eval-rank0.parquet")
-    if complete:
-        (folder / "run.json").write_text(json.dumps({
-            "run_id": run_id, "experiment": experiment, "strategy": strategy, "seed": seed,
-            "world_size": world_size, "config": {"model": {"hidden": 64}, "parallel": {"strategy": strategy}},
-            "versions": {"torch": "2.13.0"}, "git_commit": "0123abc", "host": "testhost",
-            "hardware": {"gpus": 0}, "status": "completed", "started_at": "2025-01-01T00:00:00+00:00",
-            "ended_at": 1735689630.0, "slurm_job_id": None, "layout": {"ranks": list(range(world_size))}}))
-    return folder
-
+from helpers import write_sample_run
 
 @pytest.fixture
 def study(tmp_path) -> Path:
     root = tmp_path / "runs"
-    write_run(root, "train", "single", "seed=0", steps=10, evals=[(5, 4.0), (10, 3.5)])
-    write_run(root, "train", "single", "seed=1", steps=10, seed=1, evals=[(10, 3.6)])
-    write_run(root, "train", "ep_dp", "seed=0", world_size=2, steps=10, extra_kinds=("faults",),
-              drop_step_columns=("comm_p2p_s", "idle_s"))
-    write_run(root, "train", "tp", "seed=0", world_size=2, steps=3, complete=False)  # still running
-    write_run(root, "infer", "single", "ctx=512", contexts=(512,))
-    write_run(root, "infer", "single", "ctx=1024", contexts=(1024,))
+    write_sample_run(root, "train", "single", "seed=0", steps=10, evals=[(5, 4.0), (10, 3.5)])
+    write_sample_run(root, "train", "single", "seed=1", steps=10, seed=1, evals=[(10, 3.6)])
+    write_sample_run(root, "train", "ep_dp", "seed=0", world_size=2, steps=10, extra_kinds=("faults",),
+                     drop_step_columns=("comm_p2p_s", "idle_s"))
+    write_sample_run(root, "train", "tp", "seed=0", world_size=2, steps=3, complete=False)  # still running
+    write_sample_run(root, "infer", "single", "ctx=512", contexts=(512,))
+    write_sample_run(root, "infer", "single", "ctx=1024", contexts=(1024,))
     return root
 
 
@@ -170,7 +111,7 @@ def test_empty_study_has_empty_tables(tmp_path):
 
 def test_duplicate_run_ids_are_refused(tmp_path):
     root = tmp_path / "runs"
-    a = write_run(root, "train", "single", "seed=0", steps=2)
+    a = write_sample_run(root, "train", "single", "seed=0", steps=2)
     b = root / "train" / "single" / "seed=0-copy"
     b.mkdir()
     for f in a.iterdir():

@@ -10,7 +10,7 @@ import pytest
 from masep.data import shards
 from masep.data.batches import shard_dirs
 from masep.data.shards import ShardError, fingerprint_file, shard_dir
-from test_data import _flip_middle_byte, local_shard  # noqa: F401  (fixture)
+from helpers import flip_middle_byte
 
 
 def test_fingerprint_reads_sampled_blocks_of_a_large_file(tmp_path):
@@ -52,7 +52,7 @@ def test_jobs_check_shards_without_hashing_them_in_full(local_shard, monkeypatch
 def test_a_corrupt_shard_fails_in_one_line_naming_it(local_shard, verify):
     cfg, _, _ = local_shard
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, verify_checksums=verify))
-    _flip_middle_byte(shard_dir(cfg.data, 0) / "train.bin")
+    flip_middle_byte(shard_dir(cfg.data, 0) / "train.bin")
     with pytest.raises(ShardError) as err:
         shard_dirs(cfg)
     message = str(err.value)

@@ -74,7 +74,7 @@ def test_masep_train_killed_after_a_checkpoint_resumes_with_the_same_data_and_lo
     from masep.data.c4 import shard_name
     from masep.runtime.checkpoint import latest_checkpoint
     from masep.runtime.worker import batch_crc32
-    from test_metrics import write_c4
+    from helpers import write_c4
 
     write_c4(tmp_path / "c4" / shard_name(0))
     sets = RUN_SETS + ["data.source=local", f"data.local_dir={tmp_path / 'c4'}",
