@@ -100,7 +100,7 @@ def tokenizer_identity() -> dict:
 
 
 def encode_ordinary_one(text: str) -> np.ndarray:
-    """uint32 ids of `text`, exactly `encode_ordinary`'s, also where it holds a whitespace run so
+    r"""uint32 ids of `text`, exactly `encode_ordinary`'s, also where it holds a whitespace run so
     long that tiktoken's regex overflows its stack (10^5-10^6 characters). GPT-2's pattern cuts
     such a run R, between text A (ending in non-space) and the rest B, into the pieces of A, the
     one piece R[:-1] (`\s+(?!\S)`) and the pieces of R[-1] + B (R whole at the end of the text),

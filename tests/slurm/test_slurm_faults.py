@@ -86,7 +86,9 @@ def test_slurm_stopped_rank_ends_the_job_and_is_named(slurm_cluster, slurm_job_n
             except ProcessLookupError:
                 pass
     msg = str(e.value)
-    assert detected < TIMEOUT_S + 10, detected
+    # The verdict comes within timeout_s + a few seconds; what is timed here also includes the
+    # cancel confirmed through sacct (CANCELLED), which takes SLURM up to about 20 s more.
+    assert detected < TIMEOUT_S + 30, detected
     assert f"(SLURM): rank 1 (pid {found['pid']} on {found['host']}) stopped making progress" in msg, msg
     assert "cancelled it (scancel; SLURM state CANCELLED" in msg, msg
     assert "\n" not in msg and msg.endswith("_1_log.err")

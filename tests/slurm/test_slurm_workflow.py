@@ -72,7 +72,12 @@ def make_project(path: Path, partition: str, extra_set: tuple[str, ...] = (),
     (path / "slurm").symlink_to("profiles/slurm")
     # executor=slurm comes from the profile itself; one inference job per strategy (ctx=all).
     config = {"launch": {"partition": partition, "time_min": 10, "cpus_per_task": 1, **(launch or {})},
-              "set": SHORT_SET + list(extra_set), "context_lengths": CONTEXTS, "infer_jobs": "per_strategy"}
+              "set": SHORT_SET + list(extra_set), "context_lengths": CONTEXTS, "infer_jobs": "per_strategy",
+              # the study's main runs only: no scaling sweep, one decoding repeat, no ablation
+              # variant, no fault trials (each has tests of its own)
+              "scaling_world_sizes": [], "infer_repeats": 1,
+              "variants": {v: {"study": False} for v in DEFAULT.get("variants", {})},
+              "faults": {"strategies": [], "kinds": [], "trials": 0, "set": []}}
     (path / CONFIGFILE).write_text(yaml.safe_dump(config))
     return path
 
@@ -276,9 +281,16 @@ def e2e(slurm_cluster, tmp_path_factory) -> EndToEnd:
                     second_dry_run, second, final_dry_run, seconds)
 
 
+def train_run(s: str) -> str:
+    return f"train/{s}/ws={WORLD[s]}/seed={SEED}"
+
+
+def infer_run(s: str) -> str:
+    return f"infer/{s}/ws={WORLD[s]}/seed={SEED}/rep=0/ctx=all"
+
+
 def expected_run_ids() -> set[str]:
-    return ({f"train/{s}/seed={SEED}" for s in STRATEGIES}
-            | {f"infer/{s}/ctx=all" for s in STRATEGIES})
+    return {train_run(s) for s in STRATEGIES} | {infer_run(s) for s in STRATEGIES}
 
 
 # ------------------------------------------------------------------ (c) scancel, (d) re-run, (1) results
@@ -294,14 +306,14 @@ def test_scancel_of_a_running_job_fails_its_rule_and_only_its_descendants(e2e):
     errors = re.findall(r"^Error in rule (\w+):", out, flags=re.M)
     assert errors == ["train"], errors
     block = out.split("Error in rule train:", 1)[1]
-    assert f"output: results/runs/train/{CANCELLED_STRATEGY}/seed={SEED}/run.json" in block
+    assert f"output: results/runs/{train_run(CANCELLED_STRATEGY)}/run.json" in block
     assert f"job {e2e.cancelled_job} (SLURM) task 0 of {WORLD[CANCELLED_STRATEGY]} failed" in block
     assert "state: CANCELLED" in block
     states = sacct_states([e2e.cancelled_job], lambda s: s.get(e2e.cancelled_job, "").startswith("CANCELLED"))
     assert states[e2e.cancelled_job].startswith("CANCELLED"), states
     # Snakemake kept going: everything that does not need the cancelled run finished.
     assert set(e2e.ids_after_first) == expected_run_ids() - {
-        f"train/{CANCELLED_STRATEGY}/seed={SEED}", f"infer/{CANCELLED_STRATEGY}/ctx=all"}
+        train_run(CANCELLED_STRATEGY), infer_run(CANCELLED_STRATEGY)}
 
 
 @pytest.mark.slow
@@ -312,7 +324,7 @@ def test_second_run_completes_the_dag_without_redoing_finished_jobs(e2e):
     assert job_counts(e2e.second_dry_run) == left
     assert e2e.second.returncode == 0, e2e.second.output[-4000:]
     assert job_counts(e2e.second) == left
-    assert f"output: results/runs/train/{CANCELLED_STRATEGY}/seed={SEED}/run.json" in e2e.second.output
+    assert f"output: results/runs/{train_run(CANCELLED_STRATEGY)}/run.json" in e2e.second.output
     # The runs of the first Snakemake run kept their SLURM jobs: none ran again.
     after = run_job_ids(e2e.project)
     assert {k: after[k] for k in e2e.ids_after_first} == e2e.ids_after_first
@@ -355,14 +367,14 @@ def test_end_to_end_rows_carry_the_slurm_job_ids(e2e):
     print("\n".join("|".join(row) for row in acct))
     jobs = {row[0]: row for row in acct}
     for run_id, job_id in job_ids.items():
-        experiment, strategy, _ = run_id.split("/")
+        experiment, strategy = run_id.split("/")[:2]
         name = f"train-{strategy}-seed{SEED}" if experiment == "train" else \
             f"infer-{strategy}-" + "-".join(map(str, CONTEXTS))
         assert jobs[job_id][1:3] == [name, "COMPLETED"], (run_id, jobs[job_id])
         assert jobs[f"{job_id}.0"][3] == str(WORLD[strategy]), (run_id, jobs.get(f"{job_id}.0"))
 
     for s in STRATEGIES:
-        train, infer = f"train/{s}/seed={SEED}", f"infer/{s}/ctx=all"
+        train, infer = train_run(s), infer_run(s)
         assert steps[train] is True, train
         assert step_rows[train] == STEPS * WORLD[s], train
         assert eval_rows[train] == STEPS // 2, train  # eval every 2 steps, on rank 0
@@ -382,7 +394,7 @@ def test_job_failing_inside_its_ranks_fails_the_rule_with_the_job_error(e2e, slu
     strategy = "tp"
     project = make_project(tmp_path / "project", slurm_cluster.partition)
     copy_tokens(e2e.project, project)
-    train = Path("results/runs/train") / strategy / f"seed={SEED}"
+    train = Path("results/runs") / train_run(strategy)
     # Hard links: the e2e run's files are shared, never changed (corrupt files are new inodes).
     shutil.copytree(e2e.project / train, project / train, copy_function=os.link)
     checkpoint = project / train / "checkpoint"
@@ -394,18 +406,18 @@ def test_job_failing_inside_its_ranks_fails_the_rule_with_the_job_error(e2e, slu
         tmp.write_bytes(shard.read_bytes()[:1024])
         os.replace(tmp, shard)
 
-    target = f"results/runs/infer/{strategy}/ctx=all/run.json"
+    target = f"results/runs/{infer_run(strategy)}/run.json"
     # Only the inference runs: the copied training run is taken as it is, never redone.
     assert job_counts(snakemake(project, target, "-n")) == {"infer": 1, "total": 1}
     run = snakemake(project, target)
     out = run.output
     assert run.returncode != 0, out[-4000:]
     assert re.findall(r"^Error in rule (\w+):", out, flags=re.M) == ["infer"]
-    [job_id] = submitted_job_ids(project / f"logs/infer/{strategy}/ctx=all.log")
+    [job_id] = submitted_job_ids(project / f"logs/{infer_run(strategy)}.log")
     # The job's own error, from its ranks' stderr, in Snakemake's log.
     assert f"job {job_id} (SLURM) task 0 of {WORLD[strategy]} failed" in out
     assert "CheckpointException" in out and "EOFError" in out
-    assert not (project / f"results/runs/infer/{strategy}/ctx=all/run.json").exists()
+    assert not (project / f"results/runs/{infer_run(strategy)}/run.json").exists()
     states = sacct_states([job_id], lambda s: s.get(job_id) == "FAILED")
     assert states[job_id] == "FAILED", states
 
@@ -428,7 +440,7 @@ REQUEUE_TRAIN_S = 85
 @pytest.mark.timeout(3600)
 def test_time_limit_requeues_the_job_and_training_resumes_from_its_checkpoint(e2e, slurm_cluster, tmp_path):
     strategy = "tp"
-    measured = read_rows(e2e.project / "results/runs/train" / strategy / f"seed={SEED}", "steps")
+    measured = read_rows(e2e.project / "results/runs" / train_run(strategy), "steps")
     step_s = statistics.median(r["step_time_s"] for r in measured if r["rank"] == 0 and r["step"] > 0)
     steps = max(40, math.ceil(REQUEUE_TRAIN_S / step_s))
     every = max(2, steps // 20)  # about 20 checkpoints: at most `every` steps are lost at a requeue
@@ -438,12 +450,12 @@ def test_time_limit_requeues_the_job_and_training_resumes_from_its_checkpoint(e2
                                       f"train.log_every={every}"),
                            launch={"time_min": REQUEUE_TIME_MIN})
     copy_tokens(e2e.project, project)
-    run = snakemake(project, f"results/runs/train/{strategy}/seed={SEED}/run.json")
+    run = snakemake(project, f"results/runs/{train_run(strategy)}/run.json")
     out = run.output
     assert run.returncode == 0, out[-4000:]
     assert job_counts(run) == {"train": 1, "total": 1}  # on the copied tokens
-    [job_id] = submitted_job_ids(project / f"logs/train/{strategy}/seed={SEED}.log")  # never resubmitted
-    folder = project / "results/runs/train" / strategy / f"seed={SEED}"
+    [job_id] = submitted_job_ids(project / f"logs/{train_run(strategy)}.log")  # never resubmitted
+    folder = project / "results/runs" / train_run(strategy)
     record = json.loads((folder / "run.json").read_text())
     deadline = time.monotonic() + 30  # slurmdbd may record the end a moment after Snakemake saw it
     while (history := sacct([job_id], "JobID,State,Start,End", requeues=True))[-1][1] \
