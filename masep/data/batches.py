@@ -121,6 +121,10 @@ class TokenDataset:
     def __len__(self) -> int:
         return int(self._first[-1])
 
+    def shard_tokens(self, s: int) -> np.ndarray:
+        """The token ids of shard `s` (a memory map, opened on first use)."""
+        return self._shard(s)[0]
+
     def window(self, i: int) -> tuple[np.ndarray, int]:
         """Sequence i's seq_len + 1 tokens (int64, padded) and how many of them are real."""
         s = int(np.searchsorted(self._first, i, side="right")) - 1

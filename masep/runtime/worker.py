@@ -199,7 +199,13 @@ def _write_faults(cfg: Config, out_dir: Path, run_id: str, steps: list[dict], st
 def _prompt(val_ds, context_len: int, batch: int) -> torch.Tensor:
     """`batch` prompts of `context_len` consecutive held-out tokens (wrapping if the split is short)."""
     need = context_len * batch
-    tokens = torch.cat([torch.from_numpy(t[:need].astype("int64")) for t in val_ds.tokens])[:need]
+    parts, have = [], 0
+    for s in range(len(val_ds.dirs)):  # opens only the shards the prompts need
+        parts.append(torch.from_numpy(val_ds.shard_tokens(s)[:need - have].astype("int64")))
+        have += len(parts[-1])
+        if have >= need:
+            break
+    tokens = torch.cat(parts)
     flat = tokens.repeat(math.ceil(need / len(tokens)))[:need]
     return flat.view(batch, context_len)
 
