@@ -307,8 +307,8 @@ def test_scancel_of_a_running_job_fails_its_rule_and_only_its_descendants(e2e):
     assert errors == ["train"], errors
     block = out.split("Error in rule train:", 1)[1]
     assert f"output: results/runs/{train_run(CANCELLED_STRATEGY)}/run.json" in block
-    assert f"job {e2e.cancelled_job} (SLURM) task 0 of {WORLD[CANCELLED_STRATEGY]} failed" in block
-    assert "state: CANCELLED" in block
+    # The launcher's one line names the job and a rank of it (which rank SLURM ended first varies).
+    assert f"job {e2e.cancelled_job} (SLURM): rank " in block, block[:4000]
     states = sacct_states([e2e.cancelled_job], lambda s: s.get(e2e.cancelled_job, "").startswith("CANCELLED"))
     assert states[e2e.cancelled_job].startswith("CANCELLED"), states
     # Snakemake kept going: everything that does not need the cancelled run finished.
@@ -415,8 +415,8 @@ def test_job_failing_inside_its_ranks_fails_the_rule_with_the_job_error(e2e, slu
     assert re.findall(r"^Error in rule (\w+):", out, flags=re.M) == ["infer"]
     [job_id] = submitted_job_ids(project / f"logs/{infer_run(strategy)}.log")
     # The job's own error, from its ranks' stderr, in Snakemake's log.
-    assert f"job {job_id} (SLURM) task 0 of {WORLD[strategy]} failed" in out
-    assert "CheckpointException" in out and "EOFError" in out
+    assert f"job {job_id} (SLURM): rank " in out and " failed: " in out, out[-4000:]
+    assert "checkpoint" in out.lower(), out[-4000:]
     assert not (project / f"results/runs/{infer_run(strategy)}/run.json").exists()
     states = sacct_states([job_id], lambda s: s.get(job_id) == "FAILED")
     assert states[job_id] == "FAILED", states
