@@ -226,7 +226,8 @@ def test_end_to_end_embedded_default(project):
         "set": ["data.max_docs=200", "train.steps=6", "train.eval_every=3", "train.checkpoint_every=3", "train.log_every=1",
                 "train.warmup_steps=1", "infer.new_tokens=4", "infer.warmup_tokens=1"],
         "strategies": ["single", "ma_sep"], "context_lengths": [32, 64], "scaling_world_sizes": [],
-        "infer_repeats": 1, "faults": {"strategies": [], "kinds": [], "trials": 0, "set": []}}))
+        "infer_repeats": 1, "faults": {"strategies": [], "kinds": [], "trials": 0, "set": []},
+        "variants": {"ma_sep+paper": {"study": False}}}))  # the ablation has its own test
     out = snakemake(project, "--configfile", "short.yaml", timeout=900)
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
     with duckdb.connect(str(project / "results" / "masep.duckdb"), read_only=True) as con:
