@@ -265,7 +265,7 @@ def test_end_to_end_embedded_default(project):
     # `snakemake` runs collect again instead of "Nothing to be done".
     db = project / "results" / "masep.duckdb"
     before = db.read_bytes()
-    damaged = project / "results/runs/train/ma_sep/seed=0/steps-rank2.parquet"
+    damaged = project / "results/runs/train/ma_sep/ws=4/seed=0/steps-rank2.parquet"
     damaged.write_bytes(damaged.read_bytes()[:-100])
     out = snakemake(project, "--configfile", "short.yaml", "--forcerun", "collect")
     assert out.returncode != 0 and f"{damaged.relative_to(project)}: damaged (" in (project / "logs/collect.log").read_text()

@@ -193,10 +193,10 @@ def sacct_states(job_ids: list[str], done: Callable[[dict[str, str]], bool],
 
 
 def run_job_ids(project: Path) -> dict[str, Optional[str]]:
-    """run id (e.g. train/tp/seed=0) -> slurm_job_id of every complete run folder."""
+    """run id (e.g. train/tp/ws=4/seed=0) -> slurm_job_id of every complete run folder."""
     runs = project / "results" / "runs"
     return {str(p.parent.relative_to(runs)): json.loads(p.read_text())["slurm_job_id"]
-            for p in runs.glob("*/*/*/run.json")}
+            for p in runs.rglob("run.json")}
 
 
 def submitted_job_ids(log: Path) -> list[str]:
