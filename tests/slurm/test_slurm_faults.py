@@ -55,7 +55,7 @@ def _stop_rank_when_it_beats(folder, rank: int, found: dict, give_up: threading.
                 continue
             time.sleep(3)  # every rank inside its loop
             os.kill(info["pid"], signal.SIGSTOP)
-            found.update(info, stopped_at=time.monotonic(), job_id=path.name.split("_")[0])
+            found.update(info, stopped_at=time.monotonic(), stopped_unix=time.time(), job_id=path.name.split("_")[0])
             return
         time.sleep(0.2)
 
@@ -86,8 +86,9 @@ def test_slurm_stopped_rank_ends_the_job_and_is_named(slurm_cluster, slurm_job_n
             except ProcessLookupError:
                 pass
     msg = str(e.value)
-    # The verdict comes within timeout_s + a few seconds; what is timed here also includes the
-    # cancel confirmed through sacct (CANCELLED), which takes SLURM up to about 20 s more.
+    # The verdict comes within timeout_s + a few seconds; the launcher's return also waits for
+    # the cancel confirmed through sacct (CANCELLED), which takes SLURM up to about 20 s more.
+    assert e.value.detected_at - found["stopped_unix"] < TIMEOUT_S + 10, e.value.detected_at - found["stopped_unix"]
     assert detected < TIMEOUT_S + 30, detected
     assert f"(SLURM): rank 1 (pid {found['pid']} on {found['host']}) stopped making progress" in msg, msg
     assert "cancelled it (scancel; SLURM state CANCELLED" in msg, msg
