@@ -186,7 +186,8 @@ def test_peer_benchmark_is_loaded_and_shown(tmp_path):
     perf = _performance((tmp_path / "out" / "index.html").read_text())
     assert "Beside a peer on one GPU" in perf and "NVIDIA H200, torch 2.11.0+cu130, CUDA 13.0, torchtitan 0.2.2" in perf
     assert html_escape(failed["command"]) in perf
-    assert row_cells(perf[perf.index(str(PEER)):], "train_step")[:7] == ["train_step", "masep", "56842", "1153", "48.02", "122.8", "1.145"]
+    assert row_cells(perf[perf.index(str(PEER)):], "train_step")[:7] == [
+        "train_step", "masep", "56842", "1153", "48.02", "122.8", "1.145"]
     assert row_cells(perf, "torchtitan train_step/decode")[-1] == "not measured: OutOfMemoryError: CUDA out of memory"
     # the command loads bench/peer-*.json of the current folder; `--peer` alone loads none
     (tmp_path / "bench").mkdir()

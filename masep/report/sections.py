@@ -22,7 +22,6 @@ from masep.report.render import NOT_MEASURED, Table, _fmt, _html_table, _no_data
 
 NOT_HERE = "not measured here"
 EFFICIENCY_THRESHOLD_PCT = 80.0
-PEER_PACKAGES = {"torchtitan"}  # the peers scripts/bench_peer.py records in versions
 SOURCES = {"sample": "the embedded C4 sample (data.source=sample)", "local": "C4 shards from a local folder",
            "hub": "C4 from the Hugging Face Hub"}
 
@@ -184,14 +183,16 @@ class PerformanceSection(Section):
         files = _rows(con, "SELECT source, any_value(device) AS device, any_value(versions) AS versions, "
                            "any_value(git_commit) AS git_commit, any_value(peak_tflops) AS peak_tflops, "
                            "any_value(peak_source) AS peak_source, any_value(measured_at) AS measured_at, "
-                           "any_value(command) AS command FROM peer_benchmark GROUP BY source ORDER BY source") \
+                           "any_value(command) AS command, list(DISTINCT implementation ORDER BY implementation) "
+                           "FILTER (WHERE implementation <> 'masep') AS peers "
+                           "FROM peer_benchmark GROUP BY source ORDER BY source") \
             if _exists(con, "peer_benchmark") else []
         if not files:
             return (parts[0] + f"\n<p class='nm'>No peer benchmark loaded: {NOT_MEASURED} (<code>masep collect "
                     "--peer bench/peer-*.json</code> loads scripts/bench_peer.py's results).</p>"), []
         for f in files:
             v = json.loads(f["versions"] or "{}")
-            peers = ", ".join(f"{k} {v[k]}" for k in sorted(v) if k in PEER_PACKAGES and v[k])
+            peers = ", ".join(f"{p} {v.get(p)}" for p in f["peers"] or [])
             parts.append(f"<p>{html.escape(f['source'])}: {html.escape(f['device'] or '?')}, torch "
                          f"{html.escape(str(v.get('torch')))}, CUDA {html.escape(str(v.get('cuda')))}, "
                          f"{html.escape(peers)}; masep {html.escape(f['git_commit'] or '?')}; measured "
@@ -200,9 +201,10 @@ class PerformanceSection(Section):
                          f"<code>{html.escape(f['command'] or '?')}</code></p>")
             quoted = f["source"].replace("'", "''")
             parts.append(_html_table(_query(
-                con, "SELECT workload, implementation, CAST(round(tokens_per_s) AS BIGINT) AS \"tokens/s\", median_s * 1e3 AS median_ms, "
-                     "mfu * 100 AS mfu_pct, peak_mem_gib, masep_over_peer AS \"masep / peer (tokens/s)\", note, "
-                     f"reason FROM peer_benchmark WHERE source = '{quoted}'")))
+                con, "SELECT workload, implementation, CAST(round(tokens_per_s) AS BIGINT) AS \"tokens/s\", "
+                     "median_s * 1e3 AS median_ms, mfu * 100 AS mfu_pct, peak_mem_gib, "
+                     "masep_over_peer AS \"masep / peer (tokens/s)\", note, reason "
+                     f"FROM peer_benchmark WHERE source = '{quoted}'")))
         return "\n".join(parts), []
 
 
