@@ -341,3 +341,30 @@ def test_9_no_slurm_is_one_line(tmp_path):
         launch(lambda: None, cfg, 1, "job", tmp_path / "job", run_dir=tmp_path / "run")
     assert str(e.value).startswith("job: cannot start the slurm executor: Could not detect \"srun\"")
     assert "\n" not in str(e.value)
+
+
+def test_9_a_read_only_run_folder_is_refused_before_the_first_step(tmp_path, tokens, monkeypatch, capsys):
+    import errno
+
+    from masep.cli import main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    run.chmod(0o555)
+    if os.geteuid() == 0:  # root writes through any mode: refuse as the kernel refuses everyone else
+        real_open = os.open
+
+        def refused(path, *args, **kwargs):
+            if Path(path).parent == run:
+                raise PermissionError(errno.EACCES, "Permission denied", str(path))
+            return real_open(path, *args, **kwargs)
+
+        monkeypatch.setattr(os, "open", refused)
+    capsys.readouterr()
+    rc = main(["train", "--set", f"data.tokens_dir={tokens}", f"launch.log_dir={tmp_path}/logs",
+               "launch.executor=local", *SETS, "--out", str(run)])
+    err = capsys.readouterr().err
+    assert rc == 1 and "Traceback" not in err
+    assert err.splitlines() == [f"masep train: run folder {run} is not writable (Permission denied); "
+                                "fix its permissions or choose another --out"]
+    assert list(run.iterdir()) == [] and not (tmp_path / "logs").exists()  # no job started, no step ran

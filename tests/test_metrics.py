@@ -163,7 +163,8 @@ def test_interpolation_and_warmup():
 
 def test_steady_window_energy_per_segment_of_a_resumed_run():
     # attempt 1 from t=1000: steps 0-9 of 0.5 s; the run resumes at step 6 (rows of 6-9 were
-    # dropped), attempt 2 from t=2000 on another GPU drawing 300 W: steps 6-19 of 0.25 s
+    # dropped), attempt 2 from t=2000 on another GPU drawing 300 W: steps 6-19 of 0.25 s, its
+    # own warm-up 6-7
     seg1 = samples_at([1000 + 0.1 * i for i in range(60)], 200.0, 1000.0)
     seg2 = samples_at([2000 + 0.1 * i for i in range(40)], 300.0, 2000.0, gpu_util=90.0)
     steps = step_rows(0, 6, 1000.05, 0.5) + step_rows(6, 14, 2000.05, 0.25)
@@ -171,10 +172,45 @@ def test_steady_window_energy_per_segment_of_a_resumed_run():
     assert w1["warmup_steps"] == w2["warmup_steps"] == 2
     assert (w1["first_step"], w1["last_step"], w1["steps"], w1["tokens"]) == (2, 5, 4, 400)
     assert w1["window_s"] == pytest.approx(2.0) and w1["gpu_energy_j"] == pytest.approx(400.0, abs=1e-3)
-    assert (w2["first_step"], w2["last_step"], w2["tokens"]) == (6, 19, 1400)
-    assert w2["window_s"] == pytest.approx(3.5) and w2["gpu_energy_j"] == pytest.approx(1050.0, abs=1e-3)
-    assert w2["gpu_util_mean"] == 90.0 and w2["power_mean_w"] == 300.0 and w2["samples"] == 35
+    assert (w2["first_step"], w2["last_step"], w2["tokens"]) == (8, 19, 1200)
+    assert w2["window_s"] == pytest.approx(3.0) and w2["gpu_energy_j"] == pytest.approx(900.0, abs=1e-3)
+    assert w2["gpu_util_mean"] == 90.0 and w2["power_mean_w"] == 300.0 and w2["samples"] == 30
     assert w1["cpu_energy_j"] is None and w1["cpu_energy_reason"] == "no RAPL: test"
+
+
+@pytest.mark.parametrize("sampled", [False, True], ids=["nothing-to-sample", "rapl-thread"])
+def test_a_killed_attempt_keeps_the_window_of_the_steps_it_ran(tmp_path, monkeypatch, sampled):
+    """Attempt 1 runs steps 0-9, writes its rows at the checkpoint after step 9 and is killed (no
+    stop); attempt 2 resumes at step 10. Each window covers the steps its attempt ran after its
+    own warm-up (2 of 20 steps): 2-9 and 12-19."""
+    from masep.telemetry import nvml
+    from masep.telemetry.writer import read_parquet_rows
+
+    root = fake_rapl(tmp_path / "powercap", {"intel-rapl:0": ("package-0", 0, 10**9)}) if sampled \
+        else tmp_path / "nowhere"
+    monkeypatch.setattr(nvml, "Rapl", lambda: Rapl(root))
+    rows: list[dict] = []
+
+    def run(first: int, last: int) -> None:
+        for step in range(first, last):
+            t0 = time.time()
+            time.sleep(0.01)
+            rows.append({"step": step, "tokens": 100, "step_time_s": time.time() - t0, "t_end_unix_s": time.time()})
+
+    killed = nvml.RunTelemetry(tmp_path, "r", 0, "cpu", total_steps=20, interval_s=0.005)
+    run(0, 10)
+    killed.write(rows)  # the checkpoint's flush; then the process is killed
+    killed.sampler._stop.set()  # (only ends this test's sampling thread: a killed process takes no last sample)
+    time.sleep(0.02)
+    resumed = nvml.RunTelemetry(tmp_path, "r", 0, "cpu", total_steps=20, interval_s=0.005)
+    run(10, 20)
+    resumed.stop()
+    resumed.write(rows)
+    w1, w2 = read_parquet_rows(tmp_path / "energy_window-rank0.parquet")
+    assert (w1["first_step"], w1["last_step"], w1["steps"], w1["tokens"]) == (2, 9, 8, 800)
+    assert (w2["first_step"], w2["last_step"], w2["steps"], w2["tokens"]) == (12, 19, 8, 800)
+    for w in (w1, w2):
+        assert w["window_s"] > 0 and "warm-up" not in (w["energy_reason"] or "") + (w["cpu_energy_reason"] or "")
 
 
 def test_a_failed_read_inside_the_window_is_stepped_over():
@@ -194,6 +230,8 @@ def test_short_or_warmup_only_windows_are_null_with_reason():
     assert short["energy_reason"].startswith("steady window 0.60 s < %g s" % MIN_WINDOW_S)
     (warm,) = segment_windows(samples, step_rows(0, 1, 1000.0, 0.2), total_steps=1)
     assert warm["steps"] == 0 and warm["energy_reason"] == "no steady-state step (warm-up only)"
+    (unsampled,) = segment_windows(samples[:2], step_rows(0, 4, 1000.0, 0.2), total_steps=4)
+    assert unsampled["steps"] == 0 and unsampled["energy_reason"] == "no telemetry sample after its steady steps"
 
 
 # ------------------------------------------------------------------ a real training run

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from html import escape as html_escape
 import shutil
 import subprocess
 import sys
@@ -142,3 +143,62 @@ def test_bench_section_without_summaries(tmp_path):
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert row_cells(_bench_section((tmp_path / "cli-out" / "index.html").read_text()), "single")[2] == "1385"
+
+
+PEER = Path(__file__).resolve().parent.parent / "bench" / "peer-torchtitan-2026-12-01.json"
+
+
+def _performance(page: str) -> str:
+    return page[page.index("<section id='performance'>"):page.index("<section id='communication'>")]
+
+
+def test_peer_benchmark_is_loaded_and_shown(tmp_path):
+    """The committed peer table (scripts/bench_peer.py) becomes peer_benchmark and a table of the
+    Performance section, with the GPU, versions and command; a part the script could not run is a
+    row with its reason."""
+    import duckdb
+    import json
+
+    (tmp_path / "runs").mkdir()
+    failed = json.loads(PEER.read_text())
+    failed["rows"] = [r for r in failed["rows"] if r["impl"] == "masep" or r["row"] == "moe_layer"]
+    failed["errors"] = ["torchtitan train_step/decode: OutOfMemoryError: CUDA out of memory"]
+    (tmp_path / "failed.json").write_text(json.dumps(failed))
+    db = tmp_path / "masep.duckdb"
+    counts = collect(tmp_path / "runs", db, [PEER, tmp_path / "failed.json"])
+    assert counts["peer_benchmark"] == 6 + 5
+    with duckdb.connect(str(db), read_only=True) as con:
+        rows = con.execute("SELECT workload, implementation, round(tokens_per_s), round(masep_over_peer, 2), "
+                           "round(mfu, 3), reason, device, versions ->> 'torchtitan', command FROM peer_benchmark "
+                           "WHERE source = ?", [str(PEER)]).fetchall()
+        assert [r[:5] for r in rows] == [
+            ("moe_layer", "masep", 459032, 1.09, 0.526), ("moe_layer", "torchtitan", 419229, 1.09, 0.481),
+            ("train_step", "masep", 56842, 1.15, 0.48), ("train_step", "torchtitan", 49643, 1.15, 0.419),
+            ("decode", "masep", 942, 12.88, None), ("decode", "torchtitan", 73, 12.88, None)]
+        assert [r[5] is None for r in rows] == [True] * 4 + [False] * 2  # MFU of decode rows: why NULL
+        assert {r[6:] for r in rows} == {("NVIDIA H200", "0.2.2", failed["command"])}
+        failed_rows = con.execute("SELECT workload, implementation, tokens_per_s, masep_over_peer, reason "
+                                  "FROM peer_benchmark WHERE source LIKE '%failed.json'").fetchall()
+    assert failed_rows[-1] == ("torchtitan train_step/decode", None, None, None,
+                               "not measured: OutOfMemoryError: CUDA out of memory")
+    assert failed_rows[2][3] is None  # masep's train step without the peer's: no ratio
+    render(db, tmp_path / "out")
+    perf = _performance((tmp_path / "out" / "index.html").read_text())
+    assert "Beside a peer on one GPU" in perf and "NVIDIA H200, torch 2.11.0+cu130, CUDA 13.0, torchtitan 0.2.2" in perf
+    assert html_escape(failed["command"]) in perf
+    assert row_cells(perf[perf.index(str(PEER)):], "train_step")[:7] == [
+        "train_step", "masep", "56842", "1153", "48.02", "122.8", "1.145"]
+    assert row_cells(perf, "torchtitan train_step/decode")[-1] == "not measured: OutOfMemoryError: CUDA out of memory"
+    # the command loads bench/peer-*.json of the current folder; `--peer` alone loads none
+    (tmp_path / "bench").mkdir()
+    shutil.copy(PEER, tmp_path / "bench" / PEER.name)
+    for extra, n in (([], 6), (["--peer"], 0)):
+        out = subprocess.run([sys.executable, "-m", "masep.cli", "collect", "--runs", "runs", "--db", "cli.duckdb",
+                              *extra], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0 and f"peer_benchmark={n}" in out.stdout, out.stderr
+    render(tmp_path / "cli.duckdb", tmp_path / "none")
+    assert "No peer benchmark loaded: not measured" in _performance((tmp_path / "none" / "index.html").read_text())
+    out = subprocess.run([sys.executable, "-m", "masep.cli", "collect", "--runs", "runs", "--db", "cli.duckdb",
+                          "--peer", "bench/nope.json"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1 and out.stderr == "masep collect: --peer: bench/nope.json is not a file " \
+                                                 "(scripts/bench_peer.py's STEM.json)\n"

@@ -38,7 +38,7 @@ def _tables(db: Path) -> dict:
 def test_collect_loads_complete_runs_only(study, tmp_path):
     db = tmp_path / "out" / "masep.duckdb"
     counts = collect(study, db)
-    assert counts == {"eval": 3, "experts": 16, "faults": 2, "inference": 2, "runs": 5, "steps": 40}
+    assert counts == {"eval": 3, "experts": 16, "faults": 2, "inference": 2, "peer_benchmark": 0, "runs": 5, "steps": 40}
     with duckdb.connect(str(db), read_only=True) as con:
         assert con.execute("SELECT run_dir, strategy, seed, world_size, status, config->>'$.model.hidden', "
                            "epoch(ended_at) - epoch(started_at) FROM runs ORDER BY run_dir").fetchall() == [
@@ -102,7 +102,7 @@ def test_collect_is_idempotent_and_atomic(study, tmp_path):
 def test_empty_study_has_empty_tables(tmp_path):
     (tmp_path / "runs").mkdir()
     counts = collect(tmp_path / "runs", tmp_path / "masep.duckdb")
-    assert counts == {"eval": 0, "experts": 0, "inference": 0, "runs": 0, "steps": 0}
+    assert counts == {"eval": 0, "experts": 0, "inference": 0, "peer_benchmark": 0, "runs": 0, "steps": 0}
     with duckdb.connect(str(tmp_path / "masep.duckdb"), read_only=True) as con:
         assert con.execute("SELECT count(*) FROM run_summary").fetchone() == (0,)
     with pytest.raises(CollectError, match="--runs: .* is not a directory"):

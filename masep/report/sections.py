@@ -12,6 +12,7 @@ says so instead of failing: Robustness without a `faults` table, Balancing witho
 from __future__ import annotations
 
 import html
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -173,6 +174,38 @@ class Section:
         parts.append(provenance(con, self.metrics(con, rows), self.experiments))
         parts.append("</section>")
         return "\n".join(p for p in parts if p), written
+
+
+class PerformanceSection(Section):
+    def extra(self, con, figdir, rows):
+        """The committed peer benchmark (table peer_benchmark), one table per file."""
+        parts = ["<h3>Beside a peer on one GPU (table peer_benchmark)</h3>"]
+        files = _rows(con, "SELECT source, any_value(device) AS device, any_value(versions) AS versions, "
+                           "any_value(git_commit) AS git_commit, any_value(peak_tflops) AS peak_tflops, "
+                           "any_value(peak_source) AS peak_source, any_value(measured_at) AS measured_at, "
+                           "any_value(command) AS command, list(DISTINCT implementation ORDER BY implementation) "
+                           "FILTER (WHERE implementation <> 'masep') AS peers "
+                           "FROM peer_benchmark GROUP BY source ORDER BY source") \
+            if _exists(con, "peer_benchmark") else []
+        if not files:
+            return (parts[0] + f"\n<p class='nm'>No peer benchmark loaded: {NOT_MEASURED} (<code>masep collect "
+                    "--peer bench/peer-*.json</code> loads scripts/bench_peer.py's results).</p>"), []
+        for f in files:
+            v = json.loads(f["versions"] or "{}")
+            peers = ", ".join(f"{p} {v.get(p)}" for p in f["peers"] or [])
+            parts.append(f"<p>{html.escape(f['source'])}: {html.escape(f['device'] or '?')}, torch "
+                         f"{html.escape(str(v.get('torch')))}, CUDA {html.escape(str(v.get('cuda')))}, "
+                         f"{html.escape(peers)}; masep {html.escape(f['git_commit'] or '?')}; measured "
+                         f"{f['measured_at']}; MFU over {_fmt(f['peak_tflops'])} TFLOP/s "
+                         f"({html.escape(f['peak_source'] or '?')}). Command: "
+                         f"<code>{html.escape(f['command'] or '?')}</code></p>")
+            quoted = f["source"].replace("'", "''")
+            parts.append(_html_table(_query(
+                con, "SELECT workload, implementation, CAST(round(tokens_per_s) AS BIGINT) AS \"tokens/s\", "
+                     "median_s * 1e3 AS median_ms, mfu * 100 AS mfu_pct, peak_mem_gib, "
+                     "masep_over_peer AS \"masep / peer (tokens/s)\", note, reason "
+                     f"FROM peer_benchmark WHERE source = '{quoted}'")))
+        return "\n".join(parts), []
 
 
 class MemorySection(Section):
@@ -431,9 +464,10 @@ class BalancingSection(Section):
 
 
 SECTIONS: dict[str, Section] = {s.key: s for s in [
-    Section("performance", "Performance (Table 1)",
-            "Training throughput, tokens per second per GPU, utilisation, MFU and TPOT at context 2048, "
-            "beside the paper's Table 1 (16 GPUs).", "table1_performance"),
+    PerformanceSection("performance", "Performance (Table 1)",
+                       "Training throughput, tokens per second per GPU, utilisation, MFU and TPOT at context 2048, "
+                       "beside the paper's Table 1 (16 GPUs); then masep beside a peer implementation on one GPU "
+                       "(committed results of scripts/bench_peer.py).", "table1_performance"),
     Section("communication", "Communication (Table 2)",
             "Communication time by kind as a share of step time (sum over ranks and steady steps).",
             "table2_communication"),

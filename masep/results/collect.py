@@ -4,7 +4,8 @@ A run folder is complete when it holds `run.json` (rank 0 writes it last). Its p
 files become rows of the table named by the file prefix (`steps-rank0.parquet` -> `steps`);
 kinds without a declared table (`faults`, `telemetry`, ...) become tables of their own. The SQL
 lives in `sql/*.sql`: `00_schema.sql`, `10_load_runs.sql`, the load templates `2*_load_*.sql`,
-then every file numbered 50 or above (views), in name order.
+then every file numbered 50 or above (views), in name order. The committed peer benchmark files
+(`peer`, scripts/bench_peer.py's JSON) become rows of `peer_benchmark` (`22_load_peer.sql`).
 
 A run.json that lists its files (`files`: name -> rows) is checked first: a missing, damaged or
 short file refuses the whole collect with one line naming it, instead of a database that lacks
@@ -44,7 +45,7 @@ RESERVED = {"runs", "run_steps", "loss_curve", "run_summary", "tpot_by_context",
             "run_values", "metric_means", "table1_performance", "table2_communication", "table3_memory",
             "table4_tpot", "energy", "load_balance", "model_quality", "scaling", "expert_utilization",
             "convergence", "memory_by_rank", "energy_by_rank", "repeat_stats", "predictor_accuracy", "ma_ablation",
-            "robustness", "robustness_degradation", "fault_columns"}
+            "robustness", "robustness_degradation", "fault_columns", "peer_benchmark"}
 
 
 class CollectError(RuntimeError):
@@ -102,7 +103,7 @@ def _view_files() -> list[Path]:
     return sorted(p for p in SQL_DIR.glob("*.sql") if p.name[:2].isdigit() and int(p.name[:2]) >= 50)
 
 
-def _build(con: duckdb.DuckDBPyConnection, root: Path, runs: dict) -> dict[str, int]:
+def _build(con: duckdb.DuckDBPyConnection, root: Path, runs: dict, peer: list[Path]) -> dict[str, int]:
     """Load the runs and create the views; returns rows per loaded table (not the derived ones)."""
     root_s = str(root)
     con.execute(_sql("00_schema.sql"))
@@ -120,6 +121,8 @@ def _build(con: duckdb.DuckDBPyConnection, root: Path, runs: dict) -> dict[str, 
             continue
         template = "20_load_measurements.sql" if kind in DECLARED_KINDS else "21_load_extra.sql"
         con.execute(_sql(template, table=kind), {"files": by_kind[kind], "root": root_s})
+    if peer:
+        con.execute(_sql("22_load_peer.sql"), {"files": [str(p) for p in peer]})
     counts = {name: con.execute(f'SELECT count(*) FROM "{name}"').fetchone()[0]
               for (name,) in con.execute("SELECT table_name FROM duckdb_tables() "
                                          "WHERE database_name = 'out' ORDER BY table_name").fetchall()}
@@ -141,11 +144,16 @@ def remove_leftovers(db_path: Path) -> None:
             tmp.unlink(missing_ok=True)
 
 
-def collect(runs_root: str | Path, db_path: str | Path) -> dict[str, int]:
-    """Build `db_path` from the complete runs under `runs_root`; returns rows per table."""
+def collect(runs_root: str | Path, db_path: str | Path, peer=()) -> dict[str, int]:
+    """Build `db_path` from the complete runs under `runs_root` and the peer benchmark files
+    `peer`; returns rows per table."""
     root = Path(runs_root).resolve()
     if not root.is_dir():
         raise CollectError(f"--runs: {runs_root} is not a directory")
+    peer = [Path(p) for p in peer]
+    for p in peer:
+        if not p.is_file():
+            raise CollectError(f"--peer: {p} is not a file (scripts/bench_peer.py's STEM.json)")
     db_path = Path(db_path)
     db_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = db_path.with_name(f".{db_path.name}.tmp-{os.getpid()}")
@@ -159,7 +167,7 @@ def collect(runs_root: str | Path, db_path: str | Path) -> dict[str, int]:
         option = f" (STORAGE_VERSION '{STORAGE_VERSION}')" if _duckdb_version() >= (1, 4) else ""
         con.execute(f"ATTACH '{quoted}' AS out{option}")
         con.execute("USE out")
-        counts = _build(con, root, runs)
+        counts = _build(con, root, runs, peer)
         con.execute("USE memory")
         con.execute("DETACH out")
     except duckdb.Error as e:

@@ -8,7 +8,8 @@ package and are not added again. Readers are usually root-only since 2020 (CVE-2
 Steady-state window (per rank and per process of a run, a "segment": a resumed run has one per
 attempt, possibly on another GPU): from the start of the first step after warm-up to the end of
 the last step, where warm-up is the first ceil(10%) of the run's steps (at least one), as in
-the `run_summary` view. Energy in the window is the counter's increase between the window's ends,
+the `run_summary` view, counted from the first step of each attempt (a new process warms up
+again). Energy in the window is the counter's increase between the window's ends,
 each end linearly interpolated between the samples around it (the GPU counter advances every
 20-100 ms, sampled every 0.1 s: windows under `MIN_WINDOW_S` are left NULL). Energy per token
 divides by the tokens of the window's steps (the global batch's tokens, the same on every rank).
@@ -107,7 +108,8 @@ def segment_windows(samples: list[dict], step_rows: list[dict], total_steps: int
 
     `samples`: rows of `TelemetrySampler` (possibly from several segments); `step_rows`: this
     rank's step rows with `step`, `tokens`, `step_time_s` and `t_end_unix_s`. A step belongs to
-    the latest segment that started before it; only steady steps (after warm-up) count.
+    the latest segment that started before it; only steady steps (after the segment's own
+    warm-up) count.
     """
     warm = warmup_steps(total_steps)
     segments = sorted({s["segment_start_s"] for s in samples})
@@ -116,12 +118,11 @@ def segment_windows(samples: list[dict], step_rows: list[dict], total_steps: int
         nxt = segments[i + 1] if i + 1 < len(segments) else math.inf
         seg_samples = sorted((s for s in samples if s["segment_start_s"] == seg), key=lambda s: s["t_s"])
         last_sample_t = seg_samples[-1]["t_s"]
-        steps = sorted((r for r in step_rows
-                        if r.get("t_end_unix_s") is not None
-                        and seg <= r["t_end_unix_s"] - r["step_time_s"] < nxt
-                        and r["step"] >= warm  # steps count from 0 in every attempt
-                        and r["t_end_unix_s"] <= last_sample_t),  # a window needs a sample after it
-                       key=lambda r: r["step"])
+        ran = sorted((r for r in step_rows
+                      if r.get("t_end_unix_s") is not None and seg <= r["t_end_unix_s"] - r["step_time_s"] < nxt),
+                     key=lambda r: r["step"])
+        # each attempt warms up again; a window needs a sample after it
+        steps = [r for r in ran[warm:] if r["t_end_unix_s"] <= last_sample_t]
         base = seg_samples[0]
         row = {"run_id": base["run_id"], "rank": base["rank"], "host": base["host"],
                "segment_start_s": seg, "warmup_steps": warm,
@@ -133,7 +134,8 @@ def segment_windows(samples: list[dict], step_rows: list[dict], total_steps: int
                "energy_reason": _first(seg_samples, "energy_reason"),
                "cpu_energy_reason": _first(seg_samples, "cpu_energy_reason")}
         if not steps:
-            reason = "no steady-state step (warm-up only)"
+            reason = ("no steady-state step (warm-up only)" if len(ran) <= warm
+                      else "no telemetry sample after its steady steps")
             row.update(gpu_reason=row["gpu_reason"] or reason, energy_reason=row["energy_reason"] or reason,
                        cpu_energy_reason=row["cpu_energy_reason"] or reason)
             out.append(row)

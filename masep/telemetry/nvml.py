@@ -130,24 +130,24 @@ class TelemetrySampler:
         return self.gpu.handle is not None or self.rapl.reason is None
 
     def sample(self) -> dict:
-        row = {"run_id": self.run_id, "rank": self.rank, "host": self.host,
-               "segment_start_s": self.segment_start_s, "t_s": time.time(),
-               "gpu_util": None, "mem_util": None, "power_w": None, "energy_mj": None,
-               "mem_used_bytes": None, "cpu_energy_j": None,
-               "gpu_reason": self.gpu.reason, "energy_reason": self.gpu.energy_reason,
-               "cpu_energy_reason": self.rapl.reason}
-        # A failed read leaves this sample NULL with the error; sampling goes on.
-        try:
-            row.update(self.gpu.read())
-        except Exception as e:  # noqa: BLE001
-            row["gpu_reason"] = row["energy_reason"] = f"NVML read failed: {_nvml_error(e)}"
-        try:
-            row["cpu_energy_j"] = self.rapl.read_j()
-        except (OSError, ValueError) as e:
-            row["cpu_energy_reason"] = f"RAPL read failed: {type(e).__name__}: {e}"
-        with self._lock:
+        with self._lock:  # the thread and a writer's closing sample: one at a time, in time order
+            row = {"run_id": self.run_id, "rank": self.rank, "host": self.host,
+                   "segment_start_s": self.segment_start_s, "t_s": time.time(),
+                   "gpu_util": None, "mem_util": None, "power_w": None, "energy_mj": None,
+                   "mem_used_bytes": None, "cpu_energy_j": None,
+                   "gpu_reason": self.gpu.reason, "energy_reason": self.gpu.energy_reason,
+                   "cpu_energy_reason": self.rapl.reason}
+            # A failed read leaves this sample NULL with the error; sampling goes on.
+            try:
+                row.update(self.gpu.read())
+            except Exception as e:  # noqa: BLE001
+                row["gpu_reason"] = row["energy_reason"] = f"NVML read failed: {_nvml_error(e)}"
+            try:
+                row["cpu_energy_j"] = self.rapl.read_j()
+            except (OSError, ValueError) as e:
+                row["cpu_energy_reason"] = f"RAPL read failed: {type(e).__name__}: {e}"
             self._rows.append(row)
-        return row
+            return row
 
     def _loop(self) -> None:
         try:
@@ -164,9 +164,13 @@ class TelemetrySampler:
             self._thread.start()
         return self
 
+    @property
+    def running(self) -> bool:
+        return self.segment_start_s is not None and not self._stop.is_set()
+
     def stop(self) -> None:
         """Join the thread and take a last sample (it closes every window); idempotent."""
-        if self.segment_start_s is None or self._stop.is_set():
+        if not self.running:
             return
         self._stop.set()
         if self._thread is not None:
@@ -214,6 +218,8 @@ class RunTelemetry:
         self.sampler = TelemetrySampler(run_id, rank, device, interval_s).start()
 
     def write(self, step_rows: list[dict]) -> None:
+        if self.sampler.running:
+            self.sampler.sample()  # closes the window of the steps so far, should this process be killed
         samples = self.earlier + self.sampler.rows()
         write_rows(self.samples_path, samples, SAMPLE_SCHEMA)
         write_rows(self.windows_path, segment_windows(samples, step_rows, self.total_steps), WINDOW_SCHEMA)

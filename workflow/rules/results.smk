@@ -1,10 +1,13 @@
 import glob
+import shlex
 from pathlib import Path
 
 # The committed GPU benchmark runs: the report shows them, so it re-renders when they change.
 # Paths are relative to the project root.
 BENCH_DIR = "bench/runs"
 BENCH_FILES = sorted(glob.glob(f"{BENCH_DIR}/**/*.*", recursive=True))
+# The committed peer benchmark tables (scripts/bench_peer.py): collect loads them into peer_benchmark.
+PEER_FILES = sorted(glob.glob("bench/peer-*.json"))
 
 
 rule collect:
@@ -17,6 +20,7 @@ rule collect:
         SCALING_RUNS,
         STUDY_VARIANT_RUNS,
         FAULT_RUNS if FAULTS.get("study", True) else [],
+        peer=PEER_FILES,
     output:
         summary=COLLECTED,
     log:
@@ -25,10 +29,11 @@ rule collect:
         # the runs root: <runs>/train/<strategy>/ws=<n>/seed=<k>/run.json
         runs=lambda wc, input: str(Path(input[0]).parents[4]),
         db=DB,
+        peer=" ".join(shlex.quote(f) for f in PEER_FILES),
     conda:
         CONDA_ENV
     shell:
-        "masep collect --runs {params.runs:q} --db {params.db:q} 2> {log} > {output.summary:q}"
+        "masep collect --runs {params.runs:q} --db {params.db:q} --peer {params.peer} 2> {log} > {output.summary:q}"
 
 
 rule report:

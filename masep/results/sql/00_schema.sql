@@ -74,3 +74,27 @@ CREATE TABLE inference (
     tokens_per_s DOUBLE,
     source       VARCHAR
 );
+
+-- The committed peer benchmark (scripts/bench_peer.py's STEM.json, `masep collect --peer`): one row
+-- per workload and implementation, or per workload the script could not measure (figures NULL).
+CREATE TABLE peer_benchmark (
+    workload         VARCHAR,   -- moe_layer (one MoE layer forward+backward) | train_step | decode
+    implementation   VARCHAR,   -- masep | the peer (torchtitan)
+    tokens           BIGINT,    -- tokens per timed call
+    n                BIGINT,    -- timed calls
+    median_s         DOUBLE,
+    tokens_per_s     DOUBLE,    -- tokens over the median call
+    mfu              DOUBLE,    -- masep.telemetry.flops per token x tokens/s over peak_tflops, both implementations
+    peak_mem_gib     DOUBLE,    -- torch.cuda.max_memory_allocated
+    masep_over_peer  DOUBLE,    -- masep's tokens/s over the peer's, same workload and file
+    note             VARCHAR,   -- what each implementation ran
+    reason           VARCHAR,   -- why a figure of the row is NULL
+    device           VARCHAR,
+    peak_tflops      DOUBLE,
+    peak_source      VARCHAR,
+    versions         JSON,      -- python, torch, cuda, the peer's version, ...
+    git_commit       VARCHAR,   -- masep's commit
+    measured_at      TIMESTAMPTZ,
+    command          VARCHAR,
+    source           VARCHAR    -- the JSON file
+);
