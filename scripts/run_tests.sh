@@ -38,7 +38,8 @@ if [ $# -gt 0 ]; then
 fi
 # The whole suite: the SLURM tests alone (their jobs share this machine's cores under time limits),
 # then the rest on two pytest-xdist workers, one test file each at a time (module fixtures run
-# once, a file's tests keep their order): most tests use one core or wait on a rank's timeout.
+# once, a file's tests keep their order): one file rarely keeps both cores busy (the fault tests
+# mostly wait on timeouts and rank start-up).
 python -m pytest tests/slurm
 slurm=$?
 python -m pytest -n 2 --dist loadfile --ignore=tests/slurm
