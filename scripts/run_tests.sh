@@ -32,4 +32,17 @@ if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null
   fi
 fi
 [ "$started" = 1 ] && trap 'scripts/slurm_cluster.sh down' EXIT
-python -m pytest "$@"
+if [ $# -gt 0 ]; then
+  python -m pytest "$@"
+  exit
+fi
+# The whole suite: the SLURM tests alone (their jobs share this machine's cores under time limits),
+# then the rest on two pytest-xdist workers, one test file each at a time (module fixtures run
+# once, a file's tests keep their order): one file rarely keeps both cores busy (the fault tests
+# mostly wait on timeouts and rank start-up).
+python -m pytest tests/slurm
+slurm=$?
+python -m pytest -n 2 --dist loadfile --ignore=tests/slurm
+rest=$?
+[ "$slurm" = 0 ] && exit "$rest"
+exit "$slurm"

@@ -22,7 +22,7 @@ import psutil
 import pytest
 
 from masep.config import load_config
-from masep.launch import LaunchError, launch, run_lock
+from masep.launch import CANCEL_GRACE_S, LaunchError, launch, run_lock
 
 TIMEOUT_S = 10  # parallel.timeout_s of these runs: detection must come within it + 10 s
 SETS = ["train.steps=6", "train.checkpoint_every=3", "train.eval_every=3", "train.log_every=1",
@@ -134,13 +134,16 @@ def test_1_a_stopped_rank_ends_the_job_within_the_timeout(tmp_path, tokens):
         with_kill = [p for p in pids if psutil.pid_exists(p)]
         for pid in with_kill:  # never leave a stopped process behind, whatever happened
             os.kill(pid, signal.SIGKILL)
-    detected = time.monotonic() - stopped_at
+    ended = time.monotonic() - stopped_at
     assert proc.returncode != 0
-    assert detected < TIMEOUT_S + 10, detected
     line = failure_line(out)
-    assert re.search(rf"rank 1 \(pid {pids[1]} on {re.escape(socket.gethostname())}\) stopped making "
-                     r"progress: no heartbeat for \d+ s; the process is stopped \(SIGSTOP\); cancelled it",
-                     line), line
+    found = re.search(rf"rank 1 \(pid {pids[1]} on {re.escape(socket.gethostname())}\) stopped making "
+                      r"progress: no heartbeat for (\d+) s; the process is stopped \(SIGSTOP\); cancelled it",
+                      line)
+    assert found, line
+    assert int(found[1]) < TIMEOUT_S + 10  # detected within the timeout + 10 s
+    # then the cancel: a stopped process outlasts SIGINT's and SIGTERM's grace
+    assert ended < TIMEOUT_S + 10 + 2 * CANCEL_GRACE_S, ended
     assert line.endswith("_1_log.err") and Path(line.split("log: ")[1]).exists()
     assert not with_kill, "the cancel left processes behind"
     assert not (tmp_path / "run" / "run.json").exists()
@@ -266,14 +269,18 @@ def job_processes(proc: subprocess.Popen, count: int, timeout: float = 120) -> l
 
 @pytest.mark.slow
 def test_5_cancel_ends_a_job_that_ignores_sigint(tmp_path, tokens):
-    """Started with SIGINT ignored (nohup, &): the cancel at launch.wait_timeout_s escalates."""
+    """Started with SIGINT ignored (nohup, &) and stopped as Snakemake stops its jobs (SIGTERM):
+    the cancel escalates to SIGKILL. Sent once every rank beats, so submitit's tasks pass SIGTERM
+    by (the wait timeout's own cancel is tested in test_launch.py)."""
     out_dir = tmp_path / "run"
-    proc = start(tmp_path, tokens, out_dir, "train.steps=500", "launch.wait_timeout_s=60", ignore_sigint=True)
+    proc = start(tmp_path, tokens, out_dir, "train.steps=500", ignore_sigint=True)
     pids = job_processes(proc, 4)
+    for r in range(3):
+        heartbeat(tmp_path, r)
+    proc.send_signal(signal.SIGTERM)
     out = finish(proc, timeout=200)
     line = failure_line(out)
-    assert "did not finish within launch.wait_timeout_s=60 s; cancelled it (SIGKILL: 4 process(es) gone)" \
-        in line, line
+    assert "interrupted; cancelled it (SIGKILL: 4 process(es) gone)" in line, line
     assert_all_gone(pids)
     time.sleep(3)
     assert not (out_dir / "run.json").exists()

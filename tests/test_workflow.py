@@ -218,6 +218,7 @@ def _runtime_missing() -> str | None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # about 5 minutes alone on 2 cores; run_tests.sh runs a second file beside it
 @pytest.mark.skipif(_runtime_missing() is not None, reason=str(_runtime_missing()))
 def test_end_to_end_embedded_default(project):
     # The embedded default, shortened: part of the sample, few steps, two short contexts, and two

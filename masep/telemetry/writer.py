@@ -17,7 +17,6 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 
 
 _UMASK = os.umask(0o022)
@@ -88,6 +87,8 @@ def now_iso() -> str:
 
 
 def hardware() -> dict[str, Any]:
+    import torch  # here: `masep collect` imports this module and needs no torch (seconds of import)
+
     info: dict[str, Any] = {"machine": platform.machine(), "cpus": os.cpu_count(),
                             "processor": platform.processor() or None}
     try:
