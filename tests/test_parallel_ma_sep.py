@@ -16,7 +16,7 @@ from masep.config import ConfigError
 from masep.parallel.layout import make_layout
 from masep.parallel.ma_sep.attention import AttentionRank
 from masep.testing import run_ranks
-from parity import (CAPACITY, DROPLESS, NEW_TOKENS, SHUFFLED, build, check_trainer_run, ma_sep, make_batches,
+from parity import (CAPACITY, DROPLESS, HEAD_SPLIT, NEW_TOKENS, SHUFFLED, build, check_trainer_run, ma_sep, make_batches,
                     make_cfg, make_prompt, model_overrides, trainer_run)
 
 
@@ -216,7 +216,7 @@ def test_silent_moe_rank_times_out_the_others():
 
 # ------------------------------------------------------------------ balancing under the trainer
 
-MOVING = ma_sep(1, 2, 2, 1) + ["model.expert_dropout=0.1"] + CAPACITY + SHUFFLED
+MOVING = ma_sep(1, 2, 2, 1) + ["model.expert_dropout=0.1"] + CAPACITY + HEAD_SPLIT + SHUFFLED
 
 
 def moved_checkpoint_run(rank, world, ckpt_dir):
@@ -235,11 +235,12 @@ def moved_checkpoint_run(rank, world, ckpt_dir):
 
 
 def test_resume_across_placement_changes_repeats_the_losses(tmp_path):
-    """Experts move after every step (the MoE ranks' migrations are `p2p`); the checkpoint after
-    step 2 holds a moved placement, and the resumed run repeats the uninterrupted losses. Loaded
-    without balancing, the checkpoint still routes by its placement: the same evaluation and tokens."""
+    """Experts and the head's vocabulary cut move after every step (the migrations are `p2p`); the
+    checkpoint after step 2 holds a moved placement and cut, and the resumed run repeats the
+    uninterrupted losses. Loaded without balancing, the checkpoint still routes by its placement
+    and splits the head by its cut: the same evaluation and tokens."""
     results = run_ranks(4, moved_checkpoint_run, str(tmp_path), timeout_s=180)
-    check_trainer_run(results, lambda rank: {"moe_dispatch", "grad_sync"} if rank < 2 else {"moe_dispatch", "p2p"})
+    check_trainer_run(results, lambda rank: {"moe_dispatch", "grad_sync", "p2p"} if rank < 2 else {"moe_dispatch", "p2p"})
     assert not torch.equal(results[0]["slot_of"], torch.arange(16))
     assert all(torch.equal(r["slot_of"], results[0]["slot_of"]) for r in results)
     for r in results:
@@ -287,3 +288,41 @@ def test_rebalancing_evens_a_two_x_slower_moe_rank_and_leaves_an_even_one_alone(
     assert len(held_out) == 4 and sum(held_out) / len(held_out) < 0.10
     for r in (1, 2):
         assert not any(e["plan_applied"] for e in pq.read_table(even / f"balance_events-rank{r}.parquet").to_pylist())
+
+
+HEAD_SKEW = ma_sep(1, 1, 1, 1) + DROPLESS + HEAD_SPLIT + ["model.layers=2", "model.vocab_size=8192", "ma.rebalance=true",
+                                                       "ma.rebalance_every=5"]
+HEAD_SKEW_STEPS = 15  # three sync points
+
+
+def head_skew_run(rank, world, run_dir: str) -> None:
+    from masep.runtime.trainer import Trainer
+
+    torch.set_num_threads(1)  # two ranks on two cores: each its own
+    cfg = make_cfg(HEAD_SKEW, world)
+    trainer = Trainer(cfg, rank)
+    for batch in make_batches(cfg, HEAD_SKEW_STEPS):
+        trainer.train_step(batch)
+    trainer.strategy.write_rows(run_dir, "head-skew")
+
+
+def test_head_split_moves_time_from_a_slower_attention_rank_to_the_moe_rank(tmp_path):
+    """1 attention + 1 MoE rank, a vocabulary of 8192: the head makes the attention rank the slow
+    side. The first sync point moves head rows to the MoE rank, and the measured imbalance of the
+    two groups' busy times drops below half of what it was before."""
+    import pyarrow.parquet as pq
+
+    run_ranks(2, head_skew_run, str(tmp_path), timeout_s=300)
+    events = {r: pq.read_table(tmp_path / f"balance_events-rank{r}.parquet").to_pylist() for r in (0, 1)}
+    attention = events[0]
+    print("head lever: imbalance per window", [round(e["imbalance_before"], 3) for e in attention],
+          "then", round(attention[-1]["imbalance_after"] or float("nan"), 3) if attention[-1]["imbalance_after"] else None,
+          "cut moves", [e["moves"] for e in attention],
+          "busy s attention", [round(e["measured_before_s"], 4) for e in attention],
+          "moe", [round(e["measured_before_s"], 4) for e in events[1]])
+    assert [e["step"] for e in attention] == [4, 9, 14] and all(e["lever"] == "head" for e in attention + events[1])
+    assert [e["side"] for e in events[0] + events[1]] == ["attention"] * 3 + ["moe"] * 3
+    first = attention[0]
+    assert first["imbalance_before"] > 0.3 and first["plan_applied"] and first["moves"] > 0
+    assert first["measured_before_s"] > events[1][0]["measured_before_s"]  # the attention side was the slow one
+    assert min(e["imbalance_before"] for e in attention[1:]) < first["imbalance_before"] / 2
