@@ -141,6 +141,9 @@ class MaConfig:
     # can make one MoE rank slower.
     debug_shuffle_placement: bool = False
     debug_expert_delay_s: dict[int, float] = field(default_factory=dict)
+    # Seconds slept per micro-batch by the head's forward, shared by the ranks computing it in
+    # proportion to their vocabulary rows (with `head_split`), so tests can make the head slow.
+    debug_head_delay_s: float = 0.0
 
 
 @dataclass
@@ -402,6 +405,7 @@ def validate(cfg: Config) -> None:
              "only ma_sep splits the output head between its groups; set it to false")
     _require(not (cfg.ma.head_split and m.tie_embeddings), "ma.head_split",
              "the output head shares its matrix with the embedding (model.tie_embeddings); set one to false")
+    _require(cfg.ma.debug_head_delay_s >= 0, "ma.debug_head_delay_s", "must not be negative")
     _require(cfg.ma.threshold >= 0, "ma.threshold", "must not be negative")
     _require(cfg.infer.compile in ("eager", "default", "max-autotune"), "infer.compile",
              "must be eager, default or max-autotune")

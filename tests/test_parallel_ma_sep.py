@@ -290,39 +290,50 @@ def test_rebalancing_evens_a_two_x_slower_moe_rank_and_leaves_an_even_one_alone(
         assert not any(e["plan_applied"] for e in pq.read_table(even / f"balance_events-rank{r}.parquet").to_pylist())
 
 
-HEAD_SKEW = ma_sep(1, 1, 1, 1) + DROPLESS + HEAD_SPLIT + ["model.layers=2", "model.vocab_size=8192", "ma.rebalance=true",
-                                                       "ma.rebalance_every=5"]
+HEAD_SKEW = ma_sep(1, 1, 1, 2) + DROPLESS + HEAD_SPLIT + ["model.layers=2", "ma.rebalance=true", "ma.rebalance_every=5"]
 HEAD_SKEW_STEPS = 15  # three sync points
 
 
-def head_skew_run(rank, world, run_dir: str) -> None:
+def head_skew_run(rank, world, runs: dict) -> None:
+    """The trainer for each {run folder: head delay}; every rank writes its events."""
     from masep.runtime.trainer import Trainer
 
-    torch.set_num_threads(1)  # two ranks on two cores: each its own
-    cfg = make_cfg(HEAD_SKEW, world)
-    trainer = Trainer(cfg, rank)
-    for batch in make_batches(cfg, HEAD_SKEW_STEPS):
-        trainer.train_step(batch)
-    trainer.strategy.write_rows(run_dir, "head-skew")
+    for run_dir, delay in runs.items():
+        cfg = make_cfg(HEAD_SKEW + [f"ma.debug_head_delay_s={delay}"], world)
+        trainer = Trainer(cfg, rank)
+        for batch in make_batches(cfg, HEAD_SKEW_STEPS):
+            trainer.train_step(batch)
+        trainer.strategy.write_rows(run_dir, "head-skew")
+
+
+def _head_events(run_dir) -> dict:
+    import pyarrow.parquet as pq
+
+    return {r: [e for e in pq.read_table(run_dir / f"balance_events-rank{r}.parquet").to_pylist()
+                if e["lever"] == "head"] for r in (0, 1)}
 
 
 def test_head_split_moves_time_from_a_slower_attention_rank_to_the_moe_rank(tmp_path):
-    """1 attention + 1 MoE rank, a vocabulary of 8192: the head makes the attention rank the slow
-    side. The first sync point moves head rows to the MoE rank, and the measured imbalance of the
-    two groups' busy times drops below half of what it was before."""
-    import pyarrow.parquet as pq
-
-    run_ranks(2, head_skew_run, str(tmp_path), timeout_s=300)
-    events = {r: pq.read_table(tmp_path / f"balance_events-rank{r}.parquet").to_pylist() for r in (0, 1)}
+    """1 attention + 1 MoE rank; the head's forward sleeps 80 ms per micro-batch (shared by its
+    rows): the attention rank, holding the whole head, is the slow side. The first sync point moves
+    head rows to the MoE rank, and the measured imbalance of the two groups' busy times falls
+    below half of what it was. Without the delay, the first window decides alone (CPU noise may
+    move rows either way), and no event is lost."""
+    slow, plain = tmp_path / "slow", tmp_path / "plain"
+    slow.mkdir()
+    plain.mkdir()
+    run_ranks(2, head_skew_run, {str(slow): 0.08, str(plain): 0.0}, timeout_s=300)
+    events = _head_events(slow)
     attention = events[0]
-    print("head lever: imbalance per window", [round(e["imbalance_before"], 3) for e in attention],
-          "then", round(attention[-1]["imbalance_after"] or float("nan"), 3) if attention[-1]["imbalance_after"] else None,
-          "cut moves", [e["moves"] for e in attention],
-          "busy s attention", [round(e["measured_before_s"], 4) for e in attention],
-          "moe", [round(e["measured_before_s"], 4) for e in events[1]])
-    assert [e["step"] for e in attention] == [4, 9, 14] and all(e["lever"] == "head" for e in attention + events[1])
+    print("head lever: group imbalance per window", [round(e["imbalance_before"], 3) for e in attention],
+          "rows moved", [e["moves"] for e in attention],
+          "busy s/step attention", [round(e["measured_before_s"], 4) for e in attention],
+          "moe", [round(e["measured_before_s"], 4) for e in events[1]],
+          "migration ms", [round(e["migration_ms"] or 0, 1) for e in attention])
+    assert [e["step"] for e in attention] == [4, 9, 14] and len(events[1]) == 3
     assert [e["side"] for e in events[0] + events[1]] == ["attention"] * 3 + ["moe"] * 3
     first = attention[0]
     assert first["imbalance_before"] > 0.3 and first["plan_applied"] and first["moves"] > 0
     assert first["measured_before_s"] > events[1][0]["measured_before_s"]  # the attention side was the slow one
     assert min(e["imbalance_before"] for e in attention[1:]) < first["imbalance_before"] / 2
+    assert [len(e) for e in _head_events(plain).values()] == [3, 3]

@@ -532,9 +532,9 @@ class HeadSplit:
     (`vocab_parts`); the cut starts at the whole vocabulary (today's placement).
 
     Every training step a rank records its busy seconds (step time less communication, as the step
-    rows' compute_s) and its seconds of head work. At a sync point the world gathers them: with
-    each group's time (its slowest rank's) and each side's measured seconds per head row and
-    rank, the predicted times are linear in the cut; when the measured max/mean - 1 of the two
+    rows' compute_s) and its seconds of head work. At a sync point the world gathers their medians
+    over the window: with each group's time (its slowest rank's) and the measured seconds per head
+    row and rank, the predicted times are linear in the cut; when the measured max/mean - 1 of the two
     groups exceeds the threshold, the cut moves to where the predictions meet. Rows changing sides
     move with their gradients and AdamW state (`migrate`, exact: one rank holds each row, zeros
     elsewhere, so the sum over the world is the row). A row is exactly zero, with zero AdamW
@@ -577,37 +577,40 @@ class HeadSplit:
         """Zero the rows of `t` (the head weight or its gradient) this rank does not hold."""
         t.masked_fill_(~self.owned(t), 0)
 
-    def timed(self):
-        """The clock around head work while training."""
-        return self.clock.time(0) if torch.is_grad_enabled() else nullcontext()
+    def timed(self, forward: bool):
+        """The clock around head work while training (with the test-only delay in the forward)."""
+        lo, hi = self.rows()
+        delay = self.cfg.debug_head_delay_s * (hi - lo) / self.vocab if forward else 0.0
+        return self.clock.time(0, delay) if torch.is_grad_enabled() else nullcontext()
 
     def record(self, busy_s: float) -> None:
         self.window.append((busy_s, self.clock.read()[0]))
 
     def sync(self, step: int, weight: torch.nn.Parameter, opt, run_id: str = "") -> BalanceEvent:
-        mine = torch.tensor([[b for b, _ in self.window], [h for _, h in self.window]], dtype=torch.float64).mean(1)
+        # Medians: a step slowed by something else (a sync point, a busy host) does not move the cut.
+        mine = torch.tensor(self.window, dtype=torch.float64).median(0).values
         gathered = [torch.empty_like(mine, device=weight.device) for _ in range(dist.get_world_size())]
         dist.all_gather(gathered, mine.to(weight.device))
         busy, head = torch.stack(gathered).cpu().T.tolist()
-        sides = [self.attention, self.moe]
-        times = [max(busy[r] for r in ranks) for ranks in sides]
+        times = [max(busy[r] for r in ranks) for ranks in (self.attention, self.moe)]
         M, V, cut = len(self.moe), self.vocab, self.cut
-        per_row_a = max(head[r] for r in self.attention) / cut
+        # Seconds per head row on one rank, pooled over both sides (the same kernel on both): a side
+        # holding few rows would give a per-row figure of mostly fixed costs.
         moe_rows = -(-(V - cut) // M)
-        per_row_m = max(head[r] for r in self.moe) / moe_rows if moe_rows else per_row_a
+        per_row = (max(head[r] for r in self.attention) + max(head[r] for r in self.moe)) / (cut + moe_rows)
         new_cut = cut
         if imbalance(times) > self.cfg.threshold:  # rows leaving the attention side (negative: coming back)
-            leaving = (times[0] - times[1]) / max(per_row_a + per_row_m / M, 1e-12)
+            leaving = (times[0] - times[1]) / max(per_row * (1 + 1 / M), 1e-12)
             new_cut = min(V, max(1, round(cut - leaving)))
         if self.cfg.debug_shuffle_placement:
             new_cut = self._random_cut(step)
         decided = torch.tensor([new_cut], device=weight.device)
         dist.broadcast(decided, src=0)  # one decision for the world
         new_cut = int(decided)
-        after = [times[0] - (cut - new_cut) * per_row_a, times[1] + (cut - new_cut) / M * per_row_m]
+        after = [times[0] - (cut - new_cut) * per_row, times[1] + (cut - new_cut) / M * per_row]
         lo, hi = self.rows()
         new_lo, new_hi = self.rows(new_cut)
-        mine_after = busy[dist.get_rank()] + ((new_hi - new_lo) - (hi - lo)) * (per_row_m if self.part else per_row_a)
+        mine_after = busy[dist.get_rank()] + ((new_hi - new_lo) - (hi - lo)) * per_row
         if self.events:  # the previous sync point's "after" window is this one's "before"
             self.events[-1].measured_after_s, self.events[-1].imbalance_after = busy[dist.get_rank()], imbalance(times)
         migration_ms = 1e3 * self.migrate(weight, opt, new_cut) if new_cut != cut else None

@@ -34,13 +34,11 @@ class HeadFlight:
     parts: torch.Tensor  # [P, N, 2] every part, a leaf of the loss
 
 
-def _replicate(rank, t: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
-    """Head shard 0's `t` on every head shard of the replica."""
-    if rank.tp == 1:
-        return t
-    t = t if t is not None else torch.empty_like(like)
-    with comm_timer().time(KIND):
-        dist.broadcast(t, src=rank.replica * rank.tp, group=rank.replica_group)
+def _replicate(rank, t: torch.Tensor) -> torch.Tensor:
+    """Head shard 0's `t` on every head shard of the replica (in place)."""
+    if rank.tp > 1:
+        with comm_timer().time(KIND):
+            dist.broadcast(t, src=rank.replica * rank.tp, group=rank.replica_group)
     return t
 
 
@@ -57,11 +55,11 @@ def head_forward(rank, x_normed: torch.Tensor, targets: torch.Tensor, where: str
                              f"sending head rows of {where}"),
                    rank.post([], list(zip(stats, peers)), False, TAG_HEAD, f"receiving head parts of {where}")]
     local_in = xn.detach().requires_grad_(grad)
-    with split.timed():
+    with split.timed(True):
         local = head_part(local_in, rank.model.head.weight, split.rows(), t)
     for p in pending:
         p.wait()
-    remote = _replicate(rank, torch.stack(stats) if pending else None, local.new_empty((len(peers),) + local.shape))
+    remote = _replicate(rank, torch.stack(stats)) if peers else local.new_empty((0,) + local.shape)
     parts = torch.cat([local.detach()[None], remote]).requires_grad_(grad)
     return HeadFlight(xn, local_in, local, parts), split_cross_entropy(parts)
 
@@ -78,14 +76,13 @@ def head_backward(rank, f: HeadFlight, where: str) -> None:
         pending = [rank.post([(g[1 + k].contiguous(), d) for k, d in enumerate(peers)], [], True, TAG_HEAD,
                              f"sending head part gradients of {where}"),
                    rank.post([], list(zip(dx, peers)), False, TAG_HEAD, f"receiving head input gradients of {where}")]
-    with split.timed():
+    with split.timed(False):
         torch.autograd.backward(f.local, g[0])
     total = f.local_in.grad
     if peers:
         for p in pending:
             p.wait()
-        remote = _replicate(rank, torch.stack(dx).sum(0) if pending else None, f.local_in.detach())
-        total = total + remote.to(total.dtype)
+        total = total + _replicate(rank, torch.stack(dx).sum(0)).to(total.dtype)
     torch.autograd.backward(f.xn, total)
 
 
@@ -110,7 +107,7 @@ def serve_head_forward(rank, weight: torch.Tensor, senders: list[int], n_tokens:
     rank.post([], list(zip(xs, senders)) + list(zip(ts, senders)), True, TAG_HEAD,
               f"receiving head rows of {where}").wait()
     x = torch.cat(xs).requires_grad_(torch.is_grad_enabled())
-    with rank.autocast(), split.timed():
+    with rank.autocast(), split.timed(True):
         parts = head_part(x, weight, split.rows(), torch.cat(ts))
     sent = rank.post(list(zip(parts.detach().split(n_tokens), senders)), [], False, TAG_HEAD,
                      f"sending head parts of {where}")
@@ -123,7 +120,7 @@ def serve_head_backward(rank, served: Optional[ServedHead], senders: list[int], 
         return None
     gs = [torch.empty((n_tokens, 2), device=rank.device) for _ in senders]
     rank.post([], list(zip(gs, senders)), True, TAG_HEAD, f"receiving head part gradients of {where}").wait()
-    with rank.head_split.timed():
+    with rank.head_split.timed(False):
         torch.autograd.backward(served.parts, torch.cat(gs))
     served.sent.wait()
     return rank.post(list(zip(served.x.grad.split(n_tokens), senders)), [], False, TAG_HEAD,
