@@ -450,8 +450,8 @@ class MoEBalancer:
         if imbalance(measured_ranks) > self.cfg.threshold:
             plan = plan_placement(times, placement, len(self.ranks), self.cfg.threshold)
         decided = torch.tensor(plan.placement if plan else placement)
-        if self.cfg.debug_shuffle_placement:  # test-only: experts move whatever the times
-            decided = decided[torch.randperm(self.E, generator=torch.Generator().manual_seed(step))]
+        if self.cfg.debug_shuffle_placement:  # test-only: experts move whatever the times (and plans)
+            decided = torch.tensor(placement)[torch.randperm(self.E, generator=torch.Generator().manual_seed(step))]
         dist.broadcast(decided, src=self.ranks[0], group=self.group)  # MoE rank 0's plan holds
         new_placement = decided.tolist()
         loads_before = rank_loads(times, placement, len(self.ranks))
