@@ -231,6 +231,10 @@ def moved_checkpoint_run(rank, world, ckpt_dir):
         trainer.resume(Path(ckpt_dir))
         out[key] = (trainer.strategy.evaluate(make_batches(cfg, 1)[0]),
                     trainer.strategy.generate(make_prompt(cfg), NEW_TOKENS).tokens)
+    try:  # the split head cannot be read as a whole one
+        Trainer(make_cfg([o for o in MOVING if o not in SHUFFLED + HEAD_SPLIT], world), rank).resume(Path(ckpt_dir))
+    except ValueError as e:
+        out["unsplit"] = str(e)
     return out
 
 
@@ -246,6 +250,7 @@ def test_resume_across_placement_changes_repeats_the_losses(tmp_path):
     for r in results:
         assert r["on"][0] == results[0]["on"][0] and torch.equal(r["on"][1], results[0]["on"][1])
         assert r["off"][0] == r["on"][0] and torch.equal(r["off"][1], r["on"][1])
+        assert "resume it with ma.head_split=true" in r["unsplit"]
 
 
 SKEW = ma_sep(1, 1, 2, 1) + DROPLESS + ["model.layers=2", "ma.rebalance=true", "ma.rebalance_every=10"]
