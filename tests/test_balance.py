@@ -214,7 +214,8 @@ def test_config_keys():
             load_config("tiny", [bad])
     cfg = load_config("tiny", ["parallel.strategy=ma_sep", "ma.rebalance=true", "ma.debug_expert_delay_s={3: 0.01}"])
     assert cfg.ma.rebalance and cfg.ma.debug_expert_delay_s == {3: 0.01}
-    assert not cfg.ma.head_split and load_config("tiny", ["parallel.strategy=ma_sep", "ma.head_split=true"]).ma.head_split
+    assert not cfg.ma.head_split
+    assert load_config("tiny", ["parallel.strategy=ma_sep", "ma.head_split=true"]).ma.head_split
     for bad in (["ma.head_split=true"], ["parallel.strategy=ma_sep", "ma.head_split=true", "model.tie_embeddings=true"],
                 ["ma.debug_head_delay_s=-1"]):
         with pytest.raises(ConfigError, match="ma.head_split|ma.debug_head_delay_s"):

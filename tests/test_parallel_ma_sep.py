@@ -16,8 +16,8 @@ from masep.config import ConfigError
 from masep.parallel.layout import make_layout
 from masep.parallel.ma_sep.attention import AttentionRank
 from masep.testing import run_ranks
-from parity import (CAPACITY, DROPLESS, HEAD_SPLIT, NEW_TOKENS, SHUFFLED, build, check_trainer_run, ma_sep, make_batches,
-                    make_cfg, make_prompt, model_overrides, trainer_run)
+from parity import (CAPACITY, DROPLESS, HEAD_SPLIT, NEW_TOKENS, SHUFFLED, build, check_trainer_run, ma_sep,
+                    make_batches, make_cfg, make_prompt, model_overrides, trainer_run)
 
 
 def _ma_cfg(world: int, attn_tp: int, replicas: int, moe: int, in_flight: int, extra: list[str]):
@@ -244,7 +244,7 @@ def test_resume_across_placement_changes_repeats_the_losses(tmp_path):
     uninterrupted losses. Loaded without balancing, the checkpoint still routes by its placement
     and splits the head by its cut: the same evaluation and tokens."""
     results = run_ranks(4, moved_checkpoint_run, str(tmp_path), timeout_s=180)
-    check_trainer_run(results, lambda rank: {"moe_dispatch", "grad_sync", "p2p"} if rank < 2 else {"moe_dispatch", "p2p"})
+    check_trainer_run(results, lambda rank: {"moe_dispatch", "p2p"} | ({"grad_sync"} if rank < 2 else set()))
     assert not torch.equal(results[0]["slot_of"], torch.arange(16))
     assert all(torch.equal(r["slot_of"], results[0]["slot_of"]) for r in results)
     for r in results:

@@ -2,7 +2,8 @@
 layer's norms, router and its shard of the attention heads (fused qkv rows and output-projection
 columns of heads [t*h/attn_tp, (t+1)*h/attn_tp), Megatron column/row parallel: `copy_to_group`
 / `reduce_from_group` inside the replica, kind `attn_allreduce`), the final norm and the output
-head (with `ma.head_split`, its vocabulary rows [0, cut): head.py). It runs the segments of the schedule (protocol.py) and sends its rows to the experts."""
+head (with `ma.head_split`, its vocabulary rows [0, cut): head.py). It runs the segments of the
+schedule (protocol.py) and sends its rows to the experts."""
 from __future__ import annotations
 
 import dataclasses
