@@ -132,11 +132,18 @@ class MaConfig:
     rebalance: bool = False
     rebalance_every: int = 100
     threshold: float = 0.05
-    # Test-only levers (never in a study): every sync point applies a random placement, so tests
-    # see experts move; an expert's seconds of sleep per (layer, micro-batch) it serves, so tests
+    # The lever across the groups: the output head (vocabulary projection and cross-entropy) split
+    # by vocabulary rows between the attention ranks and the MoE ranks; sync points move the cut.
+    head_split: bool = False
+    # Test-only levers (never in a study): every sync point applies a random placement (and, with
+    # `head_split`, a random cut, also at the start), so tests see experts and head rows move;
+    # an expert's seconds of sleep per (layer, micro-batch) it serves, so tests
     # can make one MoE rank slower.
     debug_shuffle_placement: bool = False
     debug_expert_delay_s: dict[int, float] = field(default_factory=dict)
+    # Seconds slept per micro-batch by the head's forward, shared by the ranks computing it in
+    # proportion to their vocabulary rows (with `head_split`), so tests can make the head slow.
+    debug_head_delay_s: float = 0.0
 
 
 @dataclass
@@ -394,6 +401,11 @@ def validate(cfg: Config) -> None:
              "only ma_sep rebalances (it moves experts between its MoE ranks); set it to false")
     _require(all(0 <= e < m.experts and s >= 0 for e, s in cfg.ma.debug_expert_delay_s.items()),
              "ma.debug_expert_delay_s", f"keys are expert ids in 0..{m.experts - 1}, values seconds >= 0")
+    _require(not cfg.ma.head_split or p.strategy == "ma_sep", "ma.head_split",
+             "only ma_sep splits the output head between its groups; set it to false")
+    _require(not (cfg.ma.head_split and m.tie_embeddings), "ma.head_split",
+             "the output head shares its matrix with the embedding (model.tie_embeddings); set one to false")
+    _require(cfg.ma.debug_head_delay_s >= 0, "ma.debug_head_delay_s", "must not be negative")
     _require(cfg.ma.threshold >= 0, "ma.threshold", "must not be negative")
     _require(cfg.infer.compile in ("eager", "default", "max-autotune"), "infer.compile",
              "must be eager, default or max-autotune")

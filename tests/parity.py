@@ -83,6 +83,9 @@ def run_steps(strategy, cfg, prompt_batch: int = 2, decode_after_step0: bool = F
             result.update(loss=stats.loss, lb=stats.lb_loss, z=stats.z_loss, tpe=stats.tokens_per_expert,
                           dropped=stats.dropped, n_tokens=stats.n_tokens, n_micro=stats.n_micro,
                           grads={n: p.grad.detach().clone() for n, p in strategy.named_parameters()})
+            split = getattr(strategy, "head_split", None)  # ma_sep's head rows this rank computes at step 0
+            if split is not None:
+                result["head_rows"] = split.owned(strategy.head_weight())[:, 0].clone()
         else:
             result["losses"].append(stats.loss)
         result.setdefault("grad_norms", []).append(strategy.clip_gradients(1.0))
@@ -120,6 +123,11 @@ def moves_experts(overrides) -> bool:
     return "ma.rebalance=true" in overrides
 
 
+# ma_sep's output head split between the groups; with SHUFFLED its cut is random from the start
+# and moves at every step.
+HEAD_SPLIT = ["ma.head_split=true"]
+
+
 @functools.lru_cache(maxsize=None)
 def reference(overrides: tuple, prompt_batch: int = 2, decode_after_step0: bool = False) -> dict:
     cfg = make_cfg(list(overrides) + ["parallel.strategy=single"])
@@ -152,7 +160,10 @@ def assert_parity(got: dict, ref: dict, shard) -> None:
     assert got["dropped"] == ref["dropped"]
     assert set(got["grads"]) <= set(ref["grads"])
     for name, g in got["grads"].items():
-        torch.testing.assert_close(g, shard(name, ref["grads"][name]), rtol=1e-4, atol=1e-6, msg=name)
+        want = shard(name, ref["grads"][name])
+        if name == "head.weight" and "head_rows" in got:  # rows other ranks compute are zero here
+            want = want * got["head_rows"][:, None]
+        torch.testing.assert_close(g, want, rtol=1e-4, atol=1e-6, msg=name)
     assert got["grad_norms"] == pytest.approx(ref["grad_norms"], rel=1e-4)
     assert got["losses"] == pytest.approx(ref["losses"], rel=1e-4)
     assert got["eval"][1] == ref["eval"][1]
@@ -175,6 +186,9 @@ def check_parity(results: list, overrides: list, prompt_batch: int = 2) -> None:
         assert_parity(got, ref, shard_of(cfg, layout, rank))
         covered |= set(got["grads"])
     assert covered == set(ref["grads"])
+    if "ma.head_split=true" in overrides:  # some rank computes every head row, and both groups some
+        rows = torch.stack([got["head_rows"] for got in results])
+        assert rows.any(0).all() and rows[len(layout.attention_ranks):].any()
 
 
 # ------------------------------------------------------------------ the trainer

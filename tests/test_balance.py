@@ -214,6 +214,30 @@ def test_config_keys():
             load_config("tiny", [bad])
     cfg = load_config("tiny", ["parallel.strategy=ma_sep", "ma.rebalance=true", "ma.debug_expert_delay_s={3: 0.01}"])
     assert cfg.ma.rebalance and cfg.ma.debug_expert_delay_s == {3: 0.01}
+    assert not cfg.ma.head_split
+    assert load_config("tiny", ["parallel.strategy=ma_sep", "ma.head_split=true"]).ma.head_split
+    for bad in (["ma.head_split=true"], ["parallel.strategy=ma_sep", "ma.head_split=true", "model.tie_embeddings=true"],
+                ["ma.debug_head_delay_s=-1"]):
+        with pytest.raises(ConfigError, match="ma.head_split|ma.debug_head_delay_s"):
+            load_config("tiny", bad)
+
+
+def test_split_cross_entropy_is_the_unsplit_one_with_its_gradients():
+    """Parts of any partition of the vocabulary give F.cross_entropy and its gradients."""
+    from masep.parallel.balance import head_part, split_cross_entropy, vocab_parts
+
+    gen = torch.Generator().manual_seed(0)
+    x, w = torch.randn(12, 8, generator=gen, requires_grad=True), torch.randn(50, 8, generator=gen, requires_grad=True)
+    targets = torch.randint(0, 50, (12,), generator=gen)
+    want = torch.nn.functional.cross_entropy(x @ w.T, targets, reduction="none")
+    gx, gw = torch.autograd.grad(want.sum(), (x, w))
+    for cut, moe in ((50, 2), (1, 1), (17, 3), (40, 4)):
+        parts = vocab_parts(cut, 50, moe)
+        assert parts[0] == (0, cut) and parts[-1][1] == 50 and all(a[1] == b[0] for a, b in zip(parts, parts[1:]))
+        got = split_cross_entropy(torch.stack([head_part(x, w, p, targets) for p in parts if p[1] > p[0]]))
+        torch.testing.assert_close(got, want)
+        for g, ref in zip(torch.autograd.grad(got.sum(), (x, w)), (gx, gw)):
+            torch.testing.assert_close(g, ref)
 
 
 def balancer_rank(rank: int, world: int, every: int, syncs: int, run_dir: str) -> dict:

@@ -16,8 +16,8 @@ from masep.config import ConfigError
 from masep.parallel.layout import make_layout
 from masep.parallel.ma_sep.attention import AttentionRank
 from masep.testing import run_ranks
-from parity import (CAPACITY, DROPLESS, NEW_TOKENS, SHUFFLED, build, check_trainer_run, ma_sep, make_batches,
-                    make_cfg, make_prompt, model_overrides, trainer_run)
+from parity import (CAPACITY, DROPLESS, HEAD_SPLIT, NEW_TOKENS, SHUFFLED, build, check_trainer_run, ma_sep,
+                    make_batches, make_cfg, make_prompt, model_overrides, trainer_run)
 
 
 def _ma_cfg(world: int, attn_tp: int, replicas: int, moe: int, in_flight: int, extra: list[str]):
@@ -216,7 +216,7 @@ def test_silent_moe_rank_times_out_the_others():
 
 # ------------------------------------------------------------------ balancing under the trainer
 
-MOVING = ma_sep(1, 2, 2, 1) + ["model.expert_dropout=0.1"] + CAPACITY + SHUFFLED
+MOVING = ma_sep(1, 2, 2, 1) + ["model.expert_dropout=0.1"] + CAPACITY + HEAD_SPLIT + SHUFFLED
 
 
 def moved_checkpoint_run(rank, world, ckpt_dir):
@@ -231,20 +231,26 @@ def moved_checkpoint_run(rank, world, ckpt_dir):
         trainer.resume(Path(ckpt_dir))
         out[key] = (trainer.strategy.evaluate(make_batches(cfg, 1)[0]),
                     trainer.strategy.generate(make_prompt(cfg), NEW_TOKENS).tokens)
+    try:  # the split head cannot be read as a whole one
+        Trainer(make_cfg([o for o in MOVING if o not in SHUFFLED + HEAD_SPLIT], world), rank).resume(Path(ckpt_dir))
+    except ValueError as e:
+        out["unsplit"] = str(e)
     return out
 
 
 def test_resume_across_placement_changes_repeats_the_losses(tmp_path):
-    """Experts move after every step (the MoE ranks' migrations are `p2p`); the checkpoint after
-    step 2 holds a moved placement, and the resumed run repeats the uninterrupted losses. Loaded
-    without balancing, the checkpoint still routes by its placement: the same evaluation and tokens."""
+    """Experts and the head's vocabulary cut move after every step (the migrations are `p2p`); the
+    checkpoint after step 2 holds a moved placement and cut, and the resumed run repeats the
+    uninterrupted losses. Loaded without balancing, the checkpoint still routes by its placement
+    and splits the head by its cut: the same evaluation and tokens."""
     results = run_ranks(4, moved_checkpoint_run, str(tmp_path), timeout_s=180)
-    check_trainer_run(results, lambda rank: {"moe_dispatch", "grad_sync"} if rank < 2 else {"moe_dispatch", "p2p"})
+    check_trainer_run(results, lambda rank: {"moe_dispatch", "p2p"} | ({"grad_sync"} if rank < 2 else set()))
     assert not torch.equal(results[0]["slot_of"], torch.arange(16))
     assert all(torch.equal(r["slot_of"], results[0]["slot_of"]) for r in results)
     for r in results:
         assert r["on"][0] == results[0]["on"][0] and torch.equal(r["on"][1], results[0]["on"][1])
         assert r["off"][0] == r["on"][0] and torch.equal(r["off"][1], r["on"][1])
+        assert "resume it with ma.head_split=true" in r["unsplit"]
 
 
 SKEW = ma_sep(1, 1, 2, 1) + DROPLESS + ["model.layers=2", "ma.rebalance=true", "ma.rebalance_every=10"]
@@ -287,3 +293,52 @@ def test_rebalancing_evens_a_two_x_slower_moe_rank_and_leaves_an_even_one_alone(
     assert len(held_out) == 4 and sum(held_out) / len(held_out) < 0.10
     for r in (1, 2):
         assert not any(e["plan_applied"] for e in pq.read_table(even / f"balance_events-rank{r}.parquet").to_pylist())
+
+
+HEAD_SKEW = ma_sep(1, 1, 1, 2) + DROPLESS + HEAD_SPLIT + ["model.layers=2", "ma.rebalance=true", "ma.rebalance_every=5"]
+HEAD_SKEW_STEPS = 15  # three sync points
+
+
+def head_skew_run(rank, world, runs: dict) -> None:
+    """The trainer for each {run folder: head delay}; every rank writes its events."""
+    from masep.runtime.trainer import Trainer
+
+    for run_dir, delay in runs.items():
+        cfg = make_cfg(HEAD_SKEW + [f"ma.debug_head_delay_s={delay}"], world)
+        trainer = Trainer(cfg, rank)
+        for batch in make_batches(cfg, HEAD_SKEW_STEPS):
+            trainer.train_step(batch)
+        trainer.strategy.write_rows(run_dir, "head-skew")
+
+
+def _head_events(run_dir) -> dict:
+    import pyarrow.parquet as pq
+
+    return {r: [e for e in pq.read_table(run_dir / f"balance_events-rank{r}.parquet").to_pylist()
+                if e["lever"] == "head"] for r in (0, 1)}
+
+
+def test_head_split_moves_time_from_a_slower_attention_rank_to_the_moe_rank(tmp_path):
+    """1 attention + 1 MoE rank; the head's forward sleeps 80 ms per micro-batch (shared by its
+    rows): the attention rank, holding the whole head, is the slow side. The first sync point moves
+    head rows to the MoE rank, and the measured imbalance of the two groups' busy times falls
+    below half of what it was. Without the delay, the first window decides alone (CPU noise may
+    move rows either way), and no event is lost."""
+    slow, plain = tmp_path / "slow", tmp_path / "plain"
+    slow.mkdir()
+    plain.mkdir()
+    run_ranks(2, head_skew_run, {str(slow): 0.08, str(plain): 0.0}, timeout_s=300)
+    events = _head_events(slow)
+    attention = events[0]
+    print("head lever: group imbalance per window", [round(e["imbalance_before"], 3) for e in attention],
+          "rows moved", [e["moves"] for e in attention],
+          "busy s/step attention", [round(e["measured_before_s"], 4) for e in attention],
+          "moe", [round(e["measured_before_s"], 4) for e in events[1]],
+          "migration ms", [round(e["migration_ms"] or 0, 1) for e in attention])
+    assert [e["step"] for e in attention] == [4, 9, 14] and len(events[1]) == 3
+    assert [e["side"] for e in events[0] + events[1]] == ["attention"] * 3 + ["moe"] * 3
+    first = attention[0]
+    assert first["imbalance_before"] > 0.3 and first["plan_applied"] and first["moves"] > 0
+    assert first["measured_before_s"] > events[1][0]["measured_before_s"]  # the attention side was the slow one
+    assert min(e["imbalance_before"] for e in attention[1:]) < first["imbalance_before"] / 2
+    assert [len(e) for e in _head_events(plain).values()] == [3, 3]

@@ -9,7 +9,7 @@ import torch
 
 from masep.parallel.layout import make_layout
 from masep.testing import run_ranks
-from parity import CAPACITY, DROPLESS, SHUFFLED, check_parity, ma_sep, make_cfg, moves_experts, parity_rank
+from parity import CAPACITY, DROPLESS, HEAD_SPLIT, SHUFFLED, check_parity, ma_sep, make_cfg, moves_experts, parity_rank
 
 TP, EP, PP, TP_PP = (["parallel.strategy=tp"], ["parallel.strategy=ep_dp"], ["parallel.strategy=pp"],
                      ["parallel.strategy=tp_pp"])
@@ -39,13 +39,16 @@ CASES = {
     # Balancing moves experts (a random placement) after every step; decoded again after step 0.
     "ma_sep-tp2-moe2-pipe2-capacity-shuffled": (4, ma_sep(2, 1, 2, 2) + CAPACITY + SHUFFLED, 3),
     "ma_sep-r2-moe2-seq-dropless-shuffled": (4, ma_sep(1, 2, 2, 1) + DROPLESS + SHUFFLED, 2),
+    # ... and the output head's vocabulary cut between the groups moves too (random from the start).
+    "ma_sep-tp2-moe2-pipe2-capacity-head-shuffled": (4, ma_sep(2, 1, 2, 2) + CAPACITY + SHUFFLED + HEAD_SPLIT, 3),
+    "ma_sep-r2-moe2-pipe2-dropless-head-shuffled": (4, ma_sep(1, 2, 2, 2) + DROPLESS + SHUFFLED + HEAD_SPLIT, 2),
     # The 8-GPU layouts.
     "tp4dp2-capacity": (8, TP + ["parallel.tp=4"] + CAPACITY, 2),
     "ep_dp8-capacity": (8, EP + ["train.global_batch=16"] + CAPACITY, 2),  # two experts per rank
     "pp2dp4-capacity": (8, PP + ["parallel.pp=2", "train.global_batch=32"] + CAPACITY, 2),
     "tp2pp2dp2-capacity": (8, TP_PP + ["parallel.tp=2", "parallel.pp=2", "train.global_batch=16"] + CAPACITY, 2),
     "ma_sep-tp2-r2-moe4-pipe2-capacity": (8, ma_sep(2, 2, 4, 2) + CAPACITY, 2),
-    "ma_sep-tp2-r2-moe4-pipe2-capacity-shuffled": (8, ma_sep(2, 2, 4, 2) + CAPACITY + SHUFFLED, 2),
+    "ma_sep-tp2-r2-moe4-pipe2-capacity-head-shuffled": (8, ma_sep(2, 2, 4, 2) + CAPACITY + SHUFFLED + HEAD_SPLIT, 2),
 }
 
 

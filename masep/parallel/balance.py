@@ -12,19 +12,26 @@ model computes.
   accumulator and its AdamW state (exp_avg, exp_avg_sq, step) point-to-point into a free row of
   the destination, exactly (fp32 bits).
 - `MoEBalancer`: the MoE group's sync points, built from the above, writing `BalanceEvent` rows.
+- `HeadSplit`: the lever between the groups, the output head split by vocabulary (`vocab_parts`,
+  `head_part`, `split_cross_entropy`), its cut moved at the sync points.
 """
 from __future__ import annotations
 
 import dataclasses
 import itertools
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
+from masep.model import compute_weight
 from masep.parallel.comm import p2p_exchange
+from masep.telemetry.timing import comm_timer
 
 
 # ---------------------------------------------------------------- features
@@ -302,6 +309,43 @@ def migration_lists(old: dict[int, tuple[int, int]], new: dict[int, tuple[int, i
     return sends, recvs
 
 
+# ---------------------------------------------------------------- clocks
+
+
+class LayerClock:
+    """Seconds of this rank's expert work per layer over one step: the host clock on CPU, CUDA
+    events on GPU (read once, at the end of the step). `delay_s` is the test-only sleep
+    (`ma.debug_expert_delay_s`); only the host clock sees it."""
+
+    def __init__(self, layers: int, device: torch.device):
+        self.layers, self.cuda = layers, device.type == "cuda"
+        self.seconds, self.events = [0.0] * layers, []
+
+    @contextmanager
+    def time(self, layer: int, delay_s: float = 0.0):
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+            self.events.append((layer, start, end))
+            return
+        t = time.perf_counter()
+        if delay_s:
+            time.sleep(delay_s)
+        yield
+        self.seconds[layer] += time.perf_counter() - t
+
+    def read(self) -> list[float]:
+        """The step's seconds per layer; starts the next step at zero."""
+        if self.events:
+            torch.cuda.synchronize()
+        for layer, start, end in self.events:
+            self.seconds[layer] += start.elapsed_time(end) / 1e3
+        out, self.seconds, self.events = self.seconds, [0.0] * self.layers, []
+        return out
+
+
 # ---------------------------------------------------------------- event rows
 
 
@@ -325,6 +369,15 @@ class BalanceEvent:
     plan_applied: bool
     moves: int  # experts that changed rank (all ranks)
     migration_ms: Optional[float]  # this rank's measured migration time; NULL without a plan
+    lever: str = "experts"  # experts: placement inside the MoE group; head: the head's vocabulary cut
+
+
+def write_events(run_dir, run_id: str, events: Sequence[BalanceEvent]) -> None:
+    """This rank's rows as `balance_events-rank<R>.parquet` (atomically; rewritten each call)."""
+    from masep.telemetry.writer import write_parquet
+
+    write_parquet(Path(run_dir) / f"balance_events-rank{dist.get_rank()}.parquet",
+                  [{**dataclasses.asdict(e), "run_id": run_id} for e in events])
 
 
 # ---------------------------------------------------------------- the MoE group's sync points
@@ -397,8 +450,8 @@ class MoEBalancer:
         if imbalance(measured_ranks) > self.cfg.threshold:
             plan = plan_placement(times, placement, len(self.ranks), self.cfg.threshold)
         decided = torch.tensor(plan.placement if plan else placement)
-        if self.cfg.debug_shuffle_placement:  # test-only: experts move whatever the times
-            decided = decided[torch.randperm(self.E, generator=torch.Generator().manual_seed(step))]
+        if self.cfg.debug_shuffle_placement:  # test-only: experts move whatever the times (and plans)
+            decided = torch.tensor(placement)[torch.randperm(self.E, generator=torch.Generator().manual_seed(step))]
         dist.broadcast(decided, src=self.ranks[0], group=self.group)  # MoE rank 0's plan holds
         new_placement = decided.tolist()
         loads_before = rank_loads(times, placement, len(self.ranks))
@@ -438,16 +491,188 @@ class MoEBalancer:
         self.events = [BalanceEvent(**e) for e in state["events"]]
 
     def write_events(self, run_dir) -> None:
-        """This rank's rows as `balance_events-rank<R>.parquet` (atomically; rewritten each call)."""
-        from pathlib import Path
-
-        from masep.telemetry.writer import write_parquet
-
-        write_parquet(Path(run_dir) / f"balance_events-rank{dist.get_rank()}.parquet",
-                      [{**dataclasses.asdict(e), "run_id": self.run_id} for e in self.events])
+        write_events(run_dir, self.run_id, self.events)
 
     def _fixed_cost(self, tokens: torch.Tensor) -> float:
         """Predicted seconds per step a rank spends besides its experts (the per-layer fixed item)."""
         return sum(float(self.predictor.item_times(expert_features(tokens[layer].tolist(), [False] * self.E,
                                                                    layer, self.L))[-1])
                    for layer in range(self.L))
+
+
+# ---------------------------------------------------------------- the output head between the groups
+
+
+def vocab_parts(cut: int, vocab: int, moe_ranks: int) -> list[tuple[int, int]]:
+    """Vocabulary rows of the output head per part: the attention side's [0, cut) (it also keeps
+    the padding rows past `vocab`, whose logits are -inf), then MoE rank j's even share of [cut, vocab)."""
+    n = vocab - cut
+    return [(0, cut)] + [(cut + n * j // moe_ranks, cut + n * (j + 1) // moe_ranks) for j in range(moe_ranks)]
+
+
+def head_part(xn: torch.Tensor, weight: torch.Tensor, rows: tuple[int, int], targets: torch.Tensor) -> torch.Tensor:
+    """[N, 2] for the rows `xn` [N, H]: the log-sum-exp of the logits of vocabulary rows [lo, hi)
+    and the target's logit where the target is one of them (else 0). The parts of a partition of
+    the vocabulary give the unsplit cross-entropy (`split_cross_entropy`) and, through autograd,
+    its gradients."""
+    lo, hi = rows
+    z = F.linear(xn, compute_weight(weight)[lo:hi]).float()
+    picked = z.gather(1, (targets - lo).clamp(0, hi - lo - 1)[:, None])[:, 0]
+    return torch.stack([torch.logsumexp(z, 1), torch.where((targets >= lo) & (targets < hi), picked, 0.0)], 1)
+
+
+def split_cross_entropy(parts: torch.Tensor) -> torch.Tensor:
+    """Per-token cross-entropy [N] from the parts' `head_part` statistics [P, N, 2]."""
+    return torch.logsumexp(parts[..., 0], 0) - parts[..., 1].sum(0)
+
+
+class HeadSplit:
+    """The lever across the groups (`ma.head_split`; one instance per rank of ma_sep): the output
+    head's vocabulary rows [0, cut) are computed by the attention ranks, the rest by the MoE ranks
+    (`vocab_parts`); the cut starts at the whole vocabulary (today's placement).
+
+    Every training step a rank records its busy seconds (step time less communication, as the step
+    rows' compute_s) and its seconds of head work. At a sync point the world gathers their medians
+    over the window: with each group's time (its slowest rank's) and the measured seconds per head
+    row and rank, the predicted times are linear in the cut; when the measured max/mean - 1 of the two
+    groups exceeds the threshold, the cut moves to where the predictions meet. Rows changing sides
+    move with their gradients and AdamW state (`migrate`, exact: one rank holds each row, zeros
+    elsewhere, so the sum over the world is the row). A row is exactly zero, with zero AdamW
+    state, on every rank not computing it, and AdamW keeps it so."""
+
+    def __init__(self, ma_cfg, vocab: int, layout, device, seed: int = 0):
+        self.cfg, self.vocab, self.seed = ma_cfg, vocab, seed
+        self.attention, self.moe = list(layout.attention_ranks), list(layout.moe_rank_list)
+        me = dist.get_rank()
+        self.part = 0 if me in self.attention else 1 + self.moe.index(me)
+        self.contributes = self.part > 0 or me == self.attention[0]  # one copy of the attention rows counts
+        self.cut = self._random_cut(-1) if ma_cfg.debug_shuffle_placement else vocab
+        self.clock = LayerClock(1, torch.device(device))
+        self.window: list[tuple[float, float]] = []  # (busy seconds, head seconds) per training step
+        self.events: list[BalanceEvent] = []
+        self.predicted: Optional[list[float]] = None  # [attention, moe] group times for the next window
+        self.predicted_mine: Optional[float] = None  # this rank's, likewise
+
+    def _random_cut(self, step: int) -> int:  # test-only: `ma.debug_shuffle_placement`
+        return int(torch.randint(1, self.vocab + 1, (1,), generator=torch.Generator().manual_seed(
+            self.seed * 7919 + step + 1)))
+
+    def rows(self, cut: Optional[int] = None) -> tuple[int, int]:
+        """The vocabulary rows this rank computes."""
+        return vocab_parts(self.cut if cut is None else cut, self.vocab, len(self.moe))[self.part]
+
+    def moe_peers(self) -> list[int]:
+        """The MoE ranks computing head rows."""
+        return [r for r, (lo, hi) in zip(self.moe, vocab_parts(self.cut, self.vocab, len(self.moe))[1:]) if hi > lo]
+
+    def owned(self, t: torch.Tensor, cut: Optional[int] = None) -> torch.Tensor:
+        """Bool [rows, 1] on t's device: the head rows this rank holds."""
+        lo, hi = self.rows(cut)
+        idx = torch.arange(t.shape[0], device=t.device)
+        held = (idx >= lo) & (idx < hi)
+        return (held | (idx >= self.vocab) if self.part == 0 else held)[:, None]
+
+    @torch.no_grad()
+    def keep_owned(self, t: torch.Tensor) -> None:
+        """Zero the rows of `t` (the head weight or its gradient) this rank does not hold."""
+        t.masked_fill_(~self.owned(t), 0)
+
+    def timed(self, forward: bool):
+        """The clock around head work while training (with the test-only delay in the forward)."""
+        lo, hi = self.rows()
+        delay = self.cfg.debug_head_delay_s * (hi - lo) / self.vocab if forward else 0.0
+        return self.clock.time(0, delay) if torch.is_grad_enabled() else nullcontext()
+
+    def record(self, busy_s: float) -> None:
+        self.window.append((busy_s, self.clock.read()[0]))
+
+    def sync(self, step: int, weight: torch.nn.Parameter, opt, run_id: str = "") -> BalanceEvent:
+        # Medians: a step slowed by something else (a sync point, a busy host) does not move the cut.
+        mine = torch.tensor(self.window, dtype=torch.float64).median(0).values
+        gathered = [torch.empty_like(mine, device=weight.device) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, mine.to(weight.device))
+        busy, head = torch.stack(gathered).cpu().T.tolist()
+        times = [max(busy[r] for r in ranks) for ranks in (self.attention, self.moe)]
+        M, V, cut = len(self.moe), self.vocab, self.cut
+        # Seconds per head row on one rank, pooled over both sides (the same kernel on both): a side
+        # holding few rows would give a per-row figure of mostly fixed costs.
+        moe_rows = -(-(V - cut) // M)
+        per_row = (max(head[r] for r in self.attention) + max(head[r] for r in self.moe)) / (cut + moe_rows)
+        new_cut = cut
+        if imbalance(times) > self.cfg.threshold:  # rows leaving the attention side (negative: coming back)
+            leaving = (times[0] - times[1]) / max(per_row * (1 + 1 / M), 1e-12)
+            new_cut = min(V, max(1, round(cut - leaving)))
+        if self.cfg.debug_shuffle_placement:
+            new_cut = self._random_cut(step)
+        decided = torch.tensor([new_cut], device=weight.device)
+        dist.broadcast(decided, src=0)  # one decision for the world
+        new_cut = int(decided)
+        after = [times[0] - (cut - new_cut) * per_row, times[1] + (cut - new_cut) / M * per_row]
+        lo, hi = self.rows()
+        new_lo, new_hi = self.rows(new_cut)
+        mine_after = busy[dist.get_rank()] + ((new_hi - new_lo) - (hi - lo)) * per_row
+        if self.events:  # the previous sync point's "after" window is this one's "before"
+            self.events[-1].measured_after_s, self.events[-1].imbalance_after = busy[dist.get_rank()], imbalance(times)
+        migration_ms = 1e3 * self.migrate(weight, opt, new_cut) if new_cut != cut else None
+        event = BalanceEvent(
+            run_id=run_id, step=step, rank=dist.get_rank(), side="moe" if self.part else "attention",
+            predicted_before_s=self.predicted_mine, measured_before_s=busy[dist.get_rank()],
+            predicted_after_s=mine_after, measured_after_s=None,
+            imbalance_before=imbalance(times), imbalance_after=None,
+            predicted_imbalance_before=imbalance(self.predicted) if self.predicted else None,
+            predicted_imbalance_after=imbalance(after), plan_applied=new_cut != cut, moves=abs(new_cut - cut),
+            migration_ms=migration_ms, lever="head")
+        self.predicted, self.predicted_mine = after, mine_after
+        self.events.append(event)
+        self.window = []
+        return event
+
+    @torch.no_grad()
+    def migrate(self, weight: torch.nn.Parameter, opt, new_cut: int) -> float:
+        """Move the head rows between [cut, vocab) and [new_cut, vocab) to their new holders with
+        their gradients and AdamW moments; returns the seconds it took (every rank takes part)."""
+        t0 = time.perf_counter()
+        lo = min(self.cut, new_cut)
+        state = opt.state.get(weight, {}) if opt is not None else {}
+        tensors = [weight.detach(), weight.grad, state.get("exp_avg"), state.get("exp_avg_sq")]
+        sent = (self.owned(weight, self.cut) & self.contributes)[lo:self.vocab]
+        flat = torch.stack([torch.where(sent, t[lo:self.vocab].float(), 0.0) if t is not None
+                            else weight.new_zeros((self.vocab - lo, weight.shape[1]), dtype=torch.float32)
+                            for t in tensors])
+        with comm_timer().time("p2p"):
+            dist.all_reduce(flat)
+        kept = self.owned(weight, new_cut)[lo:self.vocab]
+        for t, rows in zip(tensors, flat):
+            if t is not None:
+                t[lo:self.vocab] = torch.where(kept, rows, 0.0).to(t.dtype)
+        self.cut = new_cut
+        if weight.device.type == "cuda":
+            torch.cuda.synchronize(weight.device)
+        return time.perf_counter() - t0
+
+    @contextmanager
+    def whole(self, weight: torch.nn.Parameter):
+        """Decoding keeps the head unsplit: while it runs, the attention ranks hold every row."""
+        if self.cut == self.vocab:
+            yield
+            return
+        with torch.no_grad():
+            rows = weight.detach()[self.cut:self.vocab].clone()  # each row nonzero on one MoE rank
+            dist.all_reduce(rows)
+            if self.part == 0:
+                weight[self.cut:self.vocab] = rows
+        try:
+            yield
+        finally:
+            if self.part == 0:
+                with torch.no_grad():
+                    weight[self.cut:self.vocab] = 0
+
+    def state_dict(self) -> dict:
+        return {"cut": self.cut, "window": list(self.window), "predicted": self.predicted,
+                "predicted_mine": self.predicted_mine, "events": [dataclasses.asdict(e) for e in self.events]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.cut, self.window = state["cut"], list(state["window"])
+        self.predicted, self.predicted_mine = state["predicted"], state["predicted_mine"]
+        self.events = [BalanceEvent(**e) for e in state["events"]]

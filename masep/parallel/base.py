@@ -193,7 +193,8 @@ class LossTerms:
         self.lb_coef, self.z_coef = cfg.lb_coef, cfg.z_coef
 
     def __call__(self, routings: Iterable[tuple[int, Routing]] = (), logits: Optional[torch.Tensor] = None,
-                 mb: Optional[GlobalBatch] = None) -> Optional[torch.Tensor]:
+                 mb: Optional[GlobalBatch] = None, ce: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+        """`ce`: the micro-batch's ce_sum where a strategy computes it without full logits."""
         routings, loss = list(routings), None
         if routings:
             loss = sum(self.lb_coef * r.lb_loss + self.z_coef * r.z_loss for _, r in routings) / self.n_micro
@@ -202,6 +203,7 @@ class LossTerms:
                 self.stats.add_routing(layer, r)
         if logits is not None:
             ce = lm_loss_sum(logits, mb.targets, mb.mask)
+        if ce is not None:
             if self.counts:
                 self.stats.add_ce(ce)
             loss = ce / max(self.n_valid, 1) + (0 if loss is None else loss)

@@ -452,8 +452,9 @@ class BalancingSection(Section):
         if not _exists(con, "balance_events"):
             return f"<p class='nm'>{NOT_HERE}: no balancing events in this database.</p>", []
         ablation = _query(con, "SELECT variant, experiment, seed, tokens_per_s, step_time_s, grad_sync_s, final_loss, "
-                               "sync_points, plans_applied, last_moe_imbalance, migration_ms FROM ma_ablation")
-        accuracy = _query(con, "SELECT run_id, side, step, ranks, mape_pct FROM predictor_accuracy")
+                               "sync_points, plans_applied, last_moe_imbalance, migration_ms, first_group_imbalance, "
+                               "last_group_imbalance FROM ma_ablation")
+        accuracy = _query(con, "SELECT run_id, lever, side, step, ranks, mape_pct FROM predictor_accuracy")
         events = _query(con, "SELECT * FROM balance_events ORDER BY run_id, step LIMIT 200")
         return ("<h3>Plain ma_sep beside its variants (view ma_ablation)</h3>\n" + _html_table(ablation)
                 + "\n<h3>Time predictor error on windows it had not trained on (view predictor_accuracy)</h3>\n"

@@ -16,7 +16,8 @@ A rank plays one role, chosen once from the layout (`MASeparation`):
 - `attention.AttentionRank` (replica r, head shard t): the embedding, every layer's norms,
   router and its shard of the attention heads, the final norm and the output head; replica r
   takes the contiguous block r of the global batch's micro-batches.
-- `experts.ExpertServer` (MoE rank j): its experts of every layer, and nothing else.
+- `experts.ExpertServer` (MoE rank j): its experts of every layer (and with `ma.head_split` its
+  share of the output head's vocabulary rows, `head`).
 `protocol` holds what travels between them (the wire protocol) and the schedule both sides
 derive from the batch shape and the layout alone.
 

@@ -2,7 +2,8 @@
 layer's norms, router and its shard of the attention heads (fused qkv rows and output-projection
 columns of heads [t*h/attn_tp, (t+1)*h/attn_tp), Megatron column/row parallel: `copy_to_group`
 / `reduce_from_group` inside the replica, kind `attn_allreduce`), the final norm and the output
-head. It runs the segments of the schedule (protocol.py) and sends its rows to the experts."""
+head (with `ma.head_split`, its vocabulary rows [0, cut): head.py). It runs the segments of the
+schedule (protocol.py) and sends its rows to the experts."""
 from __future__ import annotations
 
 import dataclasses
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from masep.model import KVCache, MoETransformer, Routing, combine, routed_positions, sort_by_expert
 from masep.parallel.base import GlobalBatch, LossTerms
 from masep.parallel.comm import PendingP2P, gather_uneven_rows, scatter_rows, sync_gradients
+from masep.parallel.ma_sep.head import head_backward, head_forward
 from masep.parallel.ma_sep.protocol import (KIND, MASepRank, _Flight, _Route, dispatch, remote_experts_static,
                                             send_output_grads, waves)
 from masep.parallel.sharding import TPAttention, sync_rng_state, tp_shard
@@ -36,6 +38,8 @@ class AttentionRank(MASepRank):
             block.attn = attn
             del block.moe.experts  # they live on the MoE ranks
         self.model = model.to(self.device)
+        if self.head_split is not None:
+            self.head_split.keep_owned(self.model.head.weight)
         if tp > 1 and mc.dropout > 0:
             # Residual dropout is replicated inside a replica: one stream for its ranks.
             sync_rng_state(self.replica_group, self.replica * tp, self.device)
@@ -79,6 +83,11 @@ class AttentionRank(MASepRank):
 
     def reduce_gradients(self) -> None:
         sync_gradients([p for _, p in self.named_parameters()], self.shard_group)
+        if self.head_split is not None:  # int8's error feedback may carry mass of rows that moved away
+            self.head_split.keep_owned(self.model.head.weight.grad)
+
+    def head_weight(self):
+        return self.model.head.weight
 
     def _forward_segment(self, f: _Flight, s: int, loss: Optional[LossTerms] = None, start_pos: int = 0,
                          caches: Optional[list[KVCache]] = None) -> None:
@@ -87,7 +96,9 @@ class AttentionRank(MASepRank):
         model, training = self.model, torch.is_grad_enabled()
         with self.autocast():
             x = model.embed(f.ids) if s == 0 else self._combine(f, s - 1)
-            if s == self.L:
+            if s == self.L and loss is not None and self.head_split is not None:
+                f.head, ce = head_forward(self, model.norm(x), f.mb.targets, f"micro-batch {f.index}")
+            elif s == self.L:
                 f.logits = model.logits(x)
             else:
                 block = model.blocks[s]
@@ -105,7 +116,7 @@ class AttentionRank(MASepRank):
         if loss is None:
             return
         if s == self.L:
-            term = loss((), f.logits, f.mb)
+            term = loss((), f.logits, f.mb, None if f.head is None else (ce * f.mb.mask.reshape(-1)).sum())
             if training:
                 f.outputs[s] = ([term], [None])
             return
@@ -170,6 +181,8 @@ class AttentionRank(MASepRank):
         else:
             grads = [None]
         torch.autograd.backward(tensors, grads)
+        if s == self.L and f.head is not None:
+            head_backward(self, f.head, f"micro-batch {f.index}")
         if s > 0:
             pending.append(send_output_grads(self, f.routes[s - 1], f"layer {s - 1} micro-batch {f.index}"))
 

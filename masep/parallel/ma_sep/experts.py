@@ -5,14 +5,14 @@ points (`masep.parallel.balance.MoEBalancer`)."""
 from __future__ import annotations
 
 import io
-import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 
 import torch
 from torch import nn
 
 from masep.model import Experts, MoETransformer
-from masep.parallel.balance import MoEBalancer
+from masep.parallel.balance import LayerClock, MoEBalancer
+from masep.parallel.ma_sep.head import serve_head_backward, serve_head_forward
 from masep.parallel.ma_sep.protocol import MASepRank, serve_backward, serve_decode_step, serve_forward, waves
 from masep.parallel.sharding import tp_shard
 
@@ -32,6 +32,9 @@ class ExpertServer(MASepRank):
                                 for k, v in block.moe.experts.state_dict().items()})
             self.experts.append(ex)
         self.experts.to(self.device)
+        if self.head_split is not None:  # the whole matrix, zero but for the rows this rank computes
+            self.head = nn.Parameter(model.head.weight.detach().to(self.device, copy=True))
+            self.head_split.keep_owned(self.head)
         self.balancer = None
         if cfg.ma.rebalance:
             self.balancer = MoEBalancer(cfg.ma, self.E, self.L, self.moe_group, self.moe_ranks, run_id="",
@@ -43,7 +46,11 @@ class ExpertServer(MASepRank):
 
     def named_parameters(self):
         return [(f"blocks.{layer}.moe.experts.{n}", p)
-                for layer, ex in enumerate(self.experts) for n, p in ex.named_parameters()]
+                for layer, ex in enumerate(self.experts) for n, p in ex.named_parameters()] \
+            + ([("head.weight", self.head)] if self.head_split is not None else [])
+
+    def head_weight(self):
+        return self.head
 
     def checkpoint_key(self, name: str) -> str:
         return f"{name}.moe{self.moe_index}of{self.M}"
@@ -52,7 +59,8 @@ class ExpertServer(MASepRank):
         return False
 
     def run_schedule(self, mbs, loss) -> None:
-        self._serve(len(mbs), self.attn_ranks)  # one replica's count: every replica sends each
+        # One replica's count: every replica sends each. The head's rows come from head shard 0.
+        self._serve(len(mbs), self.attn_ranks, mbs[0].inputs.numel() if self.head_split is not None else 0)
 
     def forward_backward(self, batch):
         stats = super().forward_backward(batch)
@@ -93,23 +101,27 @@ class ExpertServer(MASepRank):
                                                      weights_only=False))
             self._follow_rows()
 
-    def write_rows(self, run_dir, run_id: str) -> None:
-        if self.balancer is not None:
-            self.balancer.run_id = run_id
-            self.balancer.write_events(run_dir)
+    def events(self) -> list:
+        return (self.balancer.events if self.balancer is not None else []) + super().events()
 
-    def _serve(self, n_micro: int, senders: list[int]) -> None:
-        """Serve `n_micro` micro-batches of `senders`, wave by wave (forward only without grad)."""
+    def _serve(self, n_micro: int, senders: list[int], head_tokens: int = 0) -> None:
+        """Serve `n_micro` micro-batches of `senders`, wave by wave (forward only without grad),
+        and the head's rows of `head_tokens` tokens per micro-batch where given."""
         pending = []
+        head_senders = senders[::self.tp]
         for wave in waves(n_micro, self.in_flight):
             served = {}
             for layer in range(self.L):
                 for i in wave:
                     served[layer, i] = serve_forward(self, self.experts[layer], senders,
                                                      f"layer {layer} micro-batch {i}", self._timed(layer, True))
+            heads = {i: serve_head_forward(self, self.head, head_senders, head_tokens, f"micro-batch {i}")
+                     for i in wave} if head_tokens else {}
             if not torch.is_grad_enabled():
-                pending += [s.sent for s in served.values()]
+                pending += [s.sent for s in served.values()] + [h.sent for h in heads.values() if h is not None]
                 continue
+            for i, h in heads.items():
+                pending.append(serve_head_backward(self, h, head_senders, head_tokens, f"micro-batch {i}"))
             for layer in reversed(range(self.L)):
                 for i in wave:
                     pending.append(serve_backward(self, served.pop((layer, i)), f"layer {layer} micro-batch {i}",
@@ -131,37 +143,3 @@ class ExpertServer(MASepRank):
         for i in range(n):  # no wait between steps: the next step's receives are posted early
             serve_decode_step(self, self.experts, senders, f"token {i + 1}")
         return [0.0] * n  # no clock of its own: it reports rank 0's times
-
-
-class LayerClock:
-    """Seconds of this rank's expert work per layer over one step: the host clock on CPU, CUDA
-    events on GPU (read once, at the end of the step). `delay_s` is the test-only sleep
-    (`ma.debug_expert_delay_s`); only the host clock sees it."""
-
-    def __init__(self, layers: int, device: torch.device):
-        self.layers, self.cuda = layers, device.type == "cuda"
-        self.seconds, self.events = [0.0] * layers, []
-
-    @contextmanager
-    def time(self, layer: int, delay_s: float = 0.0):
-        if self.cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            yield
-            end.record()
-            self.events.append((layer, start, end))
-            return
-        t = time.perf_counter()
-        if delay_s:
-            time.sleep(delay_s)
-        yield
-        self.seconds[layer] += time.perf_counter() - t
-
-    def read(self) -> list[float]:
-        """The step's seconds per layer; starts the next step at zero."""
-        if self.events:
-            torch.cuda.synchronize()
-        for layer, start, end in self.events:
-            self.seconds[layer] += start.elapsed_time(end) / 1e3
-        out, self.seconds, self.events = self.seconds, [0.0] * self.layers, []
-        return out

@@ -79,6 +79,8 @@ block (zeros elsewhere), and the sum of the answers is every row's output.
 """
 from __future__ import annotations
 
+import pickle
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -87,8 +89,10 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from masep.parallel.base import Generation, Strategy
+from masep.parallel.balance import HeadSplit, write_events
+from masep.parallel.base import Generation, Strategy, sync
 from masep.parallel.comm import PendingP2P, new_group_containing, post_p2p
+from masep.telemetry.timing import comm_timer
 
 KIND = "moe_dispatch"
 # Tags keep the three kinds of message apart on gloo (NCCL ignores tags and relies on order).
@@ -132,6 +136,7 @@ class _Flight:
     routes: dict = field(default_factory=dict)  # layer -> _Route
     outputs: dict = field(default_factory=dict)  # segment -> (tensors, their gradients' sources)
     logits: Optional[torch.Tensor] = None
+    head: Optional[object] = None  # head.HeadFlight where the head is split
 
 
 @dataclass
@@ -193,24 +198,62 @@ class MASepRank(Strategy):
         # rows); routing sorts rows by slot, so each MoE rank's rows stay one contiguous block.
         self.slot_of = torch.arange(self.E, device=self.device)
         self.moe_group = new_group_containing(rank, [self.moe_ranks], timeout) if cfg.ma.rebalance else None
+        self.head_split = HeadSplit(cfg.ma, mc.vocab_size, layout, self.device, cfg.train.seed) \
+            if cfg.ma.head_split else None
+
+    def head_weight(self) -> torch.nn.Parameter:
+        """The output head's weight as this rank holds it (with `ma.head_split`)."""
+        raise NotImplementedError
+
+    def forward_backward(self, batch):
+        if self.head_split is None:
+            return super().forward_backward(batch)
+        comm0, t0 = sum(comm_timer().totals().values()), time.perf_counter()
+        stats = super().forward_backward(batch)
+        sync(self.device)
+        self.head_split.record(time.perf_counter() - t0 - (sum(comm_timer().totals().values()) - comm0))
+        return stats
 
     def after_step(self, step, opt) -> None:
-        """At a sync point the MoE ranks rebalance and every rank learns the new slots."""
+        """At a sync point the head's cut moves between the groups, the MoE ranks rebalance their
+        experts and every rank learns the new slots."""
         if not self.cfg.ma.rebalance or (step + 1) % self.cfg.ma.rebalance_every:
             return
+        if self.head_split is not None and self.head_split.window:
+            self.head_split.sync(step, self.head_weight(), opt)
         self.rebalance(step, opt)
         dist.broadcast(self.slot_of, src=self.moe_ranks[0], group=self.to_moe)
 
     def rebalance(self, step, opt) -> None:
         """The MoE side's sync point (nothing on the attention side)."""
 
+    def events(self) -> list:
+        """This rank's balancing events."""
+        return list(self.head_split.events) if self.head_split is not None else []
+
+    def write_rows(self, run_dir, run_id: str) -> None:
+        events = self.events()
+        for e in events:
+            e.run_id = run_id
+        write_events(run_dir, run_id, events)
+
     def extra_state(self) -> dict:
-        # Always saved: a checkpoint's expert rows follow them, balancing on or not when loaded.
-        return {"ma_sep.slot_of": self.slot_of}
+        # Always saved: a checkpoint's expert rows and head rows follow them, balancing on or not when loaded.
+        cut = self.head_split.cut if self.head_split is not None else self.cfg.model.vocab_size
+        state = {"ma_sep.slot_of": self.slot_of, "ma_sep.head_cut": torch.tensor([cut], device=self.device)}
+        if self.head_split is not None:
+            state[f"ma_sep.head_split.rank{self.rank}"] = pickle.dumps(self.head_split.state_dict())
+        return state
 
     def load_extra_state(self, state) -> None:
         if "ma_sep.slot_of" in state:
             self.slot_of.copy_(state["ma_sep.slot_of"])
+        cut = int(state.get("ma_sep.head_cut", [self.cfg.model.vocab_size])[0])
+        if self.head_split is None and cut != self.cfg.model.vocab_size:
+            raise ValueError(f"rank {self.rank}: the checkpoint splits the output head between the groups "
+                             "(written with ma.head_split=true): resume it with ma.head_split=true")
+        if self.head_split is not None and f"ma_sep.head_split.rank{self.rank}" in state:
+            self.head_split.load_state_dict(pickle.loads(state[f"ma_sep.head_split.rank{self.rank}"]))
 
     def post(self, sends, recvs, to_moe: bool, tag: int, what: str) -> PendingP2P:
         """Post transfers on the attention -> MoE group (`to_moe`) or the way back."""
@@ -226,7 +269,8 @@ class MASepRank(Strategy):
         return self.R if batch % self.R == 0 and self.cfg.model.capacity_factor is None else 1
 
     def generate(self, prompt: torch.Tensor, new_tokens: int) -> Generation:
-        gen = super().generate(prompt, new_tokens)
+        with self.head_split.whole(self.head_weight()) if self.head_split is not None else nullcontext():
+            gen = super().generate(prompt, new_tokens)
         # Every rank reports the times where the tokens reach a client: at rank 0, head shard 0
         # of replica 0.
         seen = torch.tensor([gen.prefill_s] + gen.token_s, dtype=torch.float64, device=self.device)

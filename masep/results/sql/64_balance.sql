@@ -1,5 +1,8 @@
 -- MA Separation's balancing (masep/parallel/balance.py): `balance_events` holds one row per sync
--- point, rank and side (balance_events-rank<R>.parquet); runs without balancing have none.
+-- point, rank, side and lever (balance_events-rank<R>.parquet); runs without balancing have none.
+-- lever 'experts': expert placement inside the MoE group (the MoE ranks' expert seconds);
+-- lever 'head': the output head's vocabulary cut between the groups (every rank's busy seconds,
+-- imbalance over the two groups; files written before the head lever have lever NULL: experts).
 CREATE VIEW IF NOT EXISTS balance_events AS
 SELECT NULL::VARCHAR AS run_id, NULL::BIGINT AS step, NULL::BIGINT AS rank, NULL::VARCHAR AS side,
        NULL::DOUBLE AS predicted_before_s, NULL::DOUBLE AS measured_before_s,
@@ -7,19 +10,19 @@ SELECT NULL::VARCHAR AS run_id, NULL::BIGINT AS step, NULL::BIGINT AS rank, NULL
        NULL::DOUBLE AS imbalance_before, NULL::DOUBLE AS imbalance_after,
        NULL::DOUBLE AS predicted_imbalance_before, NULL::DOUBLE AS predicted_imbalance_after,
        NULL::BOOLEAN AS plan_applied, NULL::BIGINT AS moves, NULL::DOUBLE AS migration_ms,
-       NULL::VARCHAR AS source
+       NULL::VARCHAR AS lever, NULL::VARCHAR AS source
 WHERE false;
 
--- The time predictor's mean absolute percentage error per run, side and sync point, on the
--- window it had not yet trained on (predicted_before_s against measured_before_s), in percent.
+-- The time predictors' mean absolute percentage error per run, lever, side and sync point, on the
+-- window they had not yet trained on (predicted_before_s against measured_before_s), in percent.
 CREATE VIEW predictor_accuracy AS
-SELECT run_id, side, step,
+SELECT run_id, coalesce(lever, 'experts') AS lever, side, step,
        count(*) AS ranks,
        100 * avg(abs(predicted_before_s - measured_before_s) / measured_before_s) AS mape_pct
 FROM balance_events
 WHERE measured_before_s > 0 AND predicted_before_s IS NOT NULL
-GROUP BY run_id, side, step
-ORDER BY run_id, side, step;
+GROUP BY run_id, coalesce(lever, 'experts'), side, step
+ORDER BY run_id, lever, side, step;
 
 -- MA Separation's ablation (the workflow's `variants`): plain ma_sep (experiment train) beside
 -- ma_sep + rebalancing, + int8 gradients and both (the paper's configuration; experiment
@@ -44,13 +47,20 @@ sync AS (
            count(DISTINCT step) FILTER (WHERE plan_applied) AS plans_applied,
            arg_max(imbalance_before, step) AS last_moe_imbalance,
            avg(migration_ms) AS migration_ms
-    FROM balance_events WHERE side = 'moe' GROUP BY run_id
+    FROM balance_events WHERE side = 'moe' AND coalesce(lever, 'experts') = 'experts' GROUP BY run_id
+),
+head AS (
+    SELECT run_id, arg_min(imbalance_before, step) AS first_group_imbalance,
+           arg_max(imbalance_before, step) AS last_group_imbalance
+    FROM balance_events WHERE lever = 'head' AND rank = 0 GROUP BY run_id
 )
 SELECT r.run_id, r.experiment, r.seed, r.world_size,
        CASE WHEN r.rebalance AND r.grad_compression = 'int8' THEN 'paper (rebalance + int8)'
             WHEN r.rebalance THEN '+ rebalance' WHEN r.grad_compression = 'int8' THEN '+ int8'
             ELSE 'plain' END AS variant,
        r.rebalance, r.grad_compression, speed.tokens_per_s, speed.step_time_s, speed.grad_sync_s,
-       final.final_loss, sync.sync_points, sync.plans_applied, sync.last_moe_imbalance, sync.migration_ms
+       final.final_loss, sync.sync_points, sync.plans_applied, sync.last_moe_imbalance, sync.migration_ms,
+       head.first_group_imbalance, head.last_group_imbalance
 FROM r LEFT JOIN speed USING (run_id) LEFT JOIN final USING (run_id) LEFT JOIN sync USING (run_id)
+     LEFT JOIN head USING (run_id)
 ORDER BY r.seed, r.rebalance, r.grad_compression = 'int8', r.run_id;
