@@ -129,6 +129,9 @@ class MaConfig:
     rebalance: bool = False
     rebalance_every: int = 100
     threshold: float = 0.05
+    # In-job recovery (masep.parallel.regroup): survivors of a lost attention replica regroup and go on
+    failover: bool = False
+    failover_stale_s: float = 1.0  # a rank whose heartbeat stood still this long counts as lost
 
 
 @dataclass

@@ -20,9 +20,9 @@ from torch.distributed.checkpoint.api import CheckpointException
 from masep.telemetry.writer import atomic_write_bytes
 
 
-def _barrier() -> None:
+def _barrier(group=None) -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
+        dist.barrier(group=group)
 
 
 def _rng_state(device: torch.device) -> bytes:
@@ -60,23 +60,23 @@ def latest_checkpoint(ckpt_dir: Path) -> Optional[Path]:
 def save(ckpt_dir: Path, step: int, strategy, opt, rank: int) -> Path:
     ckpt_dir = Path(ckpt_dir)
     final, tmp = ckpt_dir / f"step-{step}", ckpt_dir / f"step-{step}.tmp"
-    if rank == 0:
+    if strategy.is_lead():
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True, exist_ok=True)
-    _barrier()
+    _barrier(strategy.world_group)
     state = _state(strategy, opt)
     state["meta"] = {"step": torch.tensor(step)}
     state[f"rng_rank{rank}"] = _rng_state(strategy.device)
-    dcp.save(state, checkpoint_id=str(tmp))
-    _barrier()
-    if rank == 0:
+    dcp.save(state, checkpoint_id=str(tmp), process_group=strategy.world_group)
+    _barrier(strategy.world_group)
+    if strategy.is_lead():
         previous = latest_checkpoint(ckpt_dir)
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         atomic_write_bytes(ckpt_dir / "latest", f"{final.name}\n".encode())
         if previous is not None and previous != final:
             shutil.rmtree(previous, ignore_errors=True)
-    _barrier()
+    _barrier(strategy.world_group)
     return final
 
 
