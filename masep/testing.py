@@ -62,8 +62,7 @@ def run_ranks(world: int, fn, *args, timeout_s: float = 120.0, injector=None) ->
         ctx = mp.start_processes(_worker, args=(world, port, fn, args, out_dir, timeout_s, store is not None),
                                  nprocs=world, join=False, start_method="forkserver")
         if injector is not None:
-            seen = dist.PrefixStore("default_pg", store)  # as the ranks see it (their default group's store)
-            threading.Thread(target=injector, args=(seen, [p.pid for p in ctx.processes]), daemon=True).start()
+            threading.Thread(target=injector, args=(store, [p.pid for p in ctx.processes]), daemon=True).start()
             for p in ctx.processes:  # ctx.join would stop at the first rank killed
                 p.join(timeout_s * 4)
         else:

@@ -201,8 +201,9 @@ class MASepRank(Strategy):
             self.world_group = dist.new_group(everyone, timeout=timeout)
 
     def drop_groups(self) -> None:
-        """Destroy this rank's groups after a communication error: closing their connections
-        makes the peers still blocked on this rank fail at once rather than at their timeout."""
+        """Destroy this rank's groups after a communication error (nothing is called on them).
+        Peers blocked on this rank in them still wait for their timeout: gloo keeps the
+        connections open."""
         for g in {self.replica_group, self.shard_group, self.to_moe, self.to_attn, self.world_group} - {None}:
             dist.destroy_process_group(g)
         self.replica_group = self.shard_group = self.to_moe = self.to_attn = self.world_group = None
