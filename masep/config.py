@@ -132,6 +132,9 @@ class MaConfig:
     rebalance: bool = False
     rebalance_every: int = 100
     threshold: float = 0.05
+    # In-job recovery (masep.parallel.regroup): survivors of a lost attention replica regroup and go on
+    failover: bool = False
+    failover_stale_s: float = 1.0  # a rank whose heartbeat stood still this long counts as lost
     # Test-only levers (never in a study): every sync point applies a random placement, so tests
     # see experts move; an expert's seconds of sleep per (layer, micro-batch) it serves, so tests
     # can make one MoE rank slower.

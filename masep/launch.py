@@ -47,6 +47,7 @@ import threading
 import time
 from pathlib import Path
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, Callable, Optional
 
 import submitit
@@ -363,9 +364,30 @@ class _Echo:
                     print(f"  rank 0: {line.decode(errors='replace')}", flush=True)
 
 
-def _wait(job, timeout_s: float, stale_s: float) -> None:
+def _drop_lost(states: list[_RankState], tolerate: set, lost: set) -> list[_RankState]:
+    """`ma.failover`: ranks in `tolerate` (attention ranks) may be lost while the others go on.
+    Leave such a rank (killed, or silent past SILENT_S) out of the verdict, adding it to `lost`
+    and saying so once; a silent one here is killed, since the others went on without it."""
+    keep = []
+    for st in states:
+        if st.rank in lost or (st.rank in tolerate and not st.finished and st.error is None and (
+                st.alive is False or (st.age_s is not None and st.age_s > SILENT_S))):
+            if st.rank not in lost:
+                lost.add(st.rank)
+                if st.alive and st.pid:
+                    with contextlib.suppress(OSError):
+                        os.kill(st.pid, signal.SIGKILL)
+                print(f"masep launch: {_where(st)} lost ({'silent' if st.alive else 'gone'}); ma.failover "
+                      f"is on: the other ranks regroup and go on without it", flush=True)
+            continue
+        keep.append(st)
+    return keep
+
+
+def _wait(job, timeout_s: float, stale_s: float, tolerate: set = frozenset(), lost: Optional[set] = None) -> None:
     """Wait for the job to finish, at most `timeout_s`, watching every rank; cancel the job and
-    raise a one-line LaunchError when a rank fails or the time is up."""
+    raise a one-line LaunchError when a rank fails (one in `tolerate` may be lost: `_drop_lost`)
+    or the time is up."""
     deadline = time.monotonic() + timeout_s
     echo = _Echo(_task(job, 0).paths.stdout)
     requeue = _requeue_marker(_task(job, 0).paths.folder, job.job_id)
@@ -374,7 +396,8 @@ def _wait(job, timeout_s: float, stale_s: float) -> None:
         while not job.done():
             echo()
             requeued_at = requeue.stat().st_mtime if requeue.exists() else 0.0
-            verdict = _failure(_rank_states(job), stale_s, requeued_at)
+            verdict = _failure(_drop_lost(_rank_states(job), tolerate, lost if lost is not None else set()),
+                               stale_s, requeued_at)
             if verdict is not None:
                 first_seen = first_seen or time.monotonic()
                 certain, what, log = verdict
@@ -392,14 +415,18 @@ def _wait(job, timeout_s: float, stale_s: float) -> None:
         echo()
 
 
-def _collect(job) -> list:
-    """Per-task results, or a one-line LaunchError naming the rank to blame and its log."""
-    states = _rank_states(job)
+def _collect(job, lost: set = frozenset()) -> list:
+    """Per-task results (None for a rank lost under `ma.failover`), or a one-line LaunchError
+    naming the rank to blame and its log."""
+    states = [st for st in _rank_states(job) if st.rank not in lost]
     verdict = _failure(states, 0.0, 0.0)
     if verdict is not None:
         raise LaunchError(f"{_describe(job)}: {verdict[1]}; log: {verdict[2]}")
     results = []
     for task in range(job.num_tasks):
+        if task in lost:
+            results.append(None)
+            continue
         sub = _task(job, task)
         err = sub.exception()
         if err is not None:  # no heartbeat to go by (a rank that never started)
@@ -505,7 +532,7 @@ def launch(entry: Callable[[], Any], cfg, world_size: int, job_name: str,
             return _run_debug(ex, entry, job_name)
         for restart in range(lc.max_restarts + 1):
             try:
-                job = _submit_and_wait(ex, entry, cfg, world_size, job_name, folder, record, injector)
+                job, lost = _submit_and_wait(ex, entry, cfg, world_size, job_name, folder, record, injector)
                 break
             except LaunchError as e:
                 if getattr(e, "detected_at", None) is None or restart == lc.max_restarts:
@@ -516,7 +543,7 @@ def launch(entry: Callable[[], Any], cfg, world_size: int, job_name: str,
                       f"(restart {restart + 1} of launch.max_restarts={lc.max_restarts})", flush=True)
                 entry = copy.copy(entry)
                 entry.resume = True
-        results = _collect(job)
+        results = _collect(job, lost)
     print(f"masep launch: {job_name}: {_describe(job)} finished", flush=True)
     return results
 
@@ -525,8 +552,15 @@ def _submit_and_wait(ex, entry, cfg, world_size: int, job_name: str, folder, rec
     lc = cfg.launch
     # Hide the caller's SLURM/torchrun variables from the job (sbatch and the local executor
     # pass this process' environment on), and give local ranks a free rendezvous port.
+    tolerate, lost, store = _failover_ranks(cfg), set(), None
     with submitit.helpers.clean_env():
         extra = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": _free_port()} if lc.executor == "local" else {}
+        if tolerate and extra:  # ma.failover: this process hosts the store, so it outlives every rank
+            from torch.distributed import TCPStore
+
+            store = TCPStore("127.0.0.1", extra["MASTER_PORT"], world_size, is_master=True,
+                             wait_for_workers=False, timeout=timedelta(seconds=cfg.parallel.timeout_s))
+            extra["MASEP_HOSTED_STORE"] = "1"
         with submitit.helpers.environment_variables(**extra):
             try:
                 job = ex.submit(entry)
@@ -540,14 +574,24 @@ def _submit_and_wait(ex, entry, cfg, world_size: int, job_name: str, folder, rec
         injector.watch(job)
     try:
         with _sigterm_interrupts():
-            _wait(job, lc.wait_timeout_s, cfg.parallel.timeout_s)
+            _wait(job, lc.wait_timeout_s, cfg.parallel.timeout_s, tolerate, lost)
     except KeyboardInterrupt:
         print(f"masep launch: {job_name}: interrupted; {_cancel(job)}", file=sys.stderr, flush=True)
         raise
     finally:
         if injector is not None:
             injector.stop()
-    return job
+        del store  # the ranks are done with it
+    return job, lost
+
+
+def _failover_ranks(cfg) -> set:
+    """The ranks whose loss the others recover from in the job (`ma.failover`: ma_sep's
+    attention ranks, when there are replicas to take over), else none."""
+    p = cfg.parallel
+    if not (getattr(cfg, "ma", None) and cfg.ma.failover and p.strategy == "ma_sep" and p.attn_replicas > 1):
+        return set()
+    return set(range(p.attn_tp * p.attn_replicas))
 
 
 def _run_debug(ex, entry, job_name: str) -> list:

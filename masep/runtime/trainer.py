@@ -86,6 +86,11 @@ class Trainer:
         del model
         self.strategy.train(True)
         self.opt = make_optimizer(self.strategy, cfg)
+        self.failover = None
+        if cfg.ma.failover and cfg.parallel.strategy == "ma_sep" and dist.is_initialized() and dist.get_world_size() > 1:
+            from masep.parallel.regroup import Failover
+
+            self.failover = Failover(self.strategy, rank, dist.get_world_size(), cfg.ma.failover_stale_s)
         self.lr_factor = lr_lambda(cfg)
         self.step = 0
         self.memory_at_first_step: dict = {}
@@ -108,8 +113,16 @@ class Trainer:
         self.timer.reset()
         sync(self.device)
         t0 = time.perf_counter()
-        stats = self.strategy.forward_backward(batch)
-        grad_norm = self.strategy.clip_gradients(self.cfg.train.grad_clip)
+        rng = torch.get_rng_state()  # a redone step draws the same dropout masks
+        while True:
+            try:
+                stats = self.strategy.forward_backward(batch)
+                grad_norm = self.strategy.clip_gradients(self.cfg.train.grad_clip)
+                break
+            except RuntimeError as e:  # a lost peer: regroup, then redo the step on the same batch
+                self._recover(e, False, time.perf_counter() - t0)
+                self.opt.zero_grad(set_to_none=True)
+                torch.set_rng_state(rng)
         lr = self.cfg.train.lr * self.lr_factor(self.step)
         for group in self.opt.param_groups:
             group["lr"] = lr
@@ -122,7 +135,10 @@ class Trainer:
         t_work = time.perf_counter()
         # Idle: how long this rank waits for the slowest one at the end of the step.
         if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.barrier()
+            try:
+                dist.barrier(group=self.strategy.world_group)
+            except RuntimeError as e:  # the step is complete on every survivor: keep it
+                self._recover(e, True, time.perf_counter() - t0)
         t1 = time.perf_counter()
         comm = self.timer.totals()
         step_time = t1 - t0
@@ -139,6 +155,11 @@ class Trainer:
         self.last_stats = stats
         self.step += 1
         return row
+
+    def _recover(self, error: RuntimeError, completed: bool, attempt_s: float) -> None:
+        if self.failover is None:
+            raise error
+        self.failover.recover(error, self.step, completed, attempt_s)
 
     def evaluate(self, batches: Iterator[GlobalBatch], n: int) -> tuple[float, float]:
         ce, tokens = 0.0, 0
