@@ -395,6 +395,9 @@ def validate(cfg: Config) -> None:
     _require(cfg.ma.rebalance_every > 0, "ma.rebalance_every", "must be positive")
     _require(not cfg.ma.rebalance or p.strategy == "ma_sep", "ma.rebalance",
              "only ma_sep rebalances (it moves experts between its MoE ranks); set it to false")
+    _require(not cfg.ma.failover or p.strategy == "ma_sep", "ma.failover",
+             "only ma_sep recovers in the job (its attention replicas regroup); set it to false")
+    _require(cfg.ma.failover_stale_s > 0, "ma.failover_stale_s", "must be positive")
     _require(all(0 <= e < m.experts and s >= 0 for e, s in cfg.ma.debug_expert_delay_s.items()),
              "ma.debug_expert_delay_s", f"keys are expert ids in 0..{m.experts - 1}, values seconds >= 0")
     _require(cfg.ma.threshold >= 0, "ma.threshold", "must not be negative")

@@ -19,12 +19,18 @@ exception), disappears without a result (killed), or beats no more for `parallel
 (stopped, hung host) ends the whole job at once, with one line naming the rank, its host, its
 exception or signal, and its log. Cancelling escalates SIGINT -> SIGTERM -> SIGKILL over the
 job's processes (locally: submitit's controller and every process under it; on SLURM: scancel)
-and checks that they are gone. Rank 0's stdout (its progress lines) is echoed to this console.
+and checks that they are gone. Rank 0's stdout (its progress lines) is echoed to this console
+(after a lost rank 0 under `ma.failover`, the lowest survivor's).
 
 Restart: with `cfg.launch.max_restarts` N > 0, a rank found lost (as above) ends the job and the
 launcher submits `entry` again (resume=True), up to N times; the ranks continue from the newest
 checkpoint. Each rank also writes its progress (`report_progress`: last finished step and phase)
 to `<log folder>/<job id>_<rank>_progress.json`, which a fault injector (masep.faults) watches.
+
+In-job recovery (`ma.failover`, ma_sep with attention replicas): this process hosts the ranks'
+rendezvous store (local executor), so it outlives any rank; a lost attention rank is left out of
+the verdict (`_drop_lost`) while the others regroup (masep.parallel.regroup), and any other loss
+ends the job as above.
 
 Requeue: `entry` should subclass `RankEntry` (a `submitit.helpers.Checkpointable`). When SLURM
 (or the local executor) signals a timeout, rank 0's `entry.checkpoint()` resubmits a copy with
@@ -347,10 +353,10 @@ def _cancel_slurm(job) -> str:
 
 
 class _Echo:
-    """Copies what rank 0 prints (its progress lines) to this console as it appears."""
+    """Copies what one rank prints (rank 0's progress lines) to this console as it appears."""
 
-    def __init__(self, path: Path):
-        self.path, self.pos, self.partial = Path(path), 0, b""
+    def __init__(self, path: Path, rank: int = 0):
+        self.path, self.rank, self.pos, self.partial = Path(path), rank, 0, b""
 
     def __call__(self) -> None:
         with contextlib.suppress(OSError):
@@ -361,17 +367,18 @@ class _Echo:
             *lines, self.partial = (self.partial + data).split(b"\n")
             for line in lines:
                 if not line.startswith(b"submitit "):  # submitit's own log lines stay in the file
-                    print(f"  rank 0: {line.decode(errors='replace')}", flush=True)
+                    print(f"  rank {self.rank}: {line.decode(errors='replace')}", flush=True)
 
 
-def _drop_lost(states: list[_RankState], tolerate: set, lost: set) -> list[_RankState]:
+def _drop_lost(states: list[_RankState], tolerate: set, lost: set, stale_s: float) -> list[_RankState]:
     """`ma.failover`: ranks in `tolerate` (attention ranks) may be lost while the others go on.
-    Leave such a rank (killed, or silent past SILENT_S) out of the verdict, adding it to `lost`
-    and saying so once; a silent one here is killed, since the others went on without it."""
+    Leave such a rank (killed, or silent past `stale_s`, when the others have timed out on it
+    too) out of the verdict, adding it to `lost` and saying so once; a silent one here is
+    killed, since the others went on without it."""
     keep = []
     for st in states:
         if st.rank in lost or (st.rank in tolerate and not st.finished and st.error is None and (
-                st.alive is False or (st.age_s is not None and st.age_s > SILENT_S))):
+                st.alive is False or (st.age_s is not None and st.age_s > stale_s))):
             if st.rank not in lost:
                 lost.add(st.rank)
                 if st.alive and st.pid:
@@ -393,11 +400,14 @@ def _wait(job, timeout_s: float, stale_s: float, tolerate: set = frozenset(), lo
     requeue = _requeue_marker(_task(job, 0).paths.folder, job.job_id)
     first_seen: Optional[float] = None
     try:
+        lost = lost if lost is not None else set()
         while not job.done():
             echo()
             requeued_at = requeue.stat().st_mtime if requeue.exists() else 0.0
-            verdict = _failure(_drop_lost(_rank_states(job), tolerate, lost if lost is not None else set()),
-                               stale_s, requeued_at)
+            verdict = _failure(_drop_lost(_rank_states(job), tolerate, lost, stale_s), stale_s, requeued_at)
+            if echo.rank in lost:  # ma.failover: the lowest survivor prints the progress lines now
+                lead = min(set(range(job.num_tasks)) - lost)
+                echo = _Echo(_task(job, lead).paths.stdout, lead)
             if verdict is not None:
                 first_seen = first_seen or time.monotonic()
                 certain, what, log = verdict
@@ -516,8 +526,9 @@ def launch(entry: Callable[[], Any], cfg, world_size: int, job_name: str,
            folder: str | Path, run_dir: str | Path | None = None, injector=None) -> list:
     """Run `entry()` once in each of `world_size` tasks of one job; return their results by rank.
     With `run_dir`, the job holds that folder's lock while it runs. A rank lost while the job
-    runs ends it; up to `cfg.launch.max_restarts` times a new job of `entry` (resume=True)
-    then continues from the newest checkpoint. `injector` (masep.faults.Injector) watches
+    runs ends it (under `ma.failover` a lost ma_sep attention rank does not: the others regroup);
+    up to `cfg.launch.max_restarts` times a new job of `entry` (resume=True) then continues from
+    the newest checkpoint. `injector` (masep.faults.Injector) watches
     each job and hears of each loss."""
     lc = cfg.launch
     with (run_lock(run_dir, lc.executor) if run_dir is not None else contextlib.nullcontext(None)) as record:
@@ -539,7 +550,8 @@ def launch(entry: Callable[[], Any], cfg, world_size: int, job_name: str,
                     raise
                 if injector is not None:
                     injector.lost(e, restart + 1)
-                print(f"masep launch: {job_name}: {e}; restarting every rank from the newest checkpoint "
+                scope = " (ma.failover recovers lost attention ranks in the job, not this)" if _failover_ranks(cfg) else ""
+                print(f"masep launch: {job_name}: {e}; restarting every rank from the newest checkpoint{scope} "
                       f"(restart {restart + 1} of launch.max_restarts={lc.max_restarts})", flush=True)
                 entry = copy.copy(entry)
                 entry.resume = True

@@ -184,7 +184,8 @@ def train_rank(cfg: Config, out_dir: Path, info: DistInfo, experiment: str = "tr
 
 
 def _write_faults(cfg: Config, out_dir: Path, run_id: str, steps: list[dict], start: int) -> None:
-    """faults-rank0.parquet: what the injector did (faults.json) and what this run shows of it."""
+    """faults-rank0.parquet: what the injector did (faults.json) and what this run shows of it
+    (its step rows, and the survivors' recovery rows under ma.failover)."""
     import json
 
     from masep import faults
@@ -194,7 +195,9 @@ def _write_faults(cfg: Config, out_dir: Path, run_id: str, steps: list[dict], st
         raise FileNotFoundError(f"{record_path}: no fault record of fault.kind={cfg.fault.kind}; run this "
                                 f"trial through `masep train` (its launcher injects the fault)")
     ref = Path(cfg.fault.reference) if cfg.fault.reference else None
-    rows = faults.fault_rows(run_id, json.loads(record_path.read_text()), steps, cfg.train.steps, start, ref)
+    recovery = [r for p in sorted(out_dir.glob("recovery-rank*.parquet")) for r in w.read_parquet_rows(p)]
+    rows = faults.fault_rows(run_id, json.loads(record_path.read_text()), steps, cfg.train.steps, start, ref,
+                             recovery)
     w.write_parquet(out_dir / "faults-rank0.parquet", rows)
     print(faults.describe(rows[0]), flush=True)
 
