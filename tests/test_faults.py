@@ -116,8 +116,8 @@ def tokens(tmp_path_factory) -> Path:
     return root
 
 
-def train(tmp: Path, tokens: Path, out: Path, *extra: str) -> str:
-    cmd = ["masep", "train", "--config", "tiny", "--strategy", "ep_dp", "--world-size", "3", "--set",
+def train(tmp: Path, tokens: Path, out: Path, *extra: str, strategy: str = "ep_dp", world: int = 3) -> str:
+    cmd = ["masep", "train", "--config", "tiny", "--strategy", strategy, "--world-size", str(world), "--set",
            f"data.tokens_dir={tokens}", f"launch.log_dir={tmp}/logs", *SETS, *extra, "--out", str(out)]
     done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-4000:]
