@@ -168,7 +168,8 @@ def fault_rows(run_id: str, record: dict, rows: list[dict], steps: int, resumed_
     (same schedule, no fault) gives the final loss and batch checksums to compare with.
     Detection: the launcher's verdict before a full restart, else the first survivor's error."""
     t_inj = record.get("t_injected")
-    restarts = record.get("restarts", [])
+    # restarts after the fault (one before it, e.g. a rank that could not start, recovered nothing of it)
+    restarts = [r for r in record.get("restarts", []) if t_inj is not None and r["t_detected"] >= t_inj]
     in_job = [r for r in recovery if t_inj is not None and r["detected_unix_s"] >= t_inj]
     t_det = restarts[0]["t_detected"] if restarts else min((r["detected_unix_s"] for r in in_job), default=None)
     by_step: dict[int, list[dict]] = {}
@@ -191,7 +192,7 @@ def fault_rows(run_id: str, record: dict, rows: list[dict], steps: int, resumed_
         "phase_injected": hit[0]["phase"] if hit else None, "t_injected_unix_s": t_inj,
         "detection_s": t_det - t_inj if t_det is not None and t_inj is not None else None,
         "recovery_s": after[0]["t_end_unix_s"] - t_inj if after and t_inj is not None else None,
-        "recovery_mode": mode, "restarts": len(restarts),
+        "recovery_mode": mode, "restarts": len(record.get("restarts", [])),
         "resumed_from_step": resumed_from if restarts else None,
         "steps_replayed": (step_done + 1 - resumed_from if restarts and step_done is not None else
                            max((r["steps_redone"] for r in in_job), default=0)),
