@@ -14,8 +14,8 @@ has attention and MoE ranks; for the other strategies both mean any rank but ran
 hosts the rendezvous store.
 
 `fault_rows` turns the record, the run's own step rows and its in-job recovery rows into the
-row of `faults-rank0.parquet` (the lead rank, rank 0 unless it was lost, writes it before
-run.json).
+row of `faults-rank0.parquet` (rank 0, or after its loss under ma.failover the lowest
+surviving rank, writes it before run.json).
 """
 from __future__ import annotations
 
@@ -163,7 +163,7 @@ def _median(xs: list) -> Optional[float]:
 
 def fault_rows(run_id: str, record: dict, rows: list[dict], steps: int, resumed_from: int,
                reference: Optional[Path], recovery: list[dict] = ()) -> list[dict]:
-    """The faults row of one trial from its record, the lead rank's final step rows and every
+    """The faults row of one trial from its record, the writing rank's final step rows and every
     rank's in-job recovery rows (`ma.failover`: `recovery-rank*.parquet`); the reference run
     (same schedule, no fault) gives the final loss and batch checksums to compare with.
     Detection: the launcher's verdict before a full restart, else the first survivor's error."""

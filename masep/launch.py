@@ -406,8 +406,8 @@ def _wait(job, timeout_s: float, stale_s: float, tolerate: set = frozenset(), lo
             requeued_at = requeue.stat().st_mtime if requeue.exists() else 0.0
             verdict = _failure(_drop_lost(_rank_states(job), tolerate, lost, stale_s), stale_s, requeued_at)
             if echo.rank in lost:  # ma.failover: the lowest survivor prints the progress lines now
-                lead = min(set(range(job.num_tasks)) - lost)
-                echo = _Echo(_task(job, lead).paths.stdout, lead)
+                first = min(set(range(job.num_tasks)) - lost)
+                echo = _Echo(_task(job, first).paths.stdout, first)
             if verdict is not None:
                 first_seen = first_seen or time.monotonic()
                 certain, what, log = verdict
