@@ -2,8 +2,9 @@
 
 Each rank contributes its local parameters under `strategy.checkpoint_key(name)` (shards of one
 parameter get distinct keys, replicated ones share a key and DCP stores one copy), the AdamW
-state of each, the step, its RNG state and the strategy's `extra_state()`. A checkpoint is written to `step-N.tmp/` and renamed
-to `step-N/` by rank 0 (after an in-job recovery the lowest survivor, `strategy.is_lead()`) after every rank finished; `latest` names the newest complete one.
+state of each, the step, its RNG state and the strategy's `extra_state()`. A checkpoint is
+written to `step-N.tmp/` and renamed to `step-N/` by rank 0 (after an in-job recovery the lowest
+survivor, `strategy.is_lead()`) after every rank finished; `latest` names the newest complete one.
 """
 from __future__ import annotations
 
