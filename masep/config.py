@@ -135,6 +135,9 @@ class MaConfig:
     # The lever across the groups: the output head (vocabulary projection and cross-entropy) split
     # by vocabulary rows between the attention ranks and the MoE ranks; sync points move the cut.
     head_split: bool = False
+    # In-job recovery (masep.parallel.regroup): survivors of a lost attention replica regroup and go on
+    failover: bool = False
+    failover_stale_s: float = 1.0  # a rank whose heartbeat stood still this long counts as lost
     # Test-only levers (never in a study): every sync point applies a random placement (and, with
     # `head_split`, a random cut, also at the start), so tests see experts and head rows move;
     # an expert's seconds of sleep per (layer, micro-batch) it serves, so tests
@@ -399,6 +402,11 @@ def validate(cfg: Config) -> None:
     _require(cfg.ma.rebalance_every > 0, "ma.rebalance_every", "must be positive")
     _require(not cfg.ma.rebalance or p.strategy == "ma_sep", "ma.rebalance",
              "only ma_sep rebalances (it moves experts between its MoE ranks); set it to false")
+    _require(not cfg.ma.failover or p.strategy == "ma_sep", "ma.failover",
+             "only ma_sep recovers in the job (its attention replicas regroup); set it to false")
+    _require(cfg.ma.failover_stale_s > 0, "ma.failover_stale_s", "must be positive")
+    _require(not (cfg.ma.failover and cfg.ma.head_split), "ma.failover",
+             "in-job recovery does not yet carry the output head's split (ma.head_split); set one to false")
     _require(all(0 <= e < m.experts and s >= 0 for e, s in cfg.ma.debug_expert_delay_s.items()),
              "ma.debug_expert_delay_s", f"keys are expert ids in 0..{m.experts - 1}, values seconds >= 0")
     _require(not cfg.ma.head_split or p.strategy == "ma_sep", "ma.head_split",

@@ -13,8 +13,9 @@ one rank: a hang), kill_checkpoint (SIGKILL while the checkpoint is being writte
 has attention and MoE ranks; for the other strategies both mean any rank but rank 0, which
 hosts the rendezvous store.
 
-`fault_rows` turns the record and the run's own step rows into the row of
-`faults-rank0.parquet` (rank 0 writes it before run.json).
+`fault_rows` turns the record, the run's own step rows and its in-job recovery rows into the
+row of `faults-rank0.parquet` (rank 0, or after its loss under ma.failover the lowest
+surviving rank, writes it before run.json).
 """
 from __future__ import annotations
 
@@ -161,12 +162,16 @@ def _median(xs: list) -> Optional[float]:
 
 
 def fault_rows(run_id: str, record: dict, rows: list[dict], steps: int, resumed_from: int,
-               reference: Optional[Path]) -> list[dict]:
-    """The faults row of one trial from its record and rank 0's final step rows; the reference
-    run (same schedule, no fault) gives the final loss and batch checksums to compare with."""
+               reference: Optional[Path], recovery: list[dict] = ()) -> list[dict]:
+    """The faults row of one trial from its record, the writing rank's final step rows and every
+    rank's in-job recovery rows (`ma.failover`: `recovery-rank*.parquet`); the reference run
+    (same schedule, no fault) gives the final loss and batch checksums to compare with.
+    Detection: the launcher's verdict before a full restart, else the first survivor's error."""
     t_inj = record.get("t_injected")
-    restarts = record.get("restarts", [])
-    t_det = restarts[0]["t_detected"] if restarts else None
+    # restarts after the fault (one before it, e.g. a rank that could not start, recovered nothing of it)
+    restarts = [r for r in record.get("restarts", []) if t_inj is not None and r["t_detected"] >= t_inj]
+    in_job = [r for r in recovery if t_inj is not None and r["detected_unix_s"] >= t_inj]
+    t_det = restarts[0]["t_detected"] if restarts else min((r["detected_unix_s"] for r in in_job), default=None)
     by_step: dict[int, list[dict]] = {}
     for r in rows:
         by_step.setdefault(r["step"], []).append(r)
@@ -179,7 +184,7 @@ def fault_rows(run_id: str, record: dict, rows: list[dict], steps: int, resumed_
     ref_rows = {r["step"]: r for r in read_parquet_rows(reference / "steps-rank0.parquet")} if reference else {}
     final = by_step.get(steps - 1, [{}])[-1].get("loss")
     ref_final = ref_rows.get(steps - 1, {}).get("loss")
-    mode = "full_restart" if restarts else ("in_job" if t_inj is not None else None)
+    mode = "full_restart" if restarts else ("in_job" if in_job else None)
     return [{
         "run_id": run_id, "strategy": record["strategy"], "kind": record["kind"], "seed": record["seed"],
         "target_ranks": ",".join(str(h["rank"]) for h in hit) or None, "failed_ranks": len(hit),
@@ -187,9 +192,10 @@ def fault_rows(run_id: str, record: dict, rows: list[dict], steps: int, resumed_
         "phase_injected": hit[0]["phase"] if hit else None, "t_injected_unix_s": t_inj,
         "detection_s": t_det - t_inj if t_det is not None and t_inj is not None else None,
         "recovery_s": after[0]["t_end_unix_s"] - t_inj if after and t_inj is not None else None,
-        "recovery_mode": mode, "restarts": len(restarts),
+        "recovery_mode": mode, "restarts": len(record.get("restarts", [])),
         "resumed_from_step": resumed_from if restarts else None,
-        "steps_replayed": step_done + 1 - resumed_from if restarts and step_done is not None else 0,
+        "steps_replayed": (step_done + 1 - resumed_from if restarts and step_done is not None else
+                           max((r["steps_redone"] for r in in_job), default=0)),
         "batches_completed": len(by_step),
         "batches_lost": sum(1 for s in range(steps) if s not in by_step),
         "batches_repeated": sum(len(v) - 1 for v in by_step.values()),
@@ -209,9 +215,14 @@ def describe(row: dict) -> str:
     """One line: the rank, the fault, and what was done."""
     if row["t_injected_unix_s"] is None:
         return f"fault {row['kind']}: not injected (the run ended before step {row['planned_step']})"
-    what = (f"recovered by full restart from step {row['resumed_from_step']} in {row['recovery_s']:.2f} s "
-            f"(detected after {row['detection_s']:.2f} s; {row['steps_replayed']} step(s) replayed)"
-            if row["recovery_mode"] == "full_restart" else "the ranks recovered in the job")
+    if row["recovery_mode"] == "full_restart":
+        what = (f"recovered by full restart from step {row['resumed_from_step']} in {row['recovery_s']:.2f} s "
+                f"(detected after {row['detection_s']:.2f} s; {row['steps_replayed']} step(s) replayed)")
+    elif row["recovery_mode"] == "in_job":
+        what = (f"recovered in the job (the survivors regrouped, ma.failover) in {row['recovery_s']:.2f} s "
+                f"(detected after {row['detection_s']:.2f} s; {row['steps_replayed']} step(s) redone)")
+    else:
+        what = "no rank reported a loss"
     ref = ("" if row["final_loss_abs_diff"] is None else
            f"; final loss {row['final_loss']:.6f} vs reference {row['reference_final_loss']:.6f}")
     return (f"fault {row['kind']} ({row['signal']}) of rank(s) {row['target_ranks']} after step "

@@ -19,12 +19,18 @@ exception), disappears without a result (killed), or beats no more for `parallel
 (stopped, hung host) ends the whole job at once, with one line naming the rank, its host, its
 exception or signal, and its log. Cancelling escalates SIGINT -> SIGTERM -> SIGKILL over the
 job's processes (locally: submitit's controller and every process under it; on SLURM: scancel)
-and checks that they are gone. Rank 0's stdout (its progress lines) is echoed to this console.
+and checks that they are gone. Rank 0's stdout (its progress lines) is echoed to this console
+(after a lost rank 0 under `ma.failover`, the lowest survivor's).
 
 Restart: with `cfg.launch.max_restarts` N > 0, a rank found lost (as above) ends the job and the
 launcher submits `entry` again (resume=True), up to N times; the ranks continue from the newest
 checkpoint. Each rank also writes its progress (`report_progress`: last finished step and phase)
 to `<log folder>/<job id>_<rank>_progress.json`, which a fault injector (masep.faults) watches.
+
+In-job recovery (`ma.failover`, ma_sep with attention replicas): this process hosts the ranks'
+rendezvous store (local executor), so it outlives any rank; a lost attention rank is left out of
+the verdict (`_drop_lost`) while the others regroup (masep.parallel.regroup), and any other loss
+ends the job as above.
 
 Requeue: `entry` should subclass `RankEntry` (a `submitit.helpers.Checkpointable`). When SLURM
 (or the local executor) signals a timeout, rank 0's `entry.checkpoint()` resubmits a copy with
@@ -47,6 +53,7 @@ import threading
 import time
 from pathlib import Path
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, Callable, Optional
 
 import submitit
@@ -346,10 +353,10 @@ def _cancel_slurm(job) -> str:
 
 
 class _Echo:
-    """Copies what rank 0 prints (its progress lines) to this console as it appears."""
+    """Copies what one rank prints (rank 0's progress lines) to this console as it appears."""
 
-    def __init__(self, path: Path):
-        self.path, self.pos, self.partial = Path(path), 0, b""
+    def __init__(self, path: Path, rank: int = 0):
+        self.path, self.rank, self.pos, self.partial = Path(path), rank, 0, b""
 
     def __call__(self) -> None:
         with contextlib.suppress(OSError):
@@ -360,21 +367,47 @@ class _Echo:
             *lines, self.partial = (self.partial + data).split(b"\n")
             for line in lines:
                 if not line.startswith(b"submitit "):  # submitit's own log lines stay in the file
-                    print(f"  rank 0: {line.decode(errors='replace')}", flush=True)
+                    print(f"  rank {self.rank}: {line.decode(errors='replace')}", flush=True)
 
 
-def _wait(job, timeout_s: float, stale_s: float) -> None:
+def _drop_lost(states: list[_RankState], tolerate: set, lost: set, stale_s: float) -> list[_RankState]:
+    """`ma.failover`: ranks in `tolerate` (attention ranks) may be lost while the others go on.
+    Leave such a rank (killed, or silent past `stale_s`, when the others have timed out on it
+    too) out of the verdict, adding it to `lost` and saying so once; a silent one here is
+    killed, since the others went on without it."""
+    keep = []
+    for st in states:
+        if st.rank in lost or (st.rank in tolerate and not st.finished and st.error is None and (
+                st.alive is False or (st.age_s is not None and st.age_s > stale_s))):
+            if st.rank not in lost:
+                lost.add(st.rank)
+                if st.alive and st.pid:
+                    with contextlib.suppress(OSError):
+                        os.kill(st.pid, signal.SIGKILL)
+                print(f"masep launch: {_where(st)} lost ({'silent' if st.alive else 'gone'}); ma.failover "
+                      f"is on: the other ranks regroup and go on without it", flush=True)
+            continue
+        keep.append(st)
+    return keep
+
+
+def _wait(job, timeout_s: float, stale_s: float, tolerate: set = frozenset(), lost: Optional[set] = None) -> None:
     """Wait for the job to finish, at most `timeout_s`, watching every rank; cancel the job and
-    raise a one-line LaunchError when a rank fails or the time is up."""
+    raise a one-line LaunchError when a rank fails (one in `tolerate` may be lost: `_drop_lost`)
+    or the time is up."""
     deadline = time.monotonic() + timeout_s
     echo = _Echo(_task(job, 0).paths.stdout)
     requeue = _requeue_marker(_task(job, 0).paths.folder, job.job_id)
     first_seen: Optional[float] = None
     try:
+        lost = lost if lost is not None else set()
         while not job.done():
             echo()
             requeued_at = requeue.stat().st_mtime if requeue.exists() else 0.0
-            verdict = _failure(_rank_states(job), stale_s, requeued_at)
+            verdict = _failure(_drop_lost(_rank_states(job), tolerate, lost, stale_s), stale_s, requeued_at)
+            if echo.rank in lost:  # ma.failover: the lowest survivor prints the progress lines now
+                first = min(set(range(job.num_tasks)) - lost)
+                echo = _Echo(_task(job, first).paths.stdout, first)
             if verdict is not None:
                 first_seen = first_seen or time.monotonic()
                 certain, what, log = verdict
@@ -392,14 +425,18 @@ def _wait(job, timeout_s: float, stale_s: float) -> None:
         echo()
 
 
-def _collect(job) -> list:
-    """Per-task results, or a one-line LaunchError naming the rank to blame and its log."""
-    states = _rank_states(job)
+def _collect(job, lost: set = frozenset()) -> list:
+    """Per-task results (None for a rank lost under `ma.failover`), or a one-line LaunchError
+    naming the rank to blame and its log."""
+    states = [st for st in _rank_states(job) if st.rank not in lost]
     verdict = _failure(states, 0.0, 0.0)
     if verdict is not None:
         raise LaunchError(f"{_describe(job)}: {verdict[1]}; log: {verdict[2]}")
     results = []
     for task in range(job.num_tasks):
+        if task in lost:
+            results.append(None)
+            continue
         sub = _task(job, task)
         err = sub.exception()
         if err is not None:  # no heartbeat to go by (a rank that never started)
@@ -489,8 +526,9 @@ def launch(entry: Callable[[], Any], cfg, world_size: int, job_name: str,
            folder: str | Path, run_dir: str | Path | None = None, injector=None) -> list:
     """Run `entry()` once in each of `world_size` tasks of one job; return their results by rank.
     With `run_dir`, the job holds that folder's lock while it runs. A rank lost while the job
-    runs ends it; up to `cfg.launch.max_restarts` times a new job of `entry` (resume=True)
-    then continues from the newest checkpoint. `injector` (masep.faults.Injector) watches
+    runs ends it (under `ma.failover` a lost ma_sep attention rank does not: the others regroup);
+    up to `cfg.launch.max_restarts` times a new job of `entry` (resume=True) then continues from
+    the newest checkpoint. `injector` (masep.faults.Injector) watches
     each job and hears of each loss."""
     lc = cfg.launch
     with (run_lock(run_dir, lc.executor) if run_dir is not None else contextlib.nullcontext(None)) as record:
@@ -505,18 +543,19 @@ def launch(entry: Callable[[], Any], cfg, world_size: int, job_name: str,
             return _run_debug(ex, entry, job_name)
         for restart in range(lc.max_restarts + 1):
             try:
-                job = _submit_and_wait(ex, entry, cfg, world_size, job_name, folder, record, injector)
+                job, lost = _submit_and_wait(ex, entry, cfg, world_size, job_name, folder, record, injector)
                 break
             except LaunchError as e:
                 if getattr(e, "detected_at", None) is None or restart == lc.max_restarts:
                     raise
                 if injector is not None:
                     injector.lost(e, restart + 1)
-                print(f"masep launch: {job_name}: {e}; restarting every rank from the newest checkpoint "
+                scope = " (ma.failover recovers lost attention ranks in the job, not this)" if _failover_ranks(cfg) else ""
+                print(f"masep launch: {job_name}: {e}; restarting every rank from the newest checkpoint{scope} "
                       f"(restart {restart + 1} of launch.max_restarts={lc.max_restarts})", flush=True)
                 entry = copy.copy(entry)
                 entry.resume = True
-        results = _collect(job)
+        results = _collect(job, lost)
     print(f"masep launch: {job_name}: {_describe(job)} finished", flush=True)
     return results
 
@@ -525,8 +564,15 @@ def _submit_and_wait(ex, entry, cfg, world_size: int, job_name: str, folder, rec
     lc = cfg.launch
     # Hide the caller's SLURM/torchrun variables from the job (sbatch and the local executor
     # pass this process' environment on), and give local ranks a free rendezvous port.
+    tolerate, lost, store = _failover_ranks(cfg), set(), None
     with submitit.helpers.clean_env():
         extra = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": _free_port()} if lc.executor == "local" else {}
+        if tolerate and extra:  # ma.failover: this process hosts the store, so it outlives every rank
+            from torch.distributed import TCPStore
+
+            store = TCPStore("127.0.0.1", extra["MASTER_PORT"], world_size, is_master=True,
+                             wait_for_workers=False, timeout=timedelta(seconds=cfg.parallel.timeout_s))
+            extra["MASEP_HOSTED_STORE"] = "1"
         with submitit.helpers.environment_variables(**extra):
             try:
                 job = ex.submit(entry)
@@ -540,14 +586,24 @@ def _submit_and_wait(ex, entry, cfg, world_size: int, job_name: str, folder, rec
         injector.watch(job)
     try:
         with _sigterm_interrupts():
-            _wait(job, lc.wait_timeout_s, cfg.parallel.timeout_s)
+            _wait(job, lc.wait_timeout_s, cfg.parallel.timeout_s, tolerate, lost)
     except KeyboardInterrupt:
         print(f"masep launch: {job_name}: interrupted; {_cancel(job)}", file=sys.stderr, flush=True)
         raise
     finally:
         if injector is not None:
             injector.stop()
-    return job
+        del store  # the ranks are done with it
+    return job, lost
+
+
+def _failover_ranks(cfg) -> set:
+    """The ranks whose loss the others recover from in the job (`ma.failover`: ma_sep's
+    attention ranks, when there are replicas to take over), else none."""
+    p = cfg.parallel
+    if not (getattr(cfg, "ma", None) and cfg.ma.failover and p.strategy == "ma_sep" and p.attn_replicas > 1):
+        return set()
+    return set(range(p.attn_tp * p.attn_replicas))
 
 
 def _run_debug(ex, entry, job_name: str) -> list:

@@ -116,8 +116,8 @@ def tokens(tmp_path_factory) -> Path:
     return root
 
 
-def train(tmp: Path, tokens: Path, out: Path, *extra: str) -> str:
-    cmd = ["masep", "train", "--config", "tiny", "--strategy", "ep_dp", "--world-size", "3", "--set",
+def train(tmp: Path, tokens: Path, out: Path, *extra: str, strategy: str = "ep_dp", world: int = 3) -> str:
+    cmd = ["masep", "train", "--config", "tiny", "--strategy", strategy, "--world-size", str(world), "--set",
            f"data.tokens_dir={tokens}", f"launch.log_dir={tmp}/logs", *SETS, *extra, "--out", str(out)]
     done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-4000:]
@@ -157,3 +157,21 @@ def test_full_restart_after_a_lost_rank_equals_the_uninterrupted_run(tmp_path, t
     signal = "SIGSTOP" if kind == "stop" else "SIGKILL"
     assert f"fault {kind} ({signal}) of rank(s) {rank} after step {row['step_injected']}: recovered by " \
            f"full restart from step {resumed}" in log
+
+
+def test_fault_rows_in_job_and_a_restart_before_the_fault():
+    """In the job: detection and recovery from the survivors' recovery rows and the next step
+    completed after them; a restart before the injection (a rank that could not start) is not
+    the fault's recovery."""
+    from masep.faults import fault_rows
+
+    record = {"strategy": "ma_sep", "kind": "kill_attention", "seed": 0, "step": 1, "signal": "SIGKILL",
+              "t_injected": 100.0, "hit": [{"rank": 1, "pid": 9, "step_done": 1, "phase": "train"}],
+              "restarts": [{"restart": 1, "t_detected": 50.0, "message": "rank 3 could not connect"}]}
+    steps = [{"step": s, "t_end_unix_s": t, "tokens_per_s": 10.0, "loss": 1.0, "batch_crc32": s}
+             for s, t in enumerate([90.0, 99.0, 103.5, 104.0])]
+    recovery = [{"rank": r, "detected_unix_s": t, "steps_redone": 1} for r, t in ((0, 100.5), (2, 100.2))]
+    [row] = fault_rows("run", record, steps, 4, 0, None, recovery)
+    assert (row["recovery_mode"], row["restarts"], row["resumed_from_step"], row["steps_replayed"]) == ("in_job", 1, None, 1)
+    assert row["detection_s"] == pytest.approx(0.2) and row["recovery_s"] == pytest.approx(3.5)
+    assert (row["batches_completed"], row["batches_lost"], row["batches_repeated"]) == (4, 0, 0)

@@ -53,5 +53,6 @@ def run(args: argparse.Namespace) -> int:
         injector = Injector(cfg, layout, out)
     results = launch(TrainEntry(cfg, str(out), args.experiment), cfg, layout.world_size, name,
                      Path(cfg.launch.log_dir) / name, run_dir=out, injector=injector)
-    print(f"{name}: done, final loss {results[0]['final_loss']:.4f}; {out / 'run.json'}")
+    final = next(r["final_loss"] for r in results if r is not None)  # None: a rank lost under ma.failover
+    print(f"{name}: done, final loss {final:.4f}; {out / 'run.json'}")
     return 0

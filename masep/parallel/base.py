@@ -231,6 +231,7 @@ class Strategy(ABC):
 
     name = "base"
     replica, replicas = 0, 1  # this rank's data-parallel replica: it takes block `replica` of the micro-batches
+    world_group = None  # the group of every rank taking part (None: the default group; ma.failover replaces it)
 
     def __init__(self, cfg: Config, layout: Layout, rank: int, device: torch.device):
         self.cfg, self.layout, self.rank, self.device = cfg, layout, rank, torch.device(device)
@@ -363,7 +364,7 @@ class Strategy(ABC):
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         self.reduce_gradients()
-        return loss.stats.reduce(loss.n_valid, len(mbs), self.device)
+        return loss.stats.reduce(loss.n_valid, len(mbs), self.device, self.world_group)
 
     @torch.no_grad()
     def evaluate(self, batch: GlobalBatch) -> tuple[float, int]:
@@ -373,7 +374,7 @@ class Strategy(ABC):
         loss = self._loss_terms(batch, len(mbs))
         with self.eval_mode():
             self.forward_only(self.my_microbatches(mbs, exact=False), loss)
-        return loss.stats.reduce(loss.n_valid, len(mbs), self.device).ce_sum, loss.n_valid
+        return loss.stats.reduce(loss.n_valid, len(mbs), self.device, self.world_group).ce_sum, loss.n_valid
 
     @torch.no_grad()
     def generate(self, prompt: torch.Tensor, new_tokens: int) -> Generation:
@@ -438,6 +439,13 @@ class Strategy(ABC):
         for m in self.modules():
             m.train(mode)
 
+    def is_lead(self) -> bool:
+        """Whether this rank writes what one rank writes for the job: rank 0, or after a
+        failover (`world_group` set) the lowest surviving rank."""
+        if self.world_group is None:
+            return self.rank == 0
+        return self.rank == min(dist.get_process_group_ranks(self.world_group))
+
     # ---- shared helpers
     def compute_dtype(self) -> torch.dtype:
         """bf16 autocast on GPU ("auto") or when asked; fp32 otherwise (CPU default)."""
@@ -462,7 +470,7 @@ class Strategy(ABC):
                                    device=self.device)
             total = (torch.stack(norms).double().pow(2) * weights).sum()
         if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(total)
+            dist.all_reduce(total, group=self.world_group)
         return float(total.sqrt())
 
     def clip_gradients(self, max_norm: float) -> float:

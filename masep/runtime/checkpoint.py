@@ -2,8 +2,9 @@
 
 Each rank contributes its local parameters under `strategy.checkpoint_key(name)` (shards of one
 parameter get distinct keys, replicated ones share a key and DCP stores one copy), the AdamW
-state of each, the step, its RNG state and the strategy's `extra_state()`. A checkpoint is written to `step-N.tmp/` and renamed
-to `step-N/` by rank 0 after every rank finished; `latest` names the newest complete one.
+state of each, the step, its RNG state and the strategy's `extra_state()`. A checkpoint is
+written to `step-N.tmp/` and renamed to `step-N/` by rank 0 (after an in-job recovery the lowest
+survivor, `strategy.is_lead()`) after every rank finished; `latest` names the newest complete one.
 """
 from __future__ import annotations
 
@@ -21,9 +22,9 @@ from masep.errors import ExpectedError
 from masep.telemetry.writer import atomic_write_bytes
 
 
-def _barrier() -> None:
+def _barrier(group=None) -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
+        dist.barrier(group=group)
 
 
 def _rng_state(device: torch.device) -> bytes:
@@ -75,24 +76,24 @@ def latest_checkpoint(ckpt_dir: Path, warn: Callable[[str], None] = lambda line:
 def save(ckpt_dir: Path, step: int, strategy, opt, rank: int) -> Path:
     ckpt_dir = Path(ckpt_dir)
     final, tmp = ckpt_dir / f"step-{step}", ckpt_dir / f"step-{step}.tmp"
-    if rank == 0:
+    if strategy.is_lead():
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True, exist_ok=True)
-    _barrier()
+    _barrier(strategy.world_group)
     state = _state(strategy, opt)
     state["meta"] = {"step": torch.tensor(step)}
     state[f"rng_rank{rank}"] = _rng_state(strategy.device)
     state.update(strategy.extra_state())
-    dcp.save(state, checkpoint_id=str(tmp))
-    _barrier()
-    if rank == 0:
+    dcp.save(state, checkpoint_id=str(tmp), process_group=strategy.world_group)
+    _barrier(strategy.world_group)
+    if strategy.is_lead():
         previous = latest_checkpoint(ckpt_dir)
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         atomic_write_bytes(ckpt_dir / "latest", f"{final.name}\n".encode())
         if previous is not None and previous != final:
             shutil.rmtree(previous, ignore_errors=True)
-    _barrier()
+    _barrier(strategy.world_group)
     return final
 
 

@@ -122,8 +122,12 @@ def init_distributed(timeout_s: float) -> DistInfo:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
         else:
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world,
-                                    timeout=timeout)
+            store = None
+            if os.environ.get("MASEP_HOSTED_STORE"):  # ma.failover: the launcher hosts the store
+                store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                                      is_master=False, timeout=timeout)
+            dist.init_process_group(backend, init_method=None if store else "env://", store=store, rank=rank,
+                                    world_size=world, timeout=timeout)
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device,
                     local_world_size=local_world, backend=backend, job_id=job_id,
                     slurm_job_id=slurm_job_id)

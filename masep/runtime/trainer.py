@@ -16,6 +16,7 @@ from typing import Callable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 
 from masep.config import Config
 from masep.model import build_model
@@ -86,6 +87,11 @@ class Trainer:
         del model
         self.strategy.train(True)
         self.opt = make_optimizer(self.strategy, cfg)
+        self.failover = None
+        if cfg.ma.failover and cfg.parallel.strategy == "ma_sep" and dist.is_initialized() and dist.get_world_size() > 1:
+            from masep.parallel.regroup import Failover
+
+            self.failover = Failover(self.strategy, rank, dist.get_world_size(), cfg.ma.failover_stale_s)
         self.lr_factor = lr_lambda(cfg)
         self.step = 0
         self.memory_at_first_step: dict = {}
@@ -101,15 +107,27 @@ class Trainer:
         return self.step
 
     def save(self, ckpt_dir: Path) -> None:
-        checkpoint.save(ckpt_dir, self.step, self.strategy, self.opt, self.rank)
+        # A peer lost while writing: after a regroup the survivors write the checkpoint again.
+        self._until_done(lambda: checkpoint.save(ckpt_dir, self.step, self.strategy, self.opt, self.rank),
+                         self.step - 1, True, time.perf_counter())
 
     # ---- one optimizer step
     def train_step(self, batch: GlobalBatch) -> dict:
         self.timer.reset()
         sync(self.device)
         t0 = time.perf_counter()
-        stats = self.strategy.forward_backward(batch)
-        grad_norm = self.strategy.clip_gradients(self.cfg.train.grad_clip)
+        rng = torch.get_rng_state()  # a redone step draws the same dropout masks
+
+        def attempt():
+            stats = self.strategy.forward_backward(batch)
+            return stats, self.strategy.clip_gradients(self.cfg.train.grad_clip)
+
+        def reset():
+            self.opt.zero_grad(set_to_none=True)
+            torch.set_rng_state(rng)
+
+        # A lost peer: regroup, then redo the step on the same batch.
+        stats, grad_norm = self._until_done(attempt, self.step, False, t0, reset)
         lr = self.cfg.train.lr * self.lr_factor(self.step)
         for group in self.opt.param_groups:
             group["lr"] = lr
@@ -122,7 +140,10 @@ class Trainer:
         t_work = time.perf_counter()
         # Idle: how long this rank waits for the slowest one at the end of the step.
         if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.barrier()
+            try:
+                dist.barrier(group=self.strategy.world_group)
+            except RuntimeError as e:  # the step is complete on every survivor: keep it (a survivor
+                self._recover(e, self.step, True, t0)  # may have passed the barrier: not redone)
         t1 = time.perf_counter()
         comm = self.timer.totals()
         step_time = t1 - t0
@@ -140,10 +161,26 @@ class Trainer:
         self.step += 1
         return row
 
+    def _recover(self, error: BaseException, step: int, completed: bool, t0: float) -> None:
+        """`ma.failover`: regroup after `error` seen in step `step` (`completed`: after its
+        optimizer step), which began at `t0`; without failover (or no peer lost) it propagates."""
+        if self.failover is None:
+            raise error
+        self.failover.recover(error, step, completed, time.perf_counter() - t0)
+
+    def _until_done(self, fn, step: int, completed: bool, t0: float, reset=lambda: None):
+        """fn(), called again after each in-job recovery (`reset()` in between)."""
+        while True:
+            try:
+                return fn()
+            except (RuntimeError, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
+                self._recover(e, step, completed, t0)
+                reset()
+
     def evaluate(self, batches: Iterator[GlobalBatch], n: int) -> tuple[float, float]:
         ce, tokens = 0.0, 0
         for _, batch in zip(range(n), batches):
-            c, t = self.strategy.evaluate(batch)
+            c, t = self._until_done(lambda b=batch: self.strategy.evaluate(b), self.step - 1, True, time.perf_counter())
             ce, tokens = ce + c, tokens + t
         loss = ce / max(tokens, 1)
         return loss, math.exp(min(loss, 700.0))

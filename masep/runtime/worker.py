@@ -56,9 +56,9 @@ def cpu_threads(info: DistInfo) -> None:
         torch.set_num_threads(max(1, cores // max(info.local_world_size, 1)))
 
 
-def _barrier() -> None:
+def _barrier(group=None) -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
+        dist.barrier(group=group)
 
 
 def _datasets(cfg: Config):
@@ -132,6 +132,9 @@ def train_rank(cfg: Config, out_dir: Path, info: DistInfo, experiment: str = "tr
             w.write_parquet(p, rows[k])
         trainer.strategy.write_rows(out_dir, run_id)
         telemetry.write(rows["steps"])
+        if trainer.failover is not None and trainer.failover.events:  # ma.failover: one row per regroup
+            w.write_parquet(out_dir / f"recovery-rank{rank}.parquet",
+                            [{"run_id": run_id, **e} for e in trainer.failover.events])
 
     batches = train_ds.batches(t.global_batch, t.seed, start)
     t_begin = time.perf_counter()
@@ -141,8 +144,8 @@ def train_rank(cfg: Config, out_dir: Path, info: DistInfo, experiment: str = "tr
         rows["steps"].append({"run_id": run_id, **row, "t_end_unix_s": time.time(),  # aligns telemetry
                               "batch_crc32": batch_crc32(batch)})
         report_progress(step, "train")
-        stats = trainer.last_stats
-        if rank == 0:
+        stats, lead = trainer.last_stats, trainer.strategy.is_lead()  # rank 0, or the first survivor
+        if lead:
             tpe = stats.tokens_per_expert
             rows["experts"] += [{"run_id": run_id, "step": step, "layer": l, "expert": e, "tokens": int(tpe[l, e])}
                                 for l in range(tpe.shape[0]) for e in range(tpe.shape[1])]
@@ -152,10 +155,10 @@ def train_rank(cfg: Config, out_dir: Path, info: DistInfo, experiment: str = "tr
         if (step + 1) % t.eval_every == 0 or last:
             val_loss, val_ppl = trainer.evaluate((_as_batch(b) for b in val_ds.batches(t.global_batch, t.seed)),
                                                  t.eval_batches)
-            if rank == 0:
+            if lead:
                 rows["eval"].append({"run_id": run_id, "step": step, "val_loss": val_loss, "val_ppl": val_ppl})
                 print(f"step {step + 1}/{t.steps} val_loss {val_loss:.4f} val_ppl {val_ppl:.1f}", flush=True)
-        if rank == 0 and ((step + 1) % t.log_every == 0 or last or step == start):
+        if lead and ((step + 1) % t.log_every == 0 or last or step == start):
             done = step + 1 - start
             eta = (time.perf_counter() - t_begin) / done * (t.steps - step - 1)
             print(f"step {step + 1}/{t.steps} loss {row['loss']:.4f} lb {row['lb_loss']:.4f} "
@@ -166,10 +169,13 @@ def train_rank(cfg: Config, out_dir: Path, info: DistInfo, experiment: str = "tr
             trainer.save(ckpt_dir)
     telemetry.stop()
     flush()
-    _barrier()
-    if rank == 0 and cfg.fault.kind != "none":
+    if trainer.failover is not None:
+        trainer.failover.stop()
+    _barrier(trainer.strategy.world_group)
+    lead = trainer.strategy.is_lead()
+    if lead and cfg.fault.kind != "none":
         _write_faults(cfg, out_dir, run_id, rows["steps"], start)
-    if rank == 0:
+    if lead:
         w.atomic_write_json(out_dir / "run.json", run_record(
             cfg, out_dir, experiment, info, started_at, "completed",
             {"resumed_from_step": start or None, "steps_completed": t.steps, "files": w.file_manifest(out_dir),
@@ -178,7 +184,8 @@ def train_rank(cfg: Config, out_dir: Path, info: DistInfo, experiment: str = "tr
 
 
 def _write_faults(cfg: Config, out_dir: Path, run_id: str, steps: list[dict], start: int) -> None:
-    """faults-rank0.parquet: what the injector did (faults.json) and what this run shows of it."""
+    """faults-rank0.parquet: what the injector did (faults.json) and what this run shows of it
+    (its step rows, and the survivors' recovery rows under ma.failover)."""
     import json
 
     from masep import faults
@@ -188,7 +195,9 @@ def _write_faults(cfg: Config, out_dir: Path, run_id: str, steps: list[dict], st
         raise FileNotFoundError(f"{record_path}: no fault record of fault.kind={cfg.fault.kind}; run this "
                                 f"trial through `masep train` (its launcher injects the fault)")
     ref = Path(cfg.fault.reference) if cfg.fault.reference else None
-    rows = faults.fault_rows(run_id, json.loads(record_path.read_text()), steps, cfg.train.steps, start, ref)
+    recovery = [r for p in sorted(out_dir.glob("recovery-rank*.parquet")) for r in w.read_parquet_rows(p)]
+    rows = faults.fault_rows(run_id, json.loads(record_path.read_text()), steps, cfg.train.steps, start, ref,
+                             recovery)
     w.write_parquet(out_dir / "faults-rank0.parquet", rows)
     print(faults.describe(rows[0]), flush=True)
 

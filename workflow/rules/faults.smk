@@ -4,6 +4,8 @@
 #   <runs>/faults/<strategy>/reference/run.json
 #   <runs>/faults/<strategy>/<kind>/trial=<k>/run.json   (snakemake faults_all: every trial)
 # kill_attention_k<k>: k attention ranks at once, k = 1 .. half of them (the degradation curve).
+# `faults.overrides` gives one strategy's fault runs their own settings (ma_sep: ma.failover, so
+# a lost attention rank is recovered in the job and any other loss by the restart).
 
 from masep.faults import trial_overrides, workflow_kinds
 
@@ -12,6 +14,11 @@ FAULTS = config["faults"]
 for _strategy in FAULTS["strategies"]:
     WORLD.setdefault(_strategy, config["world_size"].get(_strategy, 1))
 FAULT_STRATEGY = "|".join(re.escape(s) for s in FAULTS["strategies"]) or "^$"
+
+
+def fault_overrides(strategy):
+    """A strategy's overrides, then the fault runs' (`faults.set`, `faults.overrides`)."""
+    return strategy_overrides(strategy) + FAULTS["set"] + list(FAULTS.get("overrides", {}).get(strategy, []))
 
 
 FAULT_RUNS = [
@@ -34,7 +41,7 @@ rule fault_reference:
         strategy=FAULT_STRATEGY,
     threads: lambda wc: WORLD[wc.strategy]
     params:
-        args=lambda wc: masep_args(strategy_overrides(wc.strategy) + FAULTS["set"]),
+        args=lambda wc: masep_args(fault_overrides(wc.strategy)),
         outdir=lambda wc, output: os.path.dirname(output.run),
         env=lambda wc: local_threads_env(WORLD[wc.strategy]),
     conda:
@@ -60,7 +67,7 @@ rule fault_trial:
     threads: lambda wc: WORLD[wc.strategy]
     params:
         args=lambda wc, input: masep_args(
-            strategy_overrides(wc.strategy) + FAULTS["set"]
+            fault_overrides(wc.strategy)
             + trial_overrides(wc.kind, wc.trial, os.path.abspath(os.path.dirname(input.reference)))
         ),
         outdir=lambda wc, output: os.path.dirname(output.run),

@@ -41,6 +41,11 @@ class ExpertServer(MASepRank):
                                         timeout_s=self.timeout_s, seed=cfg.train.seed)
             self.clock = LayerClock(self.L, self.device)
 
+    def _build_groups(self) -> None:
+        super()._build_groups()
+        if getattr(self, "balancer", None) is not None:  # a regroup: the balancer talks over the new group
+            self.balancer.group = self.moe_group
+
     def modules(self):
         return [self.experts]
 

@@ -155,6 +155,10 @@ class _Served:
             start += n
 
 
+class Unrecoverable(RuntimeError):
+    """A lost rank that in-job recovery cannot replace (the run then fails as without failover)."""
+
+
 def waves(n: int, in_flight: int) -> list[range]:
     m = max(1, min(in_flight, n))
     return [range(i, min(i + m, n)) for i in range(0, n, m)]
@@ -180,16 +184,8 @@ class MASepRank(Strategy):
         self.wire_dtype = self.compute_dtype()  # rows travel in the dtype the experts compute in
         self.timeout_s = cfg.parallel.timeout_s
         self.in_flight = cfg.parallel.in_flight
-        # Every rank creates every group, in the same order (torch.distributed requires it).
-        timeout = timedelta(seconds=cfg.parallel.timeout_s)
-        tp, R = self.tp, self.R
-        self.replica_group = new_group_containing(
-            rank, [[r * tp + t for t in range(tp)] for r in range(R)], timeout)
-        self.shard_group = new_group_containing(
-            rank, [[r * tp + t for r in range(R)] for t in range(tp)], timeout)
-        everyone = list(range(layout.world_size))
-        self.to_moe = dist.new_group(everyone, timeout=timeout)  # attention -> MoE transfers
-        self.to_attn = dist.new_group(everyone, timeout=timeout)  # MoE -> attention transfers
+        self.live = list(range(self.R))  # the attention replicas still running (ma.failover)
+        self._build_groups()
         if self.device.type == "cuda":
             # NCCL: batched P2P must not be a group's first operation unless all ranks join it.
             for g in (self.to_moe, self.to_attn):
@@ -197,7 +193,6 @@ class MASepRank(Strategy):
         # Expert e is row slot_of[e] % n_local of MoE rank slot_of[e] // n_local (balance.py's
         # rows); routing sorts rows by slot, so each MoE rank's rows stay one contiguous block.
         self.slot_of = torch.arange(self.E, device=self.device)
-        self.moe_group = new_group_containing(rank, [self.moe_ranks], timeout) if cfg.ma.rebalance else None
         self.head_split = HeadSplit(cfg.ma, mc.vocab_size, layout, self.device, cfg.train.seed) \
             if cfg.ma.head_split else None
 
@@ -255,12 +250,64 @@ class MASepRank(Strategy):
         if self.head_split is not None and f"ma_sep.head_split.rank{self.rank}" in state:
             self.head_split.load_state_dict(pickle.loads(state[f"ma_sep.head_split.rank{self.rank}"]))
 
+    def _build_groups(self) -> None:
+        """The groups among the live replicas' attention ranks and the MoE ranks. Every member
+        creates every group, in the same order (torch.distributed requires it)."""
+        timeout = timedelta(seconds=self.timeout_s)
+        tp, rank = self.tp, self.rank
+        self.replica_group = new_group_containing(
+            rank, [[r * tp + t for t in range(tp)] for r in self.live], timeout)
+        self.shard_group = new_group_containing(
+            rank, [[r * tp + t for r in self.live] for t in range(tp)], timeout)
+        everyone = [r * tp + t for r in self.live for t in range(tp)] + self.moe_ranks
+        self.to_moe = dist.new_group(everyone, timeout=timeout)  # attention -> MoE transfers
+        self.to_attn = dist.new_group(everyone, timeout=timeout)  # MoE -> attention transfers
+        self.moe_group = new_group_containing(rank, [self.moe_ranks], timeout) if self.cfg.ma.rebalance else None
+        if len(self.live) < self.layout.attn_replicas:  # after a regroup: the default group is broken
+            self.world_group = dist.new_group(everyone, timeout=timeout)
+
+    def drop_groups(self) -> None:
+        """Destroy this rank's groups after a communication error (nothing is called on them).
+        Peers blocked on this rank in them still wait for their timeout: gloo keeps the
+        connections open."""
+        groups = (self.replica_group, self.shard_group, self.to_moe, self.to_attn, self.moe_group, self.world_group)
+        for g in set(groups) - {None}:
+            dist.destroy_process_group(g)
+        self.replica_group = self.shard_group = self.to_moe = self.to_attn = self.moe_group = self.world_group = None
+
+    def regroup(self, members: list[int]) -> str:
+        """Continue with the ranks `members` (the survivors of a lost rank): a replica that lost
+        any rank is dropped, the live replicas take its share of every later global batch.
+        Returns what was done; raises `Unrecoverable` where in-job recovery cannot help."""
+        lost = sorted(set(self.attn_ranks + self.moe_ranks) - set(members))
+        if any(r in self.moe_ranks for r in lost):
+            raise Unrecoverable(f"rank {self.rank}: MoE rank(s) {[r for r in lost if r in self.moe_ranks]} lost: "
+                                f"in-job recovery covers attention replicas only (no copy of their experts); "
+                                f"restart from the last checkpoint")
+        live = [r for r in self.live if all(r * self.tp + t in members for t in range(self.tp))]
+        n = self.layout.microbatches * self.layout.attn_replicas
+        if not live or n % len(live):
+            raise Unrecoverable(f"rank {self.rank}: after losing rank(s) {lost}, the {n} micro-batches of a "
+                                f"global batch cannot be split over the live attention replicas {live}")
+        if self.rank in self.attn_ranks and self.replica not in live:
+            raise Unrecoverable(f"rank {self.rank}: its attention replica {self.replica} lost rank(s) {lost}: "
+                                f"this rank leaves, the other replicas take the replica's share")
+        self.live, self.R = live, len(live)
+        self.replicas = self.R
+        self.attn_ranks = [r * self.tp + t for r in live for t in range(self.tp)]
+        self._build_groups()
+        return (f"attention replica(s) {sorted({r // self.tp for r in lost})} dropped; replicas {live} "
+                f"take {n // len(live)} micro-batches each")
+
+    def my_microbatches(self, mbs, exact=True):
+        if len(self.live) == self.layout.attn_replicas:
+            return super().my_microbatches(mbs, True)  # the MoE ranks serve the layout's count
+        n, share = len(mbs), self.live.index(self.replica) if self.replica in self.live else 0
+        return mbs[share * n // self.R:(share + 1) * n // self.R]
+
     def post(self, sends, recvs, to_moe: bool, tag: int, what: str) -> PendingP2P:
         """Post transfers on the attention -> MoE group (`to_moe`) or the way back."""
         return post_p2p(sends, recvs, self.to_moe if to_moe else self.to_attn, KIND, tag, what, self.timeout_s)
-
-    def my_microbatches(self, mbs, exact=True):
-        return super().my_microbatches(mbs, True)  # the MoE ranks serve the layout's count
 
     def decoding_replicas(self, batch: int) -> int:
         """Replicas that decode: all when they can split the batch evenly and routing is per

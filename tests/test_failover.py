@@ -1,0 +1,161 @@
+"""ma_sep's in-job recovery (`ma.failover`, masep.parallel.regroup): a rank killed by pid from
+outside, the survivors regroup and training goes on with global-batch semantics intact.
+
+Rank functions live at module level: spawned ranks import them by this module's name."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+from datetime import timedelta
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+import torch.distributed as dist
+
+from masep.parallel.comm import new_group_containing
+from masep.parallel.regroup import Membership
+from masep.testing import run_ranks
+from parity import DROPLESS, ma_sep, make_batches, make_cfg
+from test_faults import tokens, train  # noqa: F401 - the fixture and the `masep train` runner
+
+WAIT = timedelta(seconds=300)
+
+
+def kill_when(key: str, *victims: int):
+    """An injector: SIGKILL ranks `victims` by pid as soon as the store holds `key`."""
+    def inject(store, pids):  # the store the parent hosts: ranks set keys through `_signal`
+        deadline = time.monotonic() + WAIT.total_seconds()
+        while not store.check([key]) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        for v in victims:
+            os.kill(pids[v], signal.SIGKILL)
+    return inject
+
+
+def _signal(key: str) -> None:
+    """Set `key` where the injector looks (the hosted store, beneath the default group's prefix)."""
+    dist.distributed_c10d._get_default_store().underlying_store.set(key, "1")
+
+
+# ------------------------------------------------------------------ the regroup itself
+
+
+def regroup_rank(rank, world, rounds):
+    store = dist.distributed_c10d._get_default_store()
+    members = Membership(store, rank, world, stale_s=0.5)
+    timeout = timedelta(seconds=10)  # a rank not talking to the lost one detects it by this timeout
+    group = new_group_containing(rank, [list(range(world))], timeout)
+    i = 0
+    try:
+        while True:  # all-reduces until the victim is gone
+            dist.all_reduce(torch.ones(1), group=group)
+            i += 1
+            if i == rounds and rank == 0:
+                _signal("rounds_done")
+            time.sleep(0.01)
+    except RuntimeError:
+        t_detect = time.perf_counter()
+    dist.destroy_process_group(group)
+    alive, steps = members.regroup(i)
+    group = new_group_containing(rank, [alive], timeout)
+    t = torch.ones(1)
+    dist.all_reduce(t, group=group)
+    members.stop()
+    return {"members": alive, "sum": float(t), "regroup_s": time.perf_counter() - t_detect, "rounds": i}
+
+
+def test_survivors_regroup_after_a_kill():
+    out = run_ranks(4, regroup_rank, 5, injector=kill_when("rounds_done", 2))
+    assert out[2] is None
+    for r in (0, 1, 3):
+        assert out[r]["members"] == [0, 1, 3]
+        assert out[r]["sum"] == 3.0  # a working group of the three survivors
+        assert out[r]["rounds"] >= 5
+        assert out[r]["regroup_s"] < 20  # detection (at most the group's timeout) and the regroup
+
+
+# ------------------------------------------------------------------ attention replicas lost
+
+STEPS, KILL_STEP = 5, 2
+FAILOVER = DROPLESS + ["ma.failover=true", "ma.failover_stale_s=0.5", "parallel.timeout_s=10"]
+
+
+def replicas_lost_rank(rank, world, layout, victims):
+    from masep.runtime.trainer import Trainer
+
+    cfg = make_cfg(ma_sep(*layout) + FAILOVER, world)
+    trainer = Trainer(cfg, rank)
+    losses = []
+    for step, batch in enumerate(make_batches(cfg, STEPS)):
+        if rank == victims[0] and step == KILL_STEP:
+            _signal("victim_in_step")  # the injector kills the victims from outside
+        losses.append(trainer.train_step(batch)["loss"])
+    trainer.failover.stop()
+    return {"losses": losses, "events": trainer.failover.events, "steps": trainer.step}
+
+
+@pytest.fixture(scope="module")
+def single_losses():
+    """The reference: the global batch's loss does not depend on who computes it, so after the
+    survivors take the lost replicas' micro-batches the schedule's losses are single's."""
+    from masep.runtime.trainer import Trainer
+
+    cfg = make_cfg(list(DROPLESS) + ["parallel.strategy=single"])
+    single = Trainer(cfg, 0)
+    return [single.train_step(b)["loss"] for b in make_batches(cfg, STEPS)]
+
+
+@pytest.mark.parametrize("layout, victims", [
+    ((1, 2, 2, 2), (1,)),  # 2 attention replicas + 2 MoE ranks: replica 1 lost
+    ((1, 4, 4, 1), (1, 2)),  # 4 attention replicas + 4 MoE ranks: 2 of 4 lost at once
+], ids=["1_of_2", "2_of_4"])
+def test_attention_replicas_lost_training_goes_on(layout, victims, single_losses):
+    world = layout[0] * layout[1] + layout[2]
+    out = run_ranks(world, replicas_lost_rank, layout, victims,
+                    injector=kill_when("victim_in_step", *victims))
+    survivors = [r for r in range(world) if r not in victims]
+    assert all(out[v] is None for v in victims)
+    for r in survivors:
+        res = out[r]
+        assert res["steps"] == STEPS
+        # every step's loss is single's on the same batch: none skipped, none repeated, the
+        # lost replicas' share taken by the survivors (a batch lost or counted twice shifts them)
+        assert res["losses"] == pytest.approx(single_losses, rel=1e-5, abs=1e-5), r
+        assert sorted(v for e in res["events"] for v in e["rank_lost"]) == list(victims)
+        assert res["events"][-1]["survivors"] == survivors
+        assert all(e["step"] >= KILL_STEP and e["steps_redone"] in (0, 1) for e in res["events"])
+        assert all(0 < e["regroup_s"] < 30 for e in res["events"])
+
+
+# ------------------------------------------------------------------ a fault trial, end to end
+
+E2E = ["ma.failover=true", "model.expert_dropout=0.0", "launch.max_restarts=1", "train.global_batch=8"]
+
+
+@pytest.mark.slow
+def test_fault_trial_kill_attention_recovers_in_the_job(tmp_path, tokens):
+    """`masep train` with fault.kind=kill_attention on ma_sep (2 attention + 2 MoE ranks): the
+    launcher's injector SIGKILLs an attention rank by pid; the run finishes in the job, its
+    faults row has the detection and recovery times from the recovery rows, and its batches and
+    final loss are the uninterrupted reference's."""
+    reference = tmp_path / "runs" / "reference"
+    train(tmp_path, tokens, reference, *E2E, strategy="ma_sep", world=4)
+    out = tmp_path / "runs" / "kill_attention"
+    # seed 5: rank 1 (replica 1) after step 5
+    log = train(tmp_path, tokens, out, *E2E, "fault.kind=kill_attention", "fault.seed=5",
+                f"fault.reference={reference}", strategy="ma_sep", world=4)
+    [row] = pq.read_table(out / "faults-rank0.parquet").to_pylist()
+    assert row["target_ranks"] == "1" and row["step_injected"] == row["planned_step"] == 5
+    assert row["recovery_mode"] == "in_job" and row["restarts"] == 0 and "restarting" not in log
+    assert 0 < row["detection_s"] < row["recovery_s"] and row["steps_replayed"] in (0, 1)
+    assert (row["batches_completed"], row["batches_lost"], row["batches_repeated"], row["batches_mismatched"]) == (8, 0, 0, 0)
+    assert row["final_loss_abs_diff"] <= 1e-5
+    steps = pq.read_table(out / "steps-rank0.parquet").to_pylist()
+    ref = pq.read_table(reference / "steps-rank0.parquet").to_pylist()
+    assert [r["step"] for r in steps] == list(range(8))
+    assert [r["batch_crc32"] for r in steps] == [r["batch_crc32"] for r in ref]
+    recovery = pq.read_table(out / "recovery-rank0.parquet").to_pylist()
+    assert [(e["rank_lost"], e["survivors"]) for e in recovery] == [([1], [0, 2, 3])]
+    assert "rank(s) 1 after step 5: recovered in the job" in log
