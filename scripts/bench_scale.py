@@ -38,6 +38,7 @@ sys.path.insert(0, str(REPO))
 
 from masep.config import load_config  # noqa: E402
 from masep.data.batches import TokenDataset, shard_dirs  # noqa: E402  (imported once, before ranks fork)
+from masep.telemetry.writer import file_manifest  # noqa: E402
 from masep.data.shards import FORMAT, MANIFEST, SPLITS, file_meta, sha256_file, shard_dir, shard_params, split_files  # noqa: E402
 
 
@@ -140,7 +141,7 @@ def write_runs(root: Path, runs: int, steps: int, ranks: int, layers: int = 4, e
             "run_id": run_id, "experiment": "train", "strategy": strategy, "seed": seed, "world_size": ranks,
             "config": {"model": {"lb_coef": 0.01, "z_coef": 0.001}, "train": {"seed": seed}},
             "status": "completed", "device": "cuda:0", "started_at": "2026-01-01T00:00:00+00:00",
-            "ended_at": "2026-01-02T00:00:00+00:00"}))
+            "ended_at": "2026-01-02T00:00:00+00:00", "files": file_manifest(folder)}))
 
 
 HEAVY_VIEWS = ("run_summary", "table1_performance", "table2_communication", "run_metrics", "load_balance")
