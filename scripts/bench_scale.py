@@ -38,6 +38,7 @@ sys.path.insert(0, str(REPO))
 
 from masep.config import load_config  # noqa: E402
 from masep.data.batches import TokenDataset, shard_dirs  # noqa: E402  (imported once, before ranks fork)
+from masep.telemetry.writer import file_manifest  # noqa: E402
 from masep.data.shards import FORMAT, MANIFEST, SPLITS, file_meta, sha256_file, shard_dir, shard_params, split_files  # noqa: E402
 
 
@@ -140,10 +141,17 @@ def write_runs(root: Path, runs: int, steps: int, ranks: int, layers: int = 4, e
             "run_id": run_id, "experiment": "train", "strategy": strategy, "seed": seed, "world_size": ranks,
             "config": {"model": {"lb_coef": 0.01, "z_coef": 0.001}, "train": {"seed": seed}},
             "status": "completed", "device": "cuda:0", "started_at": "2026-01-01T00:00:00+00:00",
-            "ended_at": "2026-01-02T00:00:00+00:00"}))
+            "ended_at": "2026-01-02T00:00:00+00:00", "files": file_manifest(folder)}))
 
 
 HEAVY_VIEWS = ("run_summary", "table1_performance", "table2_communication", "run_metrics", "load_balance")
+
+
+def timed(fn, *args) -> tuple[float, float]:
+    """Wall and CPU seconds of fn(*args) (CPU of every thread of this process: DuckDB's too)."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    fn(*args)
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 def results(work: Path, runs: int, steps: int, ranks: int) -> dict:
@@ -156,19 +164,22 @@ def results(work: Path, runs: int, steps: int, ranks: int) -> dict:
     write_runs(root, runs, steps, ranks)
     db = work / f"masep-{runs}.duckdb"
     db.unlink(missing_ok=True)
-    t0 = time.perf_counter()
-    collect(root, db)
-    t_collect = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    with duckdb.connect(str(db), read_only=True) as con:
-        for view in HEAVY_VIEWS:
-            con.execute(f"SELECT count(*) FROM (SELECT * FROM {view})").fetchall()
-    t_views = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    render(db, work / f"report-{runs}")
-    t_report = time.perf_counter() - t0
-    return {"collect_s": t_collect, "views_s": t_views, "report_s": t_report, "db_mb": db.stat().st_size / 1e6,
-            "step_rows": runs * steps * ranks}
+    folders = sorted(str(p.parent) for p in root.rglob("run.json"))
+
+    def scan() -> None:  # the reference: DuckDB reading every value once (hash: max could use the statistics)
+        with duckdb.connect() as con:
+            for kind in ("steps", "experts"):
+                con.execute("SELECT sum(hash(COLUMNS(*))) FROM read_parquet($files, union_by_name = true)",
+                            {"files": [f"{d}/{kind}-rank*.parquet" for d in folders]}).fetchall()
+
+    def views() -> None:
+        with duckdb.connect(str(db), read_only=True) as con:
+            for view in HEAVY_VIEWS:
+                con.execute(f"SELECT count(*) FROM (SELECT * FROM {view})").fetchall()
+
+    out = {"scan": timed(scan), "collect": timed(collect, root, db), "views": timed(views),
+           "report": timed(render, db, work / f"report-{runs}")}
+    return {**out, "db_mb": db.stat().st_size / 1e6, "step_rows": runs * steps * ranks}
 
 
 def main(argv=None) -> int:
@@ -180,30 +191,34 @@ def main(argv=None) -> int:
     p.add_argument("--ranks", type=int, default=16)
     p.add_argument("--h200", type=Path, default=REPO / "bench" / "h200-single-v5.json",
                    help="benchmark summary with tokens_per_s_per_gpu")
+    p.add_argument("--results-only", action="store_true", help="only part 4 (collect, views, report)")
     p.add_argument("--work", type=Path, default=None, help="folder for the synthetic data (default: a temporary one)")
     args = p.parse_args(argv)
     work = args.work or Path(tempfile.mkdtemp(prefix="masep-scale-"))
     try:
-        t0 = time.perf_counter()
-        write_shards(work, 2 * args.shards, args.shard_mb)
-        print(f"wrote {2 * args.shards} shards of {args.shard_mb:g} MB in {time.perf_counter() - t0:.1f} s ({work})")
-        print("\nper-rank start-up, config to first batch (slowest rank, s)")
-        print("shards | " + " | ".join(f"{r} ranks" for r in (1, 4, 16)) + " | job's shard check")
-        for n in (args.shards, 2 * args.shards):
-            print(f"{n} | " + " | ".join(f"{startup(work, n, r):.2f}" for r in (1, 4, 16)) +
-                  f" | {job_check(work, n):.2f}")
+        if not args.results_only:
+            t0 = time.perf_counter()
+            write_shards(work, 2 * args.shards, args.shard_mb)
+            print(f"wrote {2 * args.shards} shards of {args.shard_mb:g} MB in {time.perf_counter() - t0:.1f} s "
+                  f"({work})")
+            print("\nper-rank start-up, config to first batch (slowest rank, s)")
+            print("shards | " + " | ".join(f"{r} ranks" for r in (1, 4, 16)) + " | job's shard check")
+            for n in (args.shards, 2 * args.shards):
+                print(f"{n} | " + " | ".join(f"{startup(work, n, r):.2f}" for r in (1, 4, 16)) +
+                      f" | {job_check(work, n):.2f}")
 
-        need = json.loads(args.h200.read_text())["tokens_per_s_per_gpu"]
-        have = statistics.median(loader_tokens_per_s(work, args.shards, 16) for _ in range(3))
-        print(f"\nloader: {have:,.0f} tokens/s per rank (16 x 2048-token sequences per batch); one H200 consumes "
-              f"{need:,.0f} tokens/s ({args.h200.name}): {have / need:.1f}x")
+            need = json.loads(args.h200.read_text())["tokens_per_s_per_gpu"]
+            have = statistics.median(loader_tokens_per_s(work, args.shards, 16) for _ in range(3))
+            print(f"\nloader: {have:,.0f} tokens/s per rank (16 x 2048-token sequences per batch); one H200 consumes "
+                  f"{need:,.0f} tokens/s ({args.h200.name}): {have / need:.1f}x")
 
-        print(f"\ncollect / views / report, {args.ranks} ranks x {args.steps} steps per run")
-        print("runs | step rows | collect s | views s | report s | db MB")
+        print(f"\ncollect / views / report, {args.ranks} ranks x {args.steps} steps per run; wall s (CPU s of all "
+              "threads); scan = DuckDB reading every column of the steps and experts files once, the reference")
+        print("runs | step rows | scan | collect | views | report | collect / scan (CPU) | db MB")
         for runs in (args.runs, 2 * args.runs):
             r = results(work, runs, args.steps, args.ranks)
-            print(f"{runs} | {r['step_rows']:,} | {r['collect_s']:.1f} | {r['views_s']:.1f} | {r['report_s']:.1f} | "
-                  f"{r['db_mb']:.0f}")
+            cells = " | ".join(f"{r[k][0]:.1f} ({r[k][1]:.1f})" for k in ("scan", "collect", "views", "report"))
+            print(f"{runs} | {r['step_rows']:,} | {cells} | {r['collect'][1] / r['scan'][1]:.1f} | {r['db_mb']:.0f}")
         print(f"\npeak memory of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.2f} GB")
     finally:
         if args.work is None:

@@ -233,12 +233,14 @@ BENCH_TITLE = "GPU benchmark (committed results)"
 def bench_section(bench: str | Path | None) -> str:
     """One table per benchmark run folder under `bench` (by run id), with its date, device,
     torch version and git commit; "not measured" without runs."""
-    from masep.bench.table import build, find_runs
+    runs = []
+    if bench is not None:
+        from masep.bench.table import build, find_runs  # imports torch: only where there are runs to read
 
-    try:
-        runs = find_runs(Path(bench)) if bench is not None else []
-    except (OSError, ValueError) as e:
-        raise ReportError(f"--bench: cannot read {bench}: {e}") from e
+        try:
+            runs = find_runs(Path(bench))
+        except (OSError, ValueError) as e:
+            raise ReportError(f"--bench: cannot read {bench}: {e}") from e
     parts = [f"<h2>{html.escape(BENCH_TITLE)}</h2>"]
     if not runs:
         where = f" in <code>{html.escape(str(bench))}</code>" if bench is not None else ""

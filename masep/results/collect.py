@@ -161,6 +161,7 @@ def collect(runs_root: str | Path, db_path: str | Path, peer=()) -> dict[str, in
     tmp.unlink(missing_ok=True)
     runs = find_runs(root)
     con = duckdb.connect()
+    con.execute("SET enable_progress_bar = false")  # no bars in job logs
     try:
         quoted = str(tmp).replace("'", "''")
         # Older DuckDB (< 1.4) writes its own default format and does not know the option.

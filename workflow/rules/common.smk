@@ -1,3 +1,4 @@
+import functools
 import hashlib
 import json
 import re
@@ -111,6 +112,13 @@ def _largest_divisor(n, limit, *must_divide):
 
 
 def scaled_overrides(strategy, ws):
+    """A copy of _scaled_overrides(strategy, ws), which every scaling job's params ask for."""
+    over = _scaled_overrides(strategy, ws)
+    return None if over is None else list(over)
+
+
+@functools.cache  # resolves a whole masep config: once per (strategy, world size)
+def _scaled_overrides(strategy, ws):
     """The masep overrides of `strategy` at world size `ws` of the scaling sweep, or None where
     the strategy cannot run there (single beyond 1 rank, ma_sep on 1, ep_dp where ws does not
     divide the experts). Degrees: the configured ones where they fit, else the largest that

@@ -178,12 +178,12 @@ per_layer AS (
            count(*) FILTER (WHERE tokens = 0) AS unused
     FROM expert_shares GROUP BY run_id, layer
 ),
+-- experts rows are rank 0's global counts, one per (step, layer, expert): no per-expert sum first.
 active AS (
     SELECT run_id, avg(n_active / n_experts) AS active
     FROM (SELECT run_id, step, layer, count(*) FILTER (WHERE tokens > 0) AS n_active,
                  count(*) AS n_experts
-          FROM (SELECT run_id, step, layer, expert, sum(tokens) AS tokens FROM experts GROUP BY ALL)
-          GROUP BY run_id, step, layer)
+          FROM experts GROUP BY run_id, step, layer)
     GROUP BY run_id
 ),
 expert_rows AS (
