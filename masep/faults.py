@@ -68,7 +68,7 @@ def decode_tokens(cfg) -> tuple[int, int]:
     (prompt batch) per context length, warm-up tokens included (`Strategy.generate` streams all
     but the prefill's token)."""
     i = cfg.infer
-    per = (max(i.warmup_tokens - 1, 0) if i.warmup_tokens else 0) + i.new_tokens - 1
+    per = max(i.warmup_tokens - 1, 0) + i.new_tokens - 1
     return per, per * len(i.context_lengths)
 
 
