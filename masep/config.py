@@ -174,13 +174,16 @@ class LaunchConfig:
     log_dir: str = "logs/submitit"
 
 
-FAULT_KINDS = ("none", "kill_attention", "kill_moe", "kill_attention_k", "stop", "kill_checkpoint")
+FAULT_KINDS = ("none", "kill_attention", "kill_moe", "kill_attention_k", "stop", "kill_checkpoint",
+               "kill_moe_decode")
+DECODE_FAULT_KINDS = ("kill_moe_decode",)  # injected into `masep infer`; their steps count decoded tokens
 
 
 @dataclass
 class FaultConfig:
     """One fault the launcher injects into a training run from outside its ranks (masep.faults):
-    at a step drawn with `seed` from [min_step, max_step], a signal to the chosen rank(s)."""
+    at a step drawn with `seed` from [min_step, max_step], a signal to the chosen rank(s). The
+    kinds of DECODE_FAULT_KINDS go into `masep infer`, where a step is one decoded token."""
     kind: str = "none"  # one of FAULT_KINDS
     count: int = 1  # kill_attention_k: attention ranks killed at once
     seed: int = 0
@@ -450,7 +453,8 @@ def validate(cfg: Config) -> None:
     f = cfg.fault
     _require(f.kind in FAULT_KINDS, "fault.kind", f"must be one of {', '.join(FAULT_KINDS)}")
     _require(f.count >= 1, "fault.count", "must be positive")
-    _require(0 <= f.min_step and (f.max_step == 0 or f.min_step <= f.max_step < t.steps), "fault.max_step",
+    _require(0 <= f.min_step and (f.max_step == 0 or f.min_step <= f.max_step < t.steps
+                                  or f.kind in DECODE_FAULT_KINDS), "fault.max_step",
              f"need 0 <= fault.min_step <= fault.max_step < train.steps ({t.steps}), or max_step 0")
     # Layout fit (degrees dividing heads, experts, layers, world) is checked by
     # masep.parallel.layout when a strategy is chosen, before any process starts.

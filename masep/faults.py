@@ -9,13 +9,15 @@ pid its heartbeat file names. The code under test never decides to fail. What ha
 
 Kinds (`fault.kind`): kill_attention (SIGKILL one attention rank), kill_moe (one MoE rank),
 kill_attention_k (`fault.count` attention ranks at once, at most half of them), stop (SIGSTOP
-one rank: a hang), kill_checkpoint (SIGKILL while the checkpoint is being written). `ma_sep`
+one rank: a hang), kill_checkpoint (SIGKILL while the checkpoint is being written), and, in
+`masep infer`, kill_moe_decode (SIGKILL one MoE rank while requests are being decoded, after a
+seeded number of decoded tokens: the ranks that decode rows report each token as progress). `ma_sep`
 has attention and MoE ranks; for the other strategies both mean any rank but rank 0, which
 hosts the rendezvous store.
 
-`fault_rows` turns the record, the run's own step rows and its in-job recovery rows into the
-row of `faults-rank0.parquet` (rank 0, or after its loss under ma.failover the lowest
-surviving rank, writes it before run.json).
+`fault_rows` (training) and `decode_fault_rows` (decoding) turn the record and the run's own
+rows (for training also its in-job recovery rows) into the row of `faults-rank0.parquet` (rank 0,
+or after its loss under ma.failover the lowest surviving rank, writes it before run.json).
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from masep.config import DECODE_FAULT_KINDS
 from masep.launch import heartbeat_path, progress_path
 
 POLL_S = 0.005
@@ -43,7 +46,7 @@ class FaultError(RuntimeError):
 
 def candidate_ranks(layout, kind: str) -> list[int]:
     if layout.moe_ranks:  # ma_sep
-        return layout.moe_rank_list if kind == "kill_moe" else layout.attention_ranks
+        return layout.moe_rank_list if kind in ("kill_moe", "kill_moe_decode") else layout.attention_ranks
     return list(range(1, layout.world_size))
 
 
@@ -61,11 +64,31 @@ def trial_overrides(kind: str, trial: int, reference: str) -> list[str]:
             f"fault.reference={reference}", "launch.max_restarts=1"]
 
 
-def plan(cfg, layout) -> dict:
-    """The seeded step, target ranks and signal of `cfg.fault`."""
+def decode_tokens(cfg) -> tuple[int, int]:
+    """(tokens a request streams, tokens the run streams): `masep infer` decodes one request
+    (prompt batch) per context length, warm-up tokens included (`Strategy.generate` streams all
+    but the prefill's token)."""
+    i = cfg.infer
+    per = max(i.warmup_tokens - 1, 0) + i.new_tokens - 1
+    return per, per * len(i.context_lengths)
+
+
+def plan(cfg, layout, job: str = "train") -> dict:
+    """The seeded step (decoding: decoded token), target ranks and signal of `cfg.fault`."""
     f, steps = cfg.fault, cfg.train.steps
+    decode = f.kind in DECODE_FAULT_KINDS
+    if decode != (job == "infer"):
+        raise FaultError(f"fault.kind={f.kind}: injected into `masep {'infer' if decode else 'train'}`, "
+                         f"not `masep {job}`")
     rng = random.Random(f.seed)
-    last = f.max_step or steps - 2
+    if decode:  # at the latest halfway through the last request: a request is always in flight
+        per, total = decode_tokens(cfg)
+        last = f.max_step or total - max(1, per // 2)
+    else:
+        last = f.max_step or steps - 2
+    if decode and last < f.min_step:
+        raise FaultError(f"fault.min_step={f.min_step}: no decoded token to inject at ({total} in all: "
+                         f"infer.new_tokens={cfg.infer.new_tokens} per context length); decode more tokens")
     if last < f.min_step:
         raise FaultError(f"fault.min_step={f.min_step}: no step to inject at in a run of train.steps={steps}; "
                          f"lower fault.min_step or train more steps")
@@ -90,8 +113,10 @@ def plan(cfg, layout) -> dict:
 class Injector:
     """Sends one planned fault to the first job it watches; records it in `run_dir/faults.json`."""
 
-    def __init__(self, cfg, layout, run_dir: Path):
-        self.plan = plan(cfg, layout)
+    def __init__(self, cfg, layout, run_dir: Path, job: str = "train"):
+        self.plan = plan(cfg, layout, job)
+        # Decoding: any rank that decodes rows reports the tokens (the target may only serve them).
+        self.watched = list(range(layout.world_size)) if job == "infer" else self.plan["ranks"]
         self.path = Path(run_dir) / RECORD
         self.record: dict = {**self.plan, "strategy": cfg.parallel.strategy, "restarts": []}
         self._stop = threading.Event()
@@ -111,18 +136,21 @@ class Injector:
         if self._thread is not None:
             self._thread.join()
 
+    def _progress(self, folder: Path, job_id: str) -> list[dict]:
+        found = []
+        for rank in self.watched:
+            with contextlib.suppress(OSError, ValueError):
+                found.append(json.loads(progress_path(folder, job_id, rank).read_text()))
+        return found
+
     def _ready(self, folder: Path, job_id: str) -> bool:
-        want = self.plan["step"]
-        for rank in self.plan["ranks"]:
-            try:
-                p = json.loads(progress_path(folder, job_id, rank).read_text())
-            except (OSError, ValueError):
-                return False
-            done = p["step"] >= want if self.plan["kind"] != "kill_checkpoint" else (
-                p["step"] == want and p["phase"] == "checkpoint") or p["step"] > want
-            if not done:
-                return False
-        return True
+        want, progress = self.plan["step"], self._progress(folder, job_id)
+        if self.plan["kind"] in DECODE_FAULT_KINDS:
+            return any(p["phase"] == "decode" and p["step"] >= want for p in progress)
+        if len(progress) < len(self.watched):
+            return False
+        return all(p["step"] >= want if self.plan["kind"] != "kill_checkpoint" else (
+            p["step"] == want and p["phase"] == "checkpoint") or p["step"] > want for p in progress)
 
     def _run(self, folder: Path, job_id: str) -> None:
         while not self._stop.is_set():
@@ -136,12 +164,15 @@ class Injector:
         for rank in self.plan["ranks"]:
             with contextlib.suppress(OSError, ValueError, KeyError):
                 pid = int(json.loads(heartbeat_path(folder, job_id, rank).read_text())["pid"])
-                progress = json.loads(progress_path(folder, job_id, rank).read_text())
+                progress = max(self._progress(folder, job_id) if self.plan["kind"] in DECODE_FAULT_KINDS
+                               else [json.loads(progress_path(folder, job_id, rank).read_text())],
+                               key=lambda p: p["step"])
                 os.kill(pid, sig)
                 hit.append({"rank": rank, "pid": pid, "step_done": progress["step"], "phase": progress["phase"]})
         self.record.update(t_injected=time.time(), hit=hit)
         self._save()
-        targets = ", ".join(f"{h['rank']} (pid {h['pid']}, after step {h['step_done']}, {h['phase']})" for h in hit)
+        unit = "decoded token" if self.plan["kind"] in DECODE_FAULT_KINDS else "step"
+        targets = ", ".join(f"{h['rank']} (pid {h['pid']}, after {unit} {h['step_done']}, {h['phase']})" for h in hit)
         print(f"masep fault: sent {self.plan['signal']} to rank(s) {targets} "
               f"({self.plan['kind']}, seed {self.plan['seed']})", flush=True)
 
@@ -161,38 +192,55 @@ def _median(xs: list) -> Optional[float]:
     return statistics.median(xs) if xs else None
 
 
+def _restarts_after_fault(record: dict) -> list[dict]:
+    """The restarts after the injection (one before it, e.g. a rank that could not start,
+    recovered nothing of the fault)."""
+    t_inj = record.get("t_injected")
+    return [r for r in record.get("restarts", []) if t_inj is not None and r["t_detected"] >= t_inj]
+
+
+def _injected(run_id: str, record: dict, in_job: list[dict] = ()) -> dict:
+    """The columns every trial has: what was injected, when, when it was found (the launcher's
+    verdict before a restart, else the first survivor's error in the job), what was done."""
+    t_inj, hit = record.get("t_injected"), record.get("hit", [])
+    restarts = _restarts_after_fault(record)
+    t_det = restarts[0]["t_detected"] if restarts else min((r["detected_unix_s"] for r in in_job), default=None)
+    return {
+        "run_id": run_id, "strategy": record["strategy"], "kind": record["kind"], "seed": record["seed"],
+        "target_ranks": ",".join(str(h["rank"]) for h in hit) or None, "failed_ranks": len(hit),
+        "signal": record["signal"], "planned_step": record["step"],
+        "step_injected": max((h["step_done"] for h in hit), default=None),
+        "phase_injected": hit[0]["phase"] if hit else None, "t_injected_unix_s": t_inj,
+        "detection_s": t_det - t_inj if t_det is not None and t_inj is not None else None,
+        "recovery_mode": "full_restart" if restarts else ("in_job" if in_job else None),
+        "restarts": len(record.get("restarts", [])),
+    }
+
+
 def fault_rows(run_id: str, record: dict, rows: list[dict], steps: int, resumed_from: int,
                reference: Optional[Path], recovery: list[dict] = ()) -> list[dict]:
-    """The faults row of one trial from its record, the writing rank's final step rows and every
-    rank's in-job recovery rows (`ma.failover`: `recovery-rank*.parquet`); the reference run
-    (same schedule, no fault) gives the final loss and batch checksums to compare with.
-    Detection: the launcher's verdict before a full restart, else the first survivor's error."""
+    """The faults row of one training trial from its record, the writing rank's final step rows
+    and every rank's in-job recovery rows (`ma.failover`: `recovery-rank*.parquet`); the reference
+    run (same schedule, no fault) gives the final loss and batch checksums to compare with."""
     t_inj = record.get("t_injected")
-    # restarts after the fault (one before it, e.g. a rank that could not start, recovered nothing of it)
-    restarts = [r for r in record.get("restarts", []) if t_inj is not None and r["t_detected"] >= t_inj]
     in_job = [r for r in recovery if t_inj is not None and r["detected_unix_s"] >= t_inj]
+    head = _injected(run_id, record, in_job)
+    restarts = _restarts_after_fault(record)
     t_det = restarts[0]["t_detected"] if restarts else min((r["detected_unix_s"] for r in in_job), default=None)
     by_step: dict[int, list[dict]] = {}
     for r in rows:
         by_step.setdefault(r["step"], []).append(r)
     after = sorted((r for r in rows if t_det is not None and r["t_end_unix_s"] > t_det),
                    key=lambda r: r["t_end_unix_s"])
-    hit = record.get("hit", [])
-    step_done = max((h["step_done"] for h in hit), default=None)
+    step_done = head["step_injected"]
     from masep.telemetry.writer import read_parquet_rows
 
     ref_rows = {r["step"]: r for r in read_parquet_rows(reference / "steps-rank0.parquet")} if reference else {}
     final = by_step.get(steps - 1, [{}])[-1].get("loss")
     ref_final = ref_rows.get(steps - 1, {}).get("loss")
-    mode = "full_restart" if restarts else ("in_job" if in_job else None)
     return [{
-        "run_id": run_id, "strategy": record["strategy"], "kind": record["kind"], "seed": record["seed"],
-        "target_ranks": ",".join(str(h["rank"]) for h in hit) or None, "failed_ranks": len(hit),
-        "signal": record["signal"], "planned_step": record["step"], "step_injected": step_done,
-        "phase_injected": hit[0]["phase"] if hit else None, "t_injected_unix_s": t_inj,
-        "detection_s": t_det - t_inj if t_det is not None and t_inj is not None else None,
+        **head,
         "recovery_s": after[0]["t_end_unix_s"] - t_inj if after and t_inj is not None else None,
-        "recovery_mode": mode, "restarts": len(record.get("restarts", [])),
         "resumed_from_step": resumed_from if restarts else None,
         "steps_replayed": (step_done + 1 - resumed_from if restarts and step_done is not None else
                            max((r["steps_redone"] for r in in_job), default=0)),
@@ -211,18 +259,51 @@ def fault_rows(run_id: str, record: dict, rows: list[dict], steps: int, resumed_
     }]
 
 
+def decode_fault_rows(run_id: str, record: dict, requests: list[dict], expected: int,
+                      reference: Optional[Path]) -> list[dict]:
+    """The faults row of one decoding trial (`planned_step`/`step_injected` count decoded
+    tokens) from its record and rank 0's request rows (`requests-rank0.parquet`: one per prompt
+    row, with its greedy tokens); correct = the same tokens as the reference run's (greedy
+    decoding is deterministic). Recovery: the kill to the next token decoded after it."""
+    head = _injected(run_id, record)
+    t_inj = head["t_injected_unix_s"]
+    from masep.telemetry.writer import read_parquet_rows
+
+    ref = {(r["request"], r["row"]): r["tokens"] for r in read_parquet_rows(reference / "requests-rank0.parquet")} \
+        if reference else {}
+    after = [r["t_first_token_unix_s"] for r in requests
+             if t_inj is not None and r["t_first_token_unix_s"] is not None and r["t_first_token_unix_s"] > t_inj]
+    return [{
+        **head,
+        "recovery_s": min(after) - t_inj if after else None,
+        "requests_total": expected,
+        "requests_correct": sum(1 for r in requests if ref.get((r["request"], r["row"])) == list(r["tokens"]))
+        if ref else None,
+        "requests_retried": sum(1 for r in requests if r["retried"]),
+        "requests_lost": expected - len({(r["request"], r["row"]) for r in requests}),
+        "reference_run": str(reference) if reference else None,
+    }]
+
+
 def describe(row: dict) -> str:
     """One line: the rank, the fault, and what was done."""
+    decode = row["kind"] in DECODE_FAULT_KINDS
+    unit = "decoded token" if decode else "step"
     if row["t_injected_unix_s"] is None:
-        return f"fault {row['kind']}: not injected (the run ended before step {row['planned_step']})"
-    if row["recovery_mode"] == "full_restart":
-        what = (f"recovered by full restart from step {row['resumed_from_step']} in {row['recovery_s']:.2f} s "
-                f"(detected after {row['detection_s']:.2f} s; {row['steps_replayed']} step(s) replayed)")
-    elif row["recovery_mode"] == "in_job":
-        what = (f"recovered in the job (the survivors regrouped, ma.failover) in {row['recovery_s']:.2f} s "
-                f"(detected after {row['detection_s']:.2f} s; {row['steps_replayed']} step(s) redone)")
-    else:
-        what = "no rank reported a loss"
+        return f"fault {row['kind']}: not injected (the run ended before {unit} {row['planned_step']})"
+    recovery = "no token decoded after it" if row["recovery_s"] is None else f"in {row['recovery_s']:.2f} s"
+    if decode:
+        what = (f"recovered by restarting the inference job {recovery} (detected after {row['detection_s']:.2f} s)"
+                if row["recovery_mode"] == "full_restart" else "the job went on without a restart")
+        return (f"fault {row['kind']} ({row['signal']}) of rank(s) {row['target_ranks']} after {unit} "
+                f"{row['step_injected']}: {what}; of {row['requests_total']} request(s) {row['requests_retried']} "
+                f"retried, {row['requests_lost']} lost, {row['requests_correct']} equal to the reference")
+    what = (f"recovered by full restart from step {row['resumed_from_step']} {recovery} "
+            f"(detected after {row['detection_s']:.2f} s; {row['steps_replayed']} step(s) replayed)"
+            if row["recovery_mode"] == "full_restart" else
+            f"recovered in the job (the survivors regrouped, ma.failover) {recovery} (detected after "
+            f"{row['detection_s']:.2f} s; {row['steps_replayed']} step(s) redone)"
+            if row["recovery_mode"] == "in_job" else "no rank reported a loss")
     ref = ("" if row["final_loss_abs_diff"] is None else
            f"; final loss {row['final_loss']:.6f} vs reference {row['reference_final_loss']:.6f}")
     return (f"fault {row['kind']} ({row['signal']}) of rank(s) {row['target_ranks']} after step "

@@ -175,3 +175,67 @@ def test_fault_rows_in_job_and_a_restart_before_the_fault():
     assert (row["recovery_mode"], row["restarts"], row["resumed_from_step"], row["steps_replayed"]) == ("in_job", 1, None, 1)
     assert row["detection_s"] == pytest.approx(0.2) and row["recovery_s"] == pytest.approx(3.5)
     assert (row["batches_completed"], row["batches_lost"], row["batches_repeated"]) == (4, 0, 0)
+
+
+# ------------------------------------------------------------------ an expert failure while decoding
+
+DECODE_SETS = ["infer.context_lengths=[16,32,48]", "infer.new_tokens=8", "infer.warmup_tokens=2",
+               "model.capacity_factor=null", "parallel.timeout_s=10"]
+
+
+def test_decode_plan_counts_tokens_and_kills_a_moe_rank():
+    for seed in range(10):
+        cfg = _cfg("ma_sep", *DECODE_SETS, "fault.kind=kill_moe_decode", f"fault.seed={seed}")
+        p = plan(cfg, make_layout(cfg), "infer")
+        # 3 requests of 1 warm-up + 7 timed streamed tokens: the kill comes before the last one's half
+        assert p["ranks"][0] in make_layout(cfg).moe_rank_list and 1 <= p["step"] <= 20
+    tp = _cfg("tp", *DECODE_SETS, "fault.kind=kill_moe_decode")
+    assert plan(tp, make_layout(tp), "infer")["ranks"][0] != 0
+    with pytest.raises(FaultError, match="masep infer"):
+        plan(tp, make_layout(tp))
+    attn = _cfg("tp", "fault.kind=kill_attention")
+    with pytest.raises(FaultError, match="masep train"):
+        plan(attn, make_layout(attn), "infer")
+
+
+def test_robustness_view_counts_decode_requests():
+    decode = {"kind": "kill_moe_decode", "t_injected_unix_s": 1.0, "recovery_s": 3.0, "failed_ranks": 1,
+              "recovery_mode": "full_restart", "requests_total": 3, "requests_retried": 1}
+    rows = [{**decode, "run_id": f"d{i}", "strategy": "ma_sep", "requests_correct": c, "requests_lost": lost}
+            for i, (c, lost) in enumerate([(3, 0), (3, 0), (2, 0), (2, 1)])]
+    con = _views(rows)
+    got = con.execute("SELECT trials, correct_trials, success_pct, paper_success_pct, requests_total, "
+                      "requests_correct, requests_retried, requests_lost FROM robustness").fetchone()
+    assert got == (4, 2, 50.0, 99.2, 12, 10, 4, 1)
+
+
+def infer(tmp: Path, tokens: Path, strategy: str, world: int, out: Path, *extra: str) -> str:
+    cmd = ["masep", "infer", "--config", "tiny", "--strategy", strategy, "--world-size", str(world), "--set",
+           f"data.tokens_dir={tokens}", f"launch.log_dir={tmp}/logs", *DECODE_SETS, *extra, "--out", str(out)]
+    done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-4000:]
+    return done.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)  # two 4-rank jobs and a restart: minutes on a loaded 2-core machine
+@pytest.mark.parametrize("strategy,world", [("ma_sep", 4), ("ep_dp", 4)])
+def test_restart_after_a_moe_rank_killed_while_decoding_gives_the_reference_tokens(tmp_path, tokens, strategy, world):
+    ref, out = tmp_path / "runs" / "reference", tmp_path / "runs" / "kill_moe_decode"
+    infer(tmp_path, tokens, strategy, world, ref)
+    log = infer(tmp_path, tokens, strategy, world, out, "launch.max_restarts=1", "fault.kind=kill_moe_decode",
+                "fault.seed=1", f"fault.reference={ref}", "--experiment", "faults")
+    [row] = pq.read_table(out / "faults-rank0.parquet").to_pylist()
+    layout = make_layout(_cfg(strategy, f"parallel.world_size={world}"))
+    assert int(row["target_ranks"]) in (layout.moe_rank_list if strategy == "ma_sep" else [1, 2, 3])
+    assert row["step_injected"] >= row["planned_step"] and row["phase_injected"] == "decode"
+    assert row["recovery_mode"] == "full_restart" and row["restarts"] == 1
+    assert 0 < row["detection_s"] < row["recovery_s"]
+    # every request completed; the one in flight at the kill was decoded again, with the same tokens
+    got = pq.read_table(out / "requests-rank0.parquet").to_pylist()
+    want = pq.read_table(ref / "requests-rank0.parquet").to_pylist()
+    assert [(r["request"], r["tokens"]) for r in got] == [(r["request"], r["tokens"]) for r in want]
+    assert sum(r["retried"] for r in got) == 1 == row["requests_retried"]
+    assert (row["requests_total"], row["requests_correct"], row["requests_lost"]) == (3, 3, 0)
+    assert f"fault kill_moe_decode (SIGKILL) of rank(s) {row['target_ranks']} after decoded token " \
+           f"{row['step_injected']}: recovered by restarting the inference job" in log

@@ -1,4 +1,5 @@
-"""`masep infer`: decode with a KV cache at each context length and measure TPOT."""
+"""`masep infer`: decode with a KV cache at each context length and measure TPOT; with a
+decoding fault (`fault.kind=kill_moe_decode`) the launcher injects it and restarts the job."""
 from __future__ import annotations
 
 import argparse
@@ -15,15 +16,16 @@ from masep.runtime.worker import infer_rank
 
 
 class InferEntry(RankEntry):
-    def __init__(self, cfg: Config, out_dir: str, checkpoint_run: Optional[str]):
+    def __init__(self, cfg: Config, out_dir: str, checkpoint_run: Optional[str], experiment: str = "infer"):
         self.cfg_dict, self.out_dir, self.checkpoint_run = cfg.to_dict(), str(out_dir), checkpoint_run
+        self.experiment = experiment
 
     def __call__(self):
         cfg = config_from_dict(self.cfg_dict)
         info = init_distributed(cfg.parallel.timeout_s)
         try:
-            return infer_rank(cfg, Path(self.out_dir),
-                              Path(self.checkpoint_run) if self.checkpoint_run else None, info)
+            return infer_rank(cfg, Path(self.out_dir), Path(self.checkpoint_run) if self.checkpoint_run else None,
+                              info, self.experiment, self.resume)
         finally:
             sys.stdout.flush()
             shutdown_distributed()
@@ -36,6 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", default=None,
                    help="training run folder whose latest checkpoint supplies the weights "
                         "(default: the paper's initial weights)")
+    p.add_argument("--experiment", default="infer",
+                   help="experiment recorded in run.json: infer (default), faults for a decoding fault trial")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -52,7 +56,13 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = f"infer-{cfg.parallel.strategy}-" + "-".join(map(str, cfg.infer.context_lengths))
-    launch(InferEntry(cfg, str(out), args.checkpoint), cfg, layout.world_size, name,
-           Path(cfg.launch.log_dir) / name, run_dir=out)
+    injector = None
+    if cfg.fault.kind != "none":
+        from masep.faults import RECORD, Injector
+
+        (out / RECORD).unlink(missing_ok=True)  # a trial's record is of its own fault only
+        injector = Injector(cfg, layout, out, job="infer")
+    launch(InferEntry(cfg, str(out), args.checkpoint, args.experiment), cfg, layout.world_size, name,
+           Path(cfg.launch.log_dir) / name, run_dir=out, injector=injector)
     print(f"{name}: done; {out / 'run.json'}")
     return 0

@@ -151,12 +151,14 @@ class StaticDecoder:
         return self.ids[:, 0]
 
 
-def stream_tokens(decoder: StaticDecoder, n: int, context=nullcontext) -> tuple[list[torch.Tensor], list[float]]:
+def stream_tokens(decoder: StaticDecoder, n: int, context=nullcontext,
+                  on_token: Optional[Callable[[], None]] = None) -> tuple[list[torch.Tensor], list[float]]:
     """Decode `n` tokens as a server streams them: token i + 1 is queued on the device before
     the host waits for token i, whose ids reach pinned host memory behind its step, so the
     device never idles while the host reads. Returns each token's ids (on the host) and the
     seconds between consecutive arrivals (the first from the call): the inter-token latency a
-    client sees. `context()` wraps each step (autocast, for steps that are not a CUDA graph)."""
+    client sees. `context()` wraps each step (autocast, for steps that are not a CUDA graph);
+    `on_token()` is called as each token arrives (decode progress, outside the timed span)."""
     if not decoder.ids.is_cuda:  # each step runs to completion anyway
         out, times = [], []
         for _ in range(n):
@@ -164,6 +166,8 @@ def stream_tokens(decoder: StaticDecoder, n: int, context=nullcontext) -> tuple[
             with context():
                 out.append(decoder().clone())
             times.append(time.perf_counter() - t)
+            if on_token is not None:
+                on_token()
         return out, times
     host = torch.empty((n, decoder.ids.shape[0]), dtype=decoder.ids.dtype, pin_memory=True)
     arrived, times = [], []
@@ -178,7 +182,9 @@ def stream_tokens(decoder: StaticDecoder, n: int, context=nullcontext) -> tuple[
             arrived[i - 1].synchronize()
             now = time.perf_counter()
             times.append(now - last)
-            last = now
+            if on_token is not None:
+                on_token()
+            last = time.perf_counter() if on_token is not None else now
     return list(host.unbind(0)), times
 
 
@@ -377,9 +383,11 @@ class Strategy(ABC):
         return loss.stats.reduce(loss.n_valid, len(mbs), self.device, self.world_group).ce_sum, loss.n_valid
 
     @torch.no_grad()
-    def generate(self, prompt: torch.Tensor, new_tokens: int) -> Generation:
+    def generate(self, prompt: torch.Tensor, new_tokens: int,
+                 on_token: Optional[Callable[[], None]] = None) -> Generation:
         """Greedy decoding with a KV cache; every rank returns the same tokens: an eager
-        prefill, then the fixed-shape step under `StaticDecoder`, streamed (`stream_tokens`)."""
+        prefill, then the fixed-shape step under `StaticDecoder`, streamed (`stream_tokens`;
+        `on_token` is called on each rank that decodes rows as each of its tokens arrives)."""
         B, T0 = prompt.shape
         rows = self.decode_rows(B)
         ids = prompt[rows].to(self.device)
@@ -398,7 +406,7 @@ class Strategy(ABC):
                 if active:
                     with self.autocast():
                         decoder = self.decoder(first[:, None], torch.tensor([T0], device=self.device), caches)
-                    rest, times = self.stream_tokens(decoder, new_tokens - 1)
+                    rest, times = self.stream_tokens(decoder, new_tokens - 1, on_token)
                 else:
                     times = self.serve_decode(new_tokens - 1, B)
         if world_size() == 1:
@@ -432,8 +440,9 @@ class Strategy(ABC):
             times.append(time.perf_counter() - t)
         return out, times
 
-    def stream_tokens(self, decoder: StaticDecoder, n: int) -> tuple[list[torch.Tensor], list[float]]:
-        return stream_tokens(decoder, n, self.autocast)
+    def stream_tokens(self, decoder: StaticDecoder, n: int,
+                      on_token: Optional[Callable[[], None]] = None) -> tuple[list[torch.Tensor], list[float]]:
+        return stream_tokens(decoder, n, self.autocast, on_token)
 
     def train(self, mode: bool = True) -> None:
         for m in self.modules():

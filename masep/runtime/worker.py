@@ -230,31 +230,56 @@ def serving(trainer: Trainer):
     return strategy
 
 
+class DecodeProgress:
+    """Called as each token arrives (`Strategy.generate(on_token=...)`): counts the job's decoded
+    tokens, keeps when the current request's first one arrived, and, with `report`, tells a fault
+    injector outside the rank (`report_progress`, phase "decode"; off by default: a file write per
+    token would show in TPOT)."""
+
+    def __init__(self, report: bool):
+        self.report, self.tokens, self.first_at = report, 0, None
+
+    def __call__(self) -> None:
+        self.tokens += 1
+        self.first_at = self.first_at or time.time()
+        if self.report:
+            report_progress(self.tokens, "decode")
+
+
+def decode_row(strategy, cfg: Config, run_id: str, rank: int, ctx: int, prompt,
+               on_token: Optional[DecodeProgress] = None):
+    """The inference row of one request (prompt batch) at context `ctx`: prefill time and TPOT of
+    `infer.new_tokens` greedy tokens, after `infer.warmup_tokens` untimed ones; and its Generation."""
+    i = cfg.infer
+    if i.warmup_tokens:
+        strategy.generate(prompt, i.warmup_tokens, on_token)
+    gen = strategy.generate(prompt, i.new_tokens, on_token)
+    times = gen.token_s
+    tpot = statistics.fmean(times) if times else float("nan")
+    if rank == 0:
+        print(f"context {ctx}: prefill {gen.prefill_s * 1e3:.1f} ms, TPOT {tpot * 1e3:.2f} ms", flush=True)
+    return {
+        "run_id": run_id, "rank": rank, "context_len": ctx, "batch": i.batch, "new_tokens": i.new_tokens,
+        "prefill_ms": gen.prefill_s * 1e3, "tpot_ms": tpot * 1e3,
+        "tpot_p50_ms": statistics.median(times) * 1e3 if times else None,
+        "tpot_p90_ms": sorted(times)[int(0.9 * (len(times) - 1))] * 1e3 if times else None,
+        "tokens_per_s": i.batch / tpot if times else None,
+        "tokens_per_s_per_gpu": i.batch / tpot / cfg.parallel.world_size if times else None,
+        "peak_mem_bytes": peak_bytes(strategy.device)[0],
+    }, gen
+
+
 def decode_rows(strategy, cfg: Config, run_id: str, rank: int, prompts) -> list[dict]:
-    """One inference row per (context length, prompt) of `prompts`: prefill time and TPOT of
-    `infer.new_tokens` greedy tokens, after `infer.warmup_tokens` untimed ones."""
-    i, rows = cfg.infer, []
-    for ctx, prompt in prompts:
-        if i.warmup_tokens:
-            strategy.generate(prompt, i.warmup_tokens)
-        gen = strategy.generate(prompt, i.new_tokens)
-        times = gen.token_s
-        tpot = statistics.fmean(times) if times else float("nan")
-        rows.append({
-            "run_id": run_id, "rank": rank, "context_len": ctx, "batch": i.batch, "new_tokens": i.new_tokens,
-            "prefill_ms": gen.prefill_s * 1e3, "tpot_ms": tpot * 1e3,
-            "tpot_p50_ms": statistics.median(times) * 1e3 if times else None,
-            "tpot_p90_ms": sorted(times)[int(0.9 * (len(times) - 1))] * 1e3 if times else None,
-            "tokens_per_s": i.batch / tpot if times else None,
-            "tokens_per_s_per_gpu": i.batch / tpot / cfg.parallel.world_size if times else None,
-            "peak_mem_bytes": peak_bytes(strategy.device)[0],
-        })
-        if rank == 0:
-            print(f"context {ctx}: prefill {gen.prefill_s * 1e3:.1f} ms, TPOT {tpot * 1e3:.2f} ms", flush=True)
-    return rows
+    """One inference row per (context length, prompt) of `prompts` (`decode_row`)."""
+    return [decode_row(strategy, cfg, run_id, rank, ctx, prompt)[0] for ctx, prompt in prompts]
 
 
-def infer_rank(cfg: Config, out_dir: Path, checkpoint_run: Optional[Path], info: DistInfo) -> dict:
+def infer_rank(cfg: Config, out_dir: Path, checkpoint_run: Optional[Path], info: DistInfo,
+               experiment: str = "infer", resumed: bool = False) -> dict:
+    """Decode one request per context length. After each, every rank writes its inference rows,
+    then rank 0 records the request's tokens in `requests-rank0.parquet`: a restarted job
+    (`resumed`, after a lost rank) skips the requests recorded there and decodes the rest again,
+    the first of them (in flight when the job was lost) marked retried."""
     out_dir = Path(out_dir)
     rank, i = info.rank, cfg.infer
     cpu_threads(info)
@@ -268,12 +293,65 @@ def infer_rank(cfg: Config, out_dir: Path, checkpoint_run: Optional[Path], info:
             raise FileNotFoundError(f"no complete checkpoint under {checkpoint_run}/checkpoint")
         checkpoint.load(path, trainer.strategy, None, rank)
         source = str(path)
-    rows = decode_rows(serving(trainer), cfg, run_id_of(out_dir), rank,
-                       ((ctx, _prompt(val_ds, ctx, i.batch)) for ctx in i.context_lengths))
-    w.write_parquet(out_dir / f"inference-rank{rank}.parquet", rows)
+    run_id = run_id_of(out_dir)
+    rows_path, requests_path = out_dir / f"inference-rank{rank}.parquet", out_dir / "requests-rank0.parquet"
+    # Every rank reads rank 0's record before the first request's collectives: they agree on what is done.
+    if rank == 0 and not resumed:
+        requests_path.unlink(missing_ok=True)  # a record of an earlier job in this folder
+    requests = w.read_parquet_rows(requests_path) if resumed else []
+    done = {r["request"] for r in requests}
+    rows = [r for r in w.read_parquet_rows(rows_path) if resumed and r["context_len"] in
+            {ctx for n, ctx in enumerate(i.context_lengths) if n in done}]
+    if done and rank == 0:
+        print(f"resuming: {len(done)} of {len(i.context_lengths)} request(s) already decoded ({requests_path})",
+              flush=True)
+    strategy, progress, retry = serving(trainer), DecodeProgress(cfg.fault.kind != "none"), resumed
+    for n, ctx in enumerate(i.context_lengths):
+        if n in done:
+            continue
+        t_start, progress.first_at = time.time(), None
+        row, gen = decode_row(strategy, cfg, run_id, rank, ctx, _prompt(val_ds, ctx, i.batch), progress)
+        first = _first_token_at(progress.first_at)
+        rows.append(row)
+        w.write_parquet(rows_path, rows)
+        _barrier()  # every rank's row is written before rank 0 marks the request done
+        if rank == 0:
+            requests += [{"run_id": run_id, "request": n, "row": b, "context_len": ctx,
+                          "tokens": gen.tokens[b].tolist(), "retried": retry, "t_start_unix_s": t_start,
+                          "t_first_token_unix_s": first, "t_end_unix_s": time.time()}
+                         for b in range(gen.tokens.shape[0])]
+            w.write_parquet(requests_path, requests)
+        retry = False
     _barrier()
+    if rank == 0 and cfg.fault.kind != "none":
+        _write_decode_faults(cfg, out_dir, run_id, requests)
     if rank == 0:
         w.atomic_write_json(out_dir / "run.json", run_record(
-            cfg, out_dir, "infer", info, started_at, "completed",
+            cfg, out_dir, experiment, info, started_at, "completed",
             {"weights": source, "files": w.file_manifest(out_dir)}))
     return {"rank": rank, "rows": len(rows)}
+
+
+def _first_token_at(mine: Optional[float]) -> Optional[float]:
+    """When the request's first decoded token arrived at any rank (not every rank decodes rows)."""
+    t = torch.tensor([mine if mine is not None else math.inf], dtype=torch.float64)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return None if math.isinf(t.item()) else t.item()
+
+
+def _write_decode_faults(cfg: Config, out_dir: Path, run_id: str, requests: list[dict]) -> None:
+    """faults-rank0.parquet of a decoding trial (faults.json and the requests decoded)."""
+    import json
+
+    from masep import faults
+
+    record_path = out_dir / faults.RECORD
+    if not record_path.exists():
+        raise FileNotFoundError(f"{record_path}: no fault record of fault.kind={cfg.fault.kind}; run this "
+                                f"trial through `masep infer` (its launcher injects the fault)")
+    ref = Path(cfg.fault.reference) if cfg.fault.reference else None
+    rows = faults.decode_fault_rows(run_id, json.loads(record_path.read_text()), requests,
+                                    len(cfg.infer.context_lengths) * cfg.infer.batch, ref)
+    w.write_parquet(out_dir / "faults-rank0.parquet", rows)
+    print(faults.describe(rows[0]), flush=True)

@@ -1,12 +1,15 @@
 # Fault experiments (config `faults`): per strategy an uninterrupted reference run, then one
 # training run per fault kind and trial, into which the launcher injects the fault (masep.faults)
-# at a step drawn from the trial number, with launch.max_restarts=1. Targets:
-#   <runs>/faults/<strategy>/reference/run.json
+# at a step drawn from the trial number, with launch.max_restarts=1. Decoding kinds
+# (kill_moe_decode) are `masep infer` runs (initial weights) against an uninterrupted decoding
+# reference, the fault after a drawn number of decoded tokens. Targets:
+#   <runs>/faults/<strategy>/reference/run.json          (reference_decode: of the decoding kinds)
 #   <runs>/faults/<strategy>/<kind>/trial=<k>/run.json   (snakemake faults_all: every trial)
 # kill_attention_k<k>: k attention ranks at once, k = 1 .. half of them (the degradation curve).
 # `faults.overrides` gives one strategy's fault runs their own settings (ma_sep: ma.failover, so
 # a lost attention rank is recovered in the job and any other loss by the restart).
 
+from masep.config import DECODE_FAULT_KINDS
 from masep.faults import trial_overrides, workflow_kinds
 
 FAULTS = config["faults"]
@@ -24,9 +27,19 @@ def fault_overrides(strategy):
 FAULT_RUNS = [
     f"{RUNS}/faults/{strategy}/{kind}/trial={trial}/run.json"
     for strategy in FAULTS["strategies"]
-    for kind in workflow_kinds(make_layout(load_config(PRESETS, strategy_overrides(strategy))), FAULTS["kinds"])
+    for kind in workflow_kinds(make_layout(load_config(PRESETS, strategy_overrides(strategy))),
+                               FAULTS.get("kinds_by_strategy", {}).get(strategy, FAULTS["kinds"]))
     for trial in range(FAULTS["trials"])
 ]
+
+
+def fault_reference(kind):
+    return "reference_decode" if kind in DECODE_FAULT_KINDS else "reference"
+
+
+def fault_command(kind):
+    """The masep command of a fault run: decoding kinds and their reference decode, the rest train."""
+    return "infer" if kind in DECODE_FAULT_KINDS or kind == "reference_decode" else "train"
 
 
 rule fault_reference:
@@ -34,20 +47,22 @@ rule fault_reference:
     input:
         tokens=TOKENS_DONE,
     output:
-        run=f"{RUNS}/faults/{{strategy}}/reference/run.json",
+        run=f"{RUNS}/faults/{{strategy}}/{{reference}}/run.json",
     log:
-        "logs/faults/{strategy}/reference.log",
+        "logs/faults/{strategy}/{reference}.log",
     wildcard_constraints:
         strategy=FAULT_STRATEGY,
+        reference="reference|reference_decode",
     threads: lambda wc: WORLD[wc.strategy]
     params:
         args=lambda wc: masep_args(fault_overrides(wc.strategy)),
+        command=lambda wc: fault_command(wc.reference),
         outdir=lambda wc, output: os.path.dirname(output.run),
         env=lambda wc: local_threads_env(WORLD[wc.strategy]),
     conda:
         CONDA_ENV
     shell:
-        "rm -rf {params.outdir:q} && {params.env}masep train {params.args} --experiment faults "
+        "rm -rf {params.outdir:q} && {params.env}masep {params.command} {params.args} --experiment faults "
         "--out {params.outdir:q} > {log} 2>&1"
 
 
@@ -55,14 +70,14 @@ rule fault_trial:
     """One fault trial, always from an empty run folder (its record is of its own fault)."""
     input:
         tokens=TOKENS_DONE,
-        reference=f"{RUNS}/faults/{{strategy}}/reference/run.json",
+        reference=lambda wc: f"{RUNS}/faults/{wc.strategy}/{fault_reference(wc.kind)}/run.json",
     output:
         run=f"{RUNS}/faults/{{strategy}}/{{kind}}/trial={{trial}}/run.json",
     log:
         "logs/faults/{strategy}/{kind}/trial={trial}.log",
     wildcard_constraints:
         strategy=FAULT_STRATEGY,
-        kind=r"kill_attention|kill_moe|kill_attention_k\d+|stop|kill_checkpoint",
+        kind=r"kill_attention|kill_moe|kill_attention_k\d+|stop|kill_checkpoint|kill_moe_decode",
         trial=r"\d+",
     threads: lambda wc: WORLD[wc.strategy]
     params:
@@ -70,12 +85,13 @@ rule fault_trial:
             fault_overrides(wc.strategy)
             + trial_overrides(wc.kind, wc.trial, os.path.abspath(os.path.dirname(input.reference)))
         ),
+        command=lambda wc: fault_command(wc.kind),
         outdir=lambda wc, output: os.path.dirname(output.run),
         env=lambda wc: local_threads_env(WORLD[wc.strategy]),
     conda:
         CONDA_ENV
     shell:
-        "rm -rf {params.outdir:q} && {params.env}masep train {params.args} --experiment faults "
+        "rm -rf {params.outdir:q} && {params.env}masep {params.command} {params.args} --experiment faults "
         "--out {params.outdir:q} > {log} 2>&1"
 
 

@@ -315,9 +315,9 @@ class MASepRank(Strategy):
         expert's capacity as on one rank (as ep_dp decodes)."""
         return self.R if batch % self.R == 0 and self.cfg.model.capacity_factor is None else 1
 
-    def generate(self, prompt: torch.Tensor, new_tokens: int) -> Generation:
+    def generate(self, prompt: torch.Tensor, new_tokens: int, on_token=None) -> Generation:
         with self.head_split.whole(self.head_weight()) if self.head_split is not None else nullcontext():
-            gen = super().generate(prompt, new_tokens)
+            gen = super().generate(prompt, new_tokens, on_token)
         # Every rank reports the times where the tokens reach a client: at rank 0, head shard 0
         # of replica 0.
         seen = torch.tensor([gen.prefill_s] + gen.token_s, dtype=torch.float64, device=self.device)

@@ -60,4 +60,5 @@ SELECT r.strategy, i.context_len, i.run_id,
        median(i.tokens_per_s) FILTER (WHERE i.rank = 0) AS tokens_per_s,
        count(*) FILTER (WHERE i.rank = 0)               AS samples
 FROM inference i JOIN runs r USING (run_id)
+WHERE r.experiment <> 'faults'  -- a decoding fault trial's TPOT includes its restart
 GROUP BY ALL;
