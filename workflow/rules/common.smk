@@ -7,7 +7,7 @@ import shlex
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
-from masep.config import ConfigError, load_config, parse_number
+from masep.config import DECODE_FAULT_KINDS, ConfigError, load_config, parse_number
 from masep.data.c4 import shard_path
 from masep.parallel.layout import make_layout
 
@@ -60,6 +60,21 @@ def strategy_overrides(strategy):
         f"parallel.strategy={strategy}",
         f"parallel.world_size={WORLD[strategy]}",
     ] + list(config["overrides"].get(strategy, []))
+
+
+def fault_overrides(strategy):
+    """A strategy's overrides, then the fault runs' (`faults.set`, `faults.overrides`)."""
+    return strategy_overrides(strategy) + config["faults"]["set"] + list(config["faults"].get("overrides", {}).get(strategy, []))
+
+
+def fault_reference(kind):
+    """The uninterrupted run a fault kind's trials compare with."""
+    return "reference_decode" if kind in DECODE_FAULT_KINDS else "reference"
+
+
+def fault_command(kind):
+    """The masep command of a fault run: decoding kinds and their reference decode, the rest train."""
+    return "infer" if kind in DECODE_FAULT_KINDS or kind == "reference_decode" else "train"
 
 
 def variant_overrides(variant):

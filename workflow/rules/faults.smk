@@ -9,7 +9,6 @@
 # `faults.overrides` gives one strategy's fault runs their own settings (ma_sep: ma.failover, so
 # a lost attention rank is recovered in the job and any other loss by the restart).
 
-from masep.config import DECODE_FAULT_KINDS
 from masep.faults import trial_overrides, workflow_kinds
 
 FAULTS = config["faults"]
@@ -19,11 +18,6 @@ for _strategy in FAULTS["strategies"]:
 FAULT_STRATEGY = "|".join(re.escape(s) for s in FAULTS["strategies"]) or "^$"
 
 
-def fault_overrides(strategy):
-    """A strategy's overrides, then the fault runs' (`faults.set`, `faults.overrides`)."""
-    return strategy_overrides(strategy) + FAULTS["set"] + list(FAULTS.get("overrides", {}).get(strategy, []))
-
-
 FAULT_RUNS = [
     f"{RUNS}/faults/{strategy}/{kind}/trial={trial}/run.json"
     for strategy in FAULTS["strategies"]
@@ -31,15 +25,6 @@ FAULT_RUNS = [
                                FAULTS.get("kinds_by_strategy", {}).get(strategy, FAULTS["kinds"]))
     for trial in range(FAULTS["trials"])
 ]
-
-
-def fault_reference(kind):
-    return "reference_decode" if kind in DECODE_FAULT_KINDS else "reference"
-
-
-def fault_command(kind):
-    """The masep command of a fault run: decoding kinds and their reference decode, the rest train."""
-    return "infer" if kind in DECODE_FAULT_KINDS or kind == "reference_decode" else "train"
 
 
 rule fault_reference:

@@ -29,7 +29,7 @@ rule collect:
         # the runs root: <runs>/train/<strategy>/ws=<n>/seed=<k>/run.json
         runs=lambda wc, input: str(Path(input[0]).parents[4]),
         db=DB,
-        peer=" ".join(shlex.quote(f) for f in PEER_FILES),
+        peer=lambda wc, input: " ".join(shlex.quote(f) for f in input.peer),
     conda:
         CONDA_ENV
     shell:
