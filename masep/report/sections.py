@@ -1,7 +1,8 @@
 """The report's study sections, one per subject, each built from the paper-shaped views
 (masep/results/sql/63_paper_tables.sql and later): every row of the paper beside our
 measurement and their ratio, or "not measured here: <reason>" where the database holds NULL;
-a figure (SVG and PNG under figures/) where something was measured; the runs a section used,
+a figure (SVG and PNG under figures/, always written: masep.report.FIGURES; the page shows it
+where something was measured); the runs a section used,
 their data source, and a warning where they ran on CPU ranks (not comparable with the paper's
 16-GPU figures).
 
@@ -146,7 +147,7 @@ class Section:
         return "", []
 
     def figure(self, con, rows: list[dict]) -> tuple[Figure, int] | None:
-        return claims_figure(rows, self.title) if rows else None
+        return claims_figure(rows, self.title)
 
     def metrics(self, con, rows: list[dict]) -> list[str]:
         return sorted({r["metric"] for r in rows if r["metric"]})
@@ -158,11 +159,9 @@ class Section:
         fig = self.figure(con, rows)
         if fig is not None:
             fig, points = fig
-            if points:
-                written += save_figure(fig, figdir, self.key)
-                parts.append(img_html(self.key, self.title, points))
-            else:
-                parts.append(f"<p class='nm'>No figure: {NOT_HERE} (no measured value).</p>")
+            written += save_figure(fig, figdir, self.key)
+            parts.append(img_html(self.key, self.title, points) if points
+                         else f"<p class='nm'>No figure: {NOT_HERE} (no measured value).</p>")
         if self.view:
             parts.append(claims_html(rows) if rows or _exists(con, self.view)
                          else f"<p class='nm'>{NOT_HERE}: the database has no view {self.view} (rebuild it with "
@@ -264,10 +263,10 @@ class ScalingSection(Section):
         parts = [self.findings(rows)]
         written: list[Path] = []
         cost = self.cost_rows(con)
+        fig, points = cost_figure(cost)
+        written += save_figure(fig, figdir, "cost_model")
         if cost:
-            fig, points = cost_figure(cost)
             if points:
-                written += save_figure(fig, figdir, "cost_model")
                 parts.append("<h3>Cost model</h3>\n<p>Predicted step time (compute + alpha-beta communication - "
                              "overlap; <code>masep/results/cost_model.py</code>) beside the measured one where both "
                              "exist; beyond the machines we ran on, predicted only.</p>")
@@ -305,6 +304,9 @@ class ScalingSection(Section):
 
 def cost_figure(cost: list[dict]) -> tuple[Figure, int]:
     fig = Figure(figsize=(10, 4.2), layout="constrained")
+    if not cost:
+        _no_data(fig.add_subplot(), "cost model")
+        return fig, 0
     hardware = sorted({r["hardware"] for r in cost})
     axes = fig.subplots(1, len(hardware), squeeze=False)[0]
     colors = _strategy_colors(sorted({r["strategy"] for r in cost}))
@@ -370,8 +372,8 @@ class ExpertSection(Section):
     def render(self, con, figdir):
         body, files = super().render(con, figdir)
         fig, points = claims_figure(self.claim_rows(con), self.title)
+        files += save_figure(fig, figdir, f"{self.key}_metrics")
         if points:
-            files += save_figure(fig, figdir, f"{self.key}_metrics")
             body = body.replace("</section>", img_html(f"{self.key}_metrics", self.title, points) + "\n</section>")
         return body, files
 

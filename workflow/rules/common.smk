@@ -9,6 +9,7 @@ from snakemake.utils import validate
 from masep.config import ConfigError, load_config, parse_number
 from masep.data.c4 import shard_path
 from masep.parallel.layout import make_layout
+from masep.report import FIGURES, SECTION_FIGURES
 
 
 def normalize_cli_config(cfg):
@@ -188,7 +189,6 @@ COLLECTED = "results/collect.txt"
 # Software of every rule (for the linter and --software-deployment-method conda; see environment.yml).
 CONDA_ENV = "../../environment.yml"
 REPORTS = "reports"
-FIGURES = ["loss_curves", "throughput", "tpot"]
 
 SHARD_IDS = [f"{i:05d}" for i in SHARDS]
 # Marker of "every shard of this config is tokenized", named by the shard set so that studies
