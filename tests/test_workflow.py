@@ -47,9 +47,14 @@ def test_dry_run_of_the_embedded_default(project):
     out = snakemake(project, "-n", "-p")
     # every strategy trains once and decodes twice (infer_repeats 2; infer_jobs: per_strategy ->
     # ctx=all); the scaling sweep; the paper variant of ma_sep; fault trials against references
-    assert job_counts(out) == {"tokenize": 1, "tokenize_all": 1, "train": 21, "train_variant": 1, "infer": 12,
-                               "collect": 1, "report": 1, "all": 1, "total": 39}
+    assert job_counts(out) == {"tokenize": 1, "tokenize_all": 1, "train": 25, "train_variant": 1, "infer": 12,
+                               "collect": 1, "report": 1, "all": 1, "total": 43}
     cmds = shell_commands(out)
+    # the sweep: at least three sizes per parallel strategy; single is every speedup's 1-rank reference
+    swept = re.findall(r"--out results/runs/scaling/(\w+)/ws=(\d+)/", "\n".join(cmds))
+    assert {s: sorted(int(w) for t, w in swept if t == s) for s, _ in swept} == {
+        "single": [1], "tp": [1, 2, 3, 4], "pp": [1, 2, 3, 4], "tp_pp": [1, 2, 3, 4], "ep_dp": [1, 2, 4],
+        "ma_sep": [2, 3, 4]}
     train = sorted(c for c in cmds if " masep train " in c and "results/runs/train/" in c)
     assert len(train) == 6
     single = [c for c in train if "parallel.strategy=single" in c]
