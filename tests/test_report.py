@@ -79,6 +79,7 @@ def test_empty_and_partial_databases_render(tmp_path):
     assert _files(tmp_path / "empty") == ALL_FILES
     page = (tmp_path / "empty" / "index.html").read_text()
     assert "figures/cost_model.svg" in page and "figures/performance.svg" not in page
+    assert "Cost model error on measured runs (predicted vs measured step time): not measured here: " in page
     assert "0 training run(s), 0 inference run(s)" in page and "not measured" in page
     assert "training loss: not measured" in (tmp_path / "empty/figures/loss_curves.svg").read_text() or \
         "not measured" in page

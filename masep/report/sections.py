@@ -268,13 +268,25 @@ class ScalingSection(Section):
         if cost:
             if points:
                 parts.append("<h3>Cost model</h3>\n<p>Predicted step time (compute + alpha-beta communication - "
-                             "overlap; <code>masep/results/cost_model.py</code>) beside the measured one where both "
+                             "overlap; <code>masep/results/sql/64_cost_model.sql</code>) beside the measured one where both "
                              "exist; beyond the machines we ran on, predicted only.</p>")
                 parts.append(img_html("cost_model", "cost model", points))
+            parts.append(self.cost_error(cost))
             parts.append(_html_table(Table(list(cost[0]), [tuple(r.values()) for r in cost])))
         else:
             parts.append(f"<p class='nm'>Cost model: {NOT_HERE} (the database has no cost_model view).</p>")
         return "\n".join(parts), written
+
+    @staticmethod
+    def cost_error(cost: list[dict]) -> str:
+        """The model's error on the runs it was fitted on, per hardware (error_pct of cost_model)."""
+        items = []
+        for hw in sorted({r["hardware"] for r in cost if r["error_pct"] is not None}):
+            errs = [abs(r["error_pct"]) for r in cost if r["hardware"] == hw and r["error_pct"] is not None]
+            items.append(f"{hw}: mean |error| {sum(errs) / len(errs):.1f}% over {len(errs)} measured run(s), "
+                         f"largest {max(errs):.1f}%")
+        return ("<p>Cost model error on measured runs (predicted vs measured step time): "
+                + html.escape("; ".join(items) or f"{NOT_HERE}: no measured run in the model") + ".</p>")
 
     @staticmethod
     def findings(rows: list[dict]) -> str:
