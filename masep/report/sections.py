@@ -88,6 +88,7 @@ def claims_figure(rows: list[dict], title: str) -> tuple[Figure, int]:
     cols = min(3, max(n, 1))
     fig = Figure(figsize=(3.6 * cols, 2.9 * max(1, -(-n // cols))), layout="constrained")
     if not metrics:
+        fig.set_size_inches(7.2, 2.9)  # room for the section's title in one line
         _no_data(fig.add_subplot(), title)
         return fig, 0
     colors = _strategy_colors(sorted({r["strategy"] for r in rows if r["strategy"]}))
