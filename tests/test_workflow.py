@@ -131,7 +131,7 @@ def test_slurm_profile(project):
     block = re.search(r"rule train:(.*?)Shell command", out.stdout + out.stderr, flags=re.S)[1]
     assert "threads:" not in block  # Snakemake prints threads only when more than one
     # the same profile by path
-    assert job_counts(snakemake(project, "-n", "--profile", "profiles/slurm"))["train"] == 21
+    assert job_counts(snakemake(project, "-n", "--profile", "profiles/slurm"))["train"] == 22
 
 
 def test_lint_is_clean(project):
