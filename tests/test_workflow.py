@@ -47,9 +47,13 @@ def test_dry_run_of_the_embedded_default(project):
     out = snakemake(project, "-n", "-p")
     # every strategy trains once and decodes twice (infer_repeats 2; infer_jobs: per_strategy ->
     # ctx=all); the scaling sweep; the paper variant of ma_sep; fault trials against references
-    assert job_counts(out) == {"tokenize": 1, "tokenize_all": 1, "train": 21, "train_variant": 1, "infer": 12,
-                               "collect": 1, "report": 1, "all": 1, "total": 39}
+    assert job_counts(out) == {"tokenize": 1, "tokenize_all": 1, "train": 22, "train_variant": 1, "infer": 12,
+                               "collect": 1, "report": 1, "all": 1, "total": 40}
     cmds = shell_commands(out)
+    # the sweep: three sizes per parallel strategy (ma_sep's own list adds 3 ranks); single at 1 only
+    swept = re.findall(r"--out results/runs/scaling/(\w+)/ws=(\d+)/", "\n".join(cmds))
+    assert {s: sorted(int(w) for t, w in swept if t == s) for s, _ in swept} == {
+        "single": [1], "tp": [1, 2, 4], "pp": [1, 2, 4], "tp_pp": [1, 2, 4], "ep_dp": [1, 2, 4], "ma_sep": [2, 3, 4]}
     train = sorted(c for c in cmds if " masep train " in c and "results/runs/train/" in c)
     assert len(train) == 6
     single = [c for c in train if "parallel.strategy=single" in c]
@@ -129,7 +133,7 @@ def test_slurm_profile(project):
     block = re.search(r"rule train:(.*?)Shell command", out.stdout + out.stderr, flags=re.S)[1]
     assert "threads:" not in block  # Snakemake prints threads only when more than one
     # the same profile by path
-    assert job_counts(snakemake(project, "-n", "--profile", "profiles/slurm"))["train"] == 21
+    assert job_counts(snakemake(project, "-n", "--profile", "profiles/slurm"))["train"] == 22
 
 
 def test_lint_is_clean(project):
@@ -161,6 +165,7 @@ def test_bad_config_fails_the_dry_run_naming_the_key(project, config, named):
     ({"shards": "0-"}, "shards"),
     ({"context_lengths": []}, "context_lengths"),
     ({"fresh": "yes"}, "fresh"),
+    ({"scaling_world_sizes": {"magic": [2]}}, "scaling_world_sizes"),
 ])
 def test_schema_names_the_bad_key(change, named):
     from snakemake.exceptions import WorkflowError

@@ -2,7 +2,8 @@
 benchmark runs), and nothing else.
 
 Writes `<out>/index.html` and, under `<out>/figures/`, one PNG and one SVG per figure: loss
-curves per strategy, training throughput per strategy, TPOT by context length. Each figure has
+curves per strategy, training throughput per strategy, TPOT by context length, and the study
+sections' (`masep.report.FIGURES` names them all). Each figure has
 a table of the numbers it plots. A value the database does not hold is shown as "not
 measured", never as zero; an empty or partial database still renders (a figure without data
 says so). Every file is written to a temporary name beside it and renamed into place.

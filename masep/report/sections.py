@@ -1,7 +1,8 @@
 """The report's study sections, one per subject, each built from the paper-shaped views
 (masep/results/sql/63_paper_tables.sql and later): every row of the paper beside our
 measurement and their ratio, or "not measured here: <reason>" where the database holds NULL;
-a figure (SVG and PNG under figures/) where something was measured; the runs a section used,
+a figure (SVG and PNG under figures/, always written: masep.report.FIGURES; the page shows it
+where something was measured); the runs a section used,
 their data source, and a warning where they ran on CPU ranks (not comparable with the paper's
 16-GPU figures).
 
@@ -88,6 +89,7 @@ def claims_figure(rows: list[dict], title: str) -> tuple[Figure, int]:
     cols = min(3, max(n, 1))
     fig = Figure(figsize=(3.6 * cols, 2.9 * max(1, -(-n // cols))), layout="constrained")
     if not metrics:
+        fig.set_size_inches(7.2, 2.9)  # room for the section's title in one line
         _no_data(fig.add_subplot(), title)
         return fig, 0
     colors = _strategy_colors(sorted({r["strategy"] for r in rows if r["strategy"]}))
@@ -147,7 +149,7 @@ class Section:
         return "", []
 
     def figure(self, con, rows: list[dict]) -> tuple[Figure, int] | None:
-        return claims_figure(rows, self.title) if rows else None
+        return claims_figure(rows, self.title)
 
     def metrics(self, con, rows: list[dict]) -> list[str]:
         return sorted({r["metric"] for r in rows if r["metric"]})
@@ -159,11 +161,9 @@ class Section:
         fig = self.figure(con, rows)
         if fig is not None:
             fig, points = fig
-            if points:
-                written += save_figure(fig, figdir, self.key)
-                parts.append(img_html(self.key, self.title, points))
-            else:
-                parts.append(f"<p class='nm'>No figure: {NOT_HERE} (no measured value).</p>")
+            written += save_figure(fig, figdir, self.key)
+            parts.append(img_html(self.key, self.title, points) if points
+                         else f"<p class='nm'>No figure: {NOT_HERE} (no measured value).</p>")
         if self.view:
             parts.append(claims_html(rows) if rows or _exists(con, self.view)
                          else f"<p class='nm'>{NOT_HERE}: the database has no view {self.view} (rebuild it with "
@@ -297,18 +297,30 @@ class ScalingSection(Section):
         parts = [self.findings(rows)]
         written: list[Path] = []
         cost = self.cost_rows(con)
+        fig, points = cost_figure(cost)
+        written += save_figure(fig, figdir, "cost_model")
         if cost:
-            fig, points = cost_figure(cost)
             if points:
-                written += save_figure(fig, figdir, "cost_model")
                 parts.append("<h3>Cost model</h3>\n<p>Predicted step time (compute + alpha-beta communication - "
-                             "overlap; <code>masep/results/cost_model.py</code>) beside the measured one where both "
+                             "overlap; <code>masep/results/sql/64_cost_model.sql</code>) beside the measured one where both "
                              "exist; beyond the machines we ran on, predicted only.</p>")
                 parts.append(img_html("cost_model", "cost model", points))
+            parts.append(self.cost_error(cost))
             parts.append(_html_table(Table(list(cost[0]), [tuple(r.values()) for r in cost])))
         else:
             parts.append(f"<p class='nm'>Cost model: {NOT_HERE} (the database has no cost_model view).</p>")
         return "\n".join(parts), written
+
+    @staticmethod
+    def cost_error(cost: list[dict]) -> str:
+        """The model's error on the runs it was fitted on, per hardware (error_pct of cost_model)."""
+        items = []
+        for hw in sorted({r["hardware"] for r in cost if r["error_pct"] is not None}):
+            errs = [abs(r["error_pct"]) for r in cost if r["hardware"] == hw and r["error_pct"] is not None]
+            items.append(f"{hw}: mean |error| {sum(errs) / len(errs):.1f}% over {len(errs)} measured run(s), "
+                         f"largest {max(errs):.1f}%")
+        return ("<p>Cost model error on measured runs (predicted vs measured step time): "
+                + html.escape("; ".join(items) or f"{NOT_HERE}: no measured run in the model") + ".</p>")
 
     @staticmethod
     def findings(rows: list[dict]) -> str:
@@ -338,6 +350,9 @@ class ScalingSection(Section):
 
 def cost_figure(cost: list[dict]) -> tuple[Figure, int]:
     fig = Figure(figsize=(10, 4.2), layout="constrained")
+    if not cost:
+        _no_data(fig.add_subplot(), "cost model")
+        return fig, 0
     hardware = sorted({r["hardware"] for r in cost})
     axes = fig.subplots(1, len(hardware), squeeze=False)[0]
     colors = _strategy_colors(sorted({r["strategy"] for r in cost}))
@@ -403,8 +418,8 @@ class ExpertSection(Section):
     def render(self, con, figdir):
         body, files = super().render(con, figdir)
         fig, points = claims_figure(self.claim_rows(con), self.title)
+        files += save_figure(fig, figdir, f"{self.key}_metrics")
         if points:
-            files += save_figure(fig, figdir, f"{self.key}_metrics")
             body = body.replace("</section>", img_html(f"{self.key}_metrics", self.title, points) + "\n</section>")
         return body, files
 

@@ -10,6 +10,7 @@ from snakemake.utils import validate
 from masep.config import DECODE_FAULT_KINDS, ConfigError, load_config, parse_number
 from masep.data.c4 import shard_path
 from masep.parallel.layout import make_layout
+from masep.report import FIGURES, SECTION_FIGURES
 
 
 def normalize_cli_config(cfg):
@@ -115,7 +116,9 @@ INFER_CTX = [str(c) for c in CONTEXTS] if config["infer_jobs"] == "per_context" 
 # infer_repeats times each: the repeats of repeat_stats' TPOT rows.
 INFER_SEEDS = list(config.get("infer_seeds") or SEEDS)
 INFER_REPEATS = list(range(config["infer_repeats"]))
-SCALING_WS = list(config["scaling_world_sizes"])
+# The sweep's sizes per strategy: scaling_world_sizes, one list for every strategy or a list per strategy.
+SCALING_WS = {s: list(config["scaling_world_sizes"].get(s, []) if isinstance(config["scaling_world_sizes"], dict)
+                      else config["scaling_world_sizes"]) for s in STRATEGIES}
 SCALING_SET = list(config["scaling_set"])
 COMMON_SET = list(config["set"]) + [f"launch.executor={config['executor']}"] + [
     f"launch.{k}={json.dumps(v)}" for k, v in sorted(config["launch"].items())
@@ -186,7 +189,7 @@ def check_masep_configs():
                                     + [f"infer.context_lengths={json.dumps(CONTEXTS)}"]))
         except ConfigError as e:
             raise WorkflowError(f"masep config of strategy {strategy}: {e}")
-        for ws in SCALING_WS:
+        for ws in SCALING_WS[strategy]:
             try:
                 over = scaled_overrides(strategy, ws)
                 if over is not None:
@@ -211,7 +214,6 @@ COLLECTED = "results/collect.txt"
 # Software of every rule (for the linter and --software-deployment-method conda; see environment.yml).
 CONDA_ENV = "../../environment.yml"
 REPORTS = "reports"
-FIGURES = ["loss_curves", "throughput", "tpot"]
 
 SHARD_IDS = [f"{i:05d}" for i in SHARDS]
 # Marker of "every shard of this config is tokenized", named by the shard set so that studies
@@ -228,7 +230,7 @@ INFER_RUNS = [f"{RUNS}/infer/{s}/ws={WORLD[s]}/seed={k}/rep={r}/ctx={c}/run.json
 SCALING_RUNS = [
     f"{RUNS}/train/{s}/ws={ws}/seed={SEEDS[0]}/run.json" if ws == WORLD[s] and not SCALING_SET
     else f"{RUNS}/scaling/{s}/ws={ws}/seed={SEEDS[0]}/run.json"
-    for s in STRATEGIES for ws in SCALING_WS if scaled_overrides(s, ws) is not None
+    for s in STRATEGIES for ws in SCALING_WS[s] if scaled_overrides(s, ws) is not None
 ]
 
 VARIANT_RUNS = expand(f"{RUNS}/ablation/{{variant}}/seed={{seed}}/run.json", variant=VARIANTS, seed=SEEDS)

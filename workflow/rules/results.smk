@@ -43,7 +43,13 @@ rule report:
         bench=BENCH_FILES,
     output:
         index=f"{REPORTS}/index.html",
+        # every figure masep report writes, so that a missing one renders the report again
         png=expand(f"{REPORTS}/figures/{{name}}.png", name=FIGURES),
+        sections=report(
+            expand(f"{REPORTS}/figures/{{name}}.svg", name=SECTION_FIGURES),
+            caption="../report/sections.rst",
+            category="Study sections",
+        ),
         loss_curves=report(
             f"{REPORTS}/figures/loss_curves.svg",
             caption="../report/loss_curves.rst",
