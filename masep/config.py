@@ -21,9 +21,17 @@ import yaml
 from masep.errors import ExpectedError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
-# libyaml's parser where PyYAML was built with it: the same YAML, ~10x faster (a workflow dry-run
-# resolves thousands of overrides, e.g. the paper's 1,024-shard list).
-SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+def yaml_load(text: str):
+    """YAML through libyaml's parser where PyYAML has it (~10x faster: a workflow dry-run resolves
+    thousands of overrides, e.g. the paper's 1,024-shard list); invalid YAML is parsed again by
+    the pure-Python parser, so its error message is the same on every machine."""
+    try:
+        return yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    except yaml.YAMLError:
+        return yaml.safe_load(text)
+
 
 STRATEGIES = ("single", "tp", "pp", "tp_pp", "ep_dp", "ma_sep")
 
@@ -310,7 +318,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 
 @functools.cache  # the same overrides (e.g. the paper's 1,024-shard list) recur in every job's config
 def _yaml_value(raw: str) -> Any:
-    return yaml.load(raw, Loader=SAFE_LOADER)
+    return yaml_load(raw)
 
 
 def _nest(path: list[str], value: Any) -> dict:
@@ -339,7 +347,7 @@ def load_yaml_chain(path: Path, seen: tuple = ()) -> list[dict]:
     if path in seen:
         raise ConfigError(f"base: cycle through {path}")
     try:
-        data = yaml.load(path.read_text(), Loader=SAFE_LOADER) or {}
+        data = yaml_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
