@@ -30,9 +30,14 @@ def study(tmp_path) -> Path:
 
 
 def _tables(db: Path) -> dict:
+    """Every table's rows; floats to 12 significant digits, since DuckDB's parallel aggregates
+    (stddev, avg) may add in another order and differ in the last bit from one collect to the next."""
+    def cell(v):
+        return float(f"{v:.12g}") if isinstance(v, float) else v
+
     with duckdb.connect(str(db), read_only=True) as con:
         names = [n for (n,) in con.execute("SELECT table_name FROM duckdb_tables() ORDER BY 1").fetchall()]
-        return {n: con.execute(f'SELECT * FROM "{n}"').fetchall() for n in names}
+        return {n: [tuple(map(cell, row)) for row in con.execute(f'SELECT * FROM "{n}"').fetchall()] for n in names}
 
 
 def test_collect_loads_complete_runs_only(study, tmp_path):
