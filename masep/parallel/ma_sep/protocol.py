@@ -79,6 +79,8 @@ block (zeros elsewhere), and the sum of the answers is every row's output.
 """
 from __future__ import annotations
 
+from abc import abstractmethod
+
 import pickle
 import time
 from contextlib import nullcontext
@@ -196,9 +198,9 @@ class MASepRank(Strategy):
         self.head_split = HeadSplit(cfg.ma, mc.vocab_size, layout, self.device, cfg.train.seed) \
             if cfg.ma.head_split else None
 
+    @abstractmethod
     def head_weight(self) -> torch.nn.Parameter:
         """The output head's weight as this rank holds it (with `ma.head_split`)."""
-        raise NotImplementedError
 
     def forward_backward(self, batch):
         if self.head_split is None:
