@@ -54,7 +54,7 @@ import time
 from pathlib import Path
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import submitit
 from submitit.helpers import Checkpointable, DelayedSubmission
@@ -523,15 +523,17 @@ def _sigterm_interrupts():
 
 
 def launch(entry: Callable[[], Any], cfg, world_size: int, job_name: str,
-           folder: str | Path, run_dir: str | Path | None = None, injector=None) -> list:
+           folder: str | Path, run_dirs: Sequence[str | Path] = (), injector=None) -> list:
     """Run `entry()` once in each of `world_size` tasks of one job; return their results by rank.
-    With `run_dir`, the job holds that folder's lock while it runs. A rank lost while the job
+    The job holds the lock of each of `run_dirs` (the run folders it writes) while it runs. A rank lost while the job
     runs ends it (under `ma.failover` a lost ma_sep attention rank does not: the others regroup);
     up to `cfg.launch.max_restarts` times a new job of `entry` (resume=True) then continues from
     the newest checkpoint. `injector` (masep.faults.Injector) watches
     each job and hears of each loss."""
     lc = cfg.launch
-    with (run_lock(run_dir, lc.executor) if run_dir is not None else contextlib.nullcontext(None)) as record:
+    with contextlib.ExitStack() as locks:
+        records = [locks.enter_context(run_lock(d, lc.executor)) for d in run_dirs]
+        record = lambda job_id: [r(job_id) for r in records]  # noqa: E731
         try:
             ex = make_executor(lc, world_size, job_name, folder)
         except LaunchError:
@@ -578,8 +580,7 @@ def _submit_and_wait(ex, entry, cfg, world_size: int, job_name: str, folder, rec
                 job = ex.submit(entry)
             except Exception as e:  # sbatch refused, submitit missing binaries, ...
                 raise LaunchError(f"{job_name}: submission to {lc.executor} failed: {e}") from e
-    if record is not None:
-        record(job.job_id)
+    record(job.job_id)
     print(f"masep launch: {job_name}: submitted {_describe(job)} with {world_size} task(s) "
           f"on {lc.executor}; logs in {Path(folder).resolve()}", flush=True)
     if injector is not None:

@@ -345,7 +345,7 @@ def test_9_no_slurm_is_one_line(tmp_path):
         pytest.skip("SLURM is installed here")
     cfg = load_config("tiny", ["launch.executor=slurm", f"launch.log_dir={tmp_path}"])
     with pytest.raises(LaunchError) as e:
-        launch(lambda: None, cfg, 1, "job", tmp_path / "job", run_dir=tmp_path / "run")
+        launch(lambda: None, cfg, 1, "job", tmp_path / "job", run_dirs=[tmp_path / "run"])
     assert str(e.value).startswith("job: cannot start the slurm executor: Could not detect \"srun\"")
     assert "\n" not in str(e.value)
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from masep.data import shards
-from masep.data.batches import shard_dirs
+from masep.data.shards import shard_dirs
 from masep.data.shards import ShardError, fingerprint_file, shard_dir
 from helpers import flip_middle_byte
 

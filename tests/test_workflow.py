@@ -45,15 +45,16 @@ def shell_commands(out: subprocess.CompletedProcess) -> list[str]:
 
 def test_dry_run_of_the_embedded_default(project):
     out = snakemake(project, "-n", "-p")
-    # every strategy trains once and decodes twice (infer_repeats 2; infer_jobs: per_strategy ->
-    # ctx=all); the scaling sweep; the paper variant of ma_sep; fault trials against references
-    assert job_counts(out) == {"tokenize": 1, "tokenize_all": 1, "train": 22, "train_variant": 1, "infer": 12,
-                               "collect": 1, "report": 1, "all": 1, "total": 40}
+    # every strategy trains once and decodes twice in one job (infer_repeats 2; infer_jobs:
+    # per_strategy -> ctx=all); the scaling sweep; the paper variant of ma_sep
+    assert job_counts(out) == {"tokenize": 1, "tokenize_all": 1, "train": 16, "train_variant": 1, "infer": 6,
+                               "collect": 1, "report": 1, "all": 1, "total": 28}
     cmds = shell_commands(out)
-    # the sweep: three sizes per parallel strategy (ma_sep's own list adds 3 ranks); single at 1 only
+    # the sweep: three sizes per parallel strategy (ma_sep's own list adds 3 ranks), the training
+    # run at the training world size (4; single's 1)
     swept = re.findall(r"--out results/runs/scaling/(\w+)/ws=(\d+)/", "\n".join(cmds))
     assert {s: sorted(int(w) for t, w in swept if t == s) for s, _ in swept} == {
-        "single": [1], "tp": [1, 2, 4], "pp": [1, 2, 4], "tp_pp": [1, 2, 4], "ep_dp": [1, 2, 4], "ma_sep": [2, 3, 4]}
+        "tp": [1, 2], "pp": [1, 2], "tp_pp": [1, 2], "ep_dp": [1, 2], "ma_sep": [2, 3]}
     train = sorted(c for c in cmds if " masep train " in c and "results/runs/train/" in c)
     assert len(train) == 6
     single = [c for c in train if "parallel.strategy=single" in c]
@@ -74,9 +75,9 @@ def test_dry_run_of_the_embedded_default(project):
                                              "launch.max_restarts=1", "--experiment faults"))
     assert any("parallel.strategy=ma_sep parallel.world_size=4 " in c for c in train)
     infer = sorted(c for c in cmds if " masep infer " in c)
-    assert len(infer) == 12 and all("'infer.context_lengths=[512, 1024, 2048, 4096]'" in c for c in infer)
+    assert len(infer) == 6 and all("'infer.context_lengths=[512, 1024, 2048, 4096]'" in c for c in infer)
     assert any("--checkpoint results/runs/train/single/ws=1/seed=0 --out results/runs/infer/single/ws=1/seed=0/"
-               "rep=1/ctx=all" in c for c in infer)
+               "rep=0/ctx=all results/runs/infer/single/ws=1/seed=0/rep=1/ctx=all > " in c for c in infer)
     paper = [c for c in cmds if "--out results/runs/ablation/ma_sep+paper/seed=0 " in c]
     assert len(paper) == 1 and " --experiment ablation " in paper[0]
     assert " ma.rebalance_every=5 " in paper[0] and "ma.rebalance=true train.grad_compression=int8 " in paper[0]
@@ -110,8 +111,8 @@ def test_named_targets_and_cli_config(project):
     assert counts == {"tokenize": 1, "tokenize_all": 1, "train": 18, "train_all": 1, "total": 21}
     counts = job_counts(snakemake(project, "-n", "collect", "--config", "context_lengths=[512]",
                                   "strategies=[single]"))
-    assert counts == {"tokenize": 1, "tokenize_all": 1, "train": 2, "train_variant": 1, "infer": 2, "collect": 1,
-                      "total": 8}  # the embedded default's fault trials are not in the study (faults.study)
+    assert counts == {"tokenize": 1, "tokenize_all": 1, "train": 1, "train_variant": 1, "infer": 1, "collect": 1,
+                      "total": 6}  # the embedded default's fault trials are not in the study (faults.study)
     # the ablation: plain ma_sep and its variants
     counts = job_counts(snakemake(project, "-n", "ablation"))
     assert counts == {"tokenize": 1, "tokenize_all": 1, "train": 1, "train_variant": 3, "ablation": 1, "total": 7}
@@ -119,7 +120,11 @@ def test_named_targets_and_cli_config(project):
     out = snakemake(project, "-n", "-p", "results/runs/infer/single/ws=1/seed=0/rep=0/ctx=2048/run.json",
                     "--config", "fresh=true")
     assert job_counts(out) == {"tokenize": 1, "tokenize_all": 1, "train": 1, "infer": 1, "total": 4}
-    assert any(c.startswith("rm -rf results/runs/infer/single/ws=1/seed=0/rep=0/ctx=2048 && OMP_NUM_THREADS=4 "
+    assert any(c.startswith("rm -rf results/runs/infer/single/ws=1/seed=0/rep=0/ctx=2048 results/runs/infer/single/"
+                            "ws=1/seed=0/rep=1/ctx=2048 && OMP_NUM_THREADS=4 masep infer ") for c in shell_commands(out))
+    out = snakemake(project, "-n", "-p", "results/runs/infer/single/ws=1/seed=0/rep=1/ctx=2048/run.json",
+                    "--config", "fresh=true", "infer_jobs=per_context")  # the study's DAG: one job per repeat
+    assert any(c.startswith("rm -rf results/runs/infer/single/ws=1/seed=0/rep=1/ctx=2048 && OMP_NUM_THREADS=4 "
                             "masep infer ") for c in shell_commands(out))
 
 
@@ -234,14 +239,20 @@ def test_end_to_end_embedded_default(project):
         "set": ["data.max_docs=200", "train.steps=6", "train.eval_every=3", "train.checkpoint_every=3", "train.log_every=1",
                 "train.warmup_steps=1", "infer.new_tokens=4", "infer.warmup_tokens=1"],
         "strategies": ["single", "ma_sep"], "context_lengths": [32, 64], "scaling_world_sizes": [],
-        "infer_repeats": 1, "faults": {"strategies": [], "kinds": [], "trials": 0, "set": []},
+        "infer_repeats": 2, "faults": {"strategies": [], "kinds": [], "trials": 0, "set": []},
         "variants": {"ma_sep+paper": {"study": False}}}))  # the ablation has its own test
     out = snakemake(project, "--configfile", "short.yaml", timeout=900)
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
     with duckdb.connect(str(project / "results" / "masep.duckdb"), read_only=True) as con:
         assert con.execute("SELECT experiment, strategy, world_size, status FROM runs ORDER BY run_dir").fetchall() == [
-            ("infer", "ma_sep", 4, "completed"), ("infer", "single", 1, "completed"),
+            ("infer", "ma_sep", 4, "completed"), ("infer", "ma_sep", 4, "completed"),
+            ("infer", "single", 1, "completed"), ("infer", "single", 1, "completed"),
             ("train", "ma_sep", 4, "completed"), ("train", "single", 1, "completed")]
+        # the two repeats of a strategy: one job (one rank start-up), two runs; TPOT's n is 2
+        assert con.execute("SELECT strategy, count(DISTINCT run_id), count(DISTINCT run_json ->> 'job_id') FROM runs "
+                           "WHERE experiment = 'infer' GROUP BY 1 ORDER BY 1").fetchall() == [("ma_sep", 2, 1), ("single", 2, 1)]
+        assert con.execute("SELECT DISTINCT strategy, n FROM repeat_stats WHERE metric = 'tpot_ms' "
+                           "ORDER BY 1").fetchall() == [("ma_sep", 2), ("single", 2)]
         assert con.execute("SELECT strategy, count(*), count(DISTINCT step), count(DISTINCT rank), min(loss) > 0 "
                            "FROM steps JOIN runs USING (run_id) GROUP BY 1 ORDER BY 1").fetchall() == [
             ("ma_sep", 24, 6, 4, True), ("single", 6, 6, 1, True)]

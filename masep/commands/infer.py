@@ -8,33 +8,37 @@ from pathlib import Path
 from typing import Optional
 
 from masep.cli import add_config_arguments, add_strategy_arguments, config_from_args
-from masep.config import Config, config_from_dict
+from masep.config import Config, ConfigError, config_from_dict
 from masep.launch import RankEntry, launch
 from masep.parallel.layout import make_layout
 from masep.runtime.distributed import init_distributed, shutdown_distributed
-from masep.runtime.worker import infer_rank
 
 
 class InferEntry(RankEntry):
-    def __init__(self, cfg: Config, out_dir: str, checkpoint_run: Optional[str], experiment: str = "infer"):
-        self.cfg_dict, self.out_dir, self.checkpoint_run = cfg.to_dict(), str(out_dir), checkpoint_run
+    def __init__(self, cfg: Config, out_dirs: list[str], checkpoint_run: Optional[str], experiment: str = "infer"):
+        self.cfg_dict, self.out_dirs, self.checkpoint_run = cfg.to_dict(), list(out_dirs), checkpoint_run
         self.experiment = experiment
 
     def __call__(self):
+        from masep.runtime.worker import infer_rank  # torch: in the ranks, not in this launcher
+
         cfg = config_from_dict(self.cfg_dict)
         info = init_distributed(cfg.parallel.timeout_s)
         try:
-            return infer_rank(cfg, Path(self.out_dir), Path(self.checkpoint_run) if self.checkpoint_run else None,
+            return infer_rank(cfg, [Path(d) for d in self.out_dirs],
+                              Path(self.checkpoint_run) if self.checkpoint_run else None,
                               info, self.experiment, self.resume)
         finally:
             sys.stdout.flush()
-            shutdown_distributed()
+            shutdown_distributed(process_ends=cfg.launch.executor != "debug")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_config_arguments(p)
     add_strategy_arguments(p)
-    p.add_argument("--out", required=True, help="run folder, e.g. results/runs/infer/tp/ctx=512")
+    p.add_argument("--out", required=True, nargs="+",
+                   help="run folder, e.g. results/runs/infer/tp/ctx=512; several: one repeated decoding "
+                        "trial in each, in turn, by the same ranks (one rank start-up for all)")
     p.add_argument("--checkpoint", default=None,
                    help="training run folder whose latest checkpoint supplies the weights "
                         "(default: the paper's initial weights)")
@@ -43,7 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from masep.data.batches import shard_dirs
+    from masep.data.shards import shard_dirs
     from masep.runtime.checkpoint import CheckpointError, latest_checkpoint
 
     cfg = config_from_args(args)
@@ -53,16 +57,22 @@ def run(args: argparse.Namespace) -> int:
         raise CheckpointError(f"--checkpoint: no checkpoint under {args.checkpoint}/checkpoint; "
                               f"train that run first or name another run folder")
     shard_dirs(cfg)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    outs = [Path(d) for d in args.out]
+    if len(set(outs)) < len(outs):
+        raise ConfigError(f"--out: a run folder is named twice ({' '.join(args.out)}); name each trial's own")
+    for out in outs:
+        out.mkdir(parents=True, exist_ok=True)
     name = f"infer-{cfg.parallel.strategy}-" + "-".join(map(str, cfg.infer.context_lengths))
     injector = None
     if cfg.fault.kind != "none":
         from masep.faults import RECORD, Injector
 
-        (out / RECORD).unlink(missing_ok=True)  # a trial's record is of its own fault only
-        injector = Injector(cfg, layout, out, job="infer")
-    launch(InferEntry(cfg, str(out), args.checkpoint, args.experiment), cfg, layout.world_size, name,
-           Path(cfg.launch.log_dir) / name, run_dir=out, injector=injector)
-    print(f"{name}: done; {out / 'run.json'}")
+        if len(outs) > 1:
+            raise ConfigError(f"fault.kind={cfg.fault.kind}: a fault trial decodes into one run folder; "
+                              f"--out names {len(outs)}")
+        (outs[0] / RECORD).unlink(missing_ok=True)  # a trial's record is of its own fault only
+        injector = Injector(cfg, layout, outs[0], job="infer")
+    launch(InferEntry(cfg, [str(d) for d in outs], args.checkpoint, args.experiment), cfg, layout.world_size,
+           name, Path(cfg.launch.log_dir) / name, run_dirs=outs, injector=injector)
+    print(f"{name}: done; " + ", ".join(str(d / "run.json") for d in outs))
     return 0

@@ -10,7 +10,6 @@ from masep.config import Config, config_from_dict
 from masep.launch import RankEntry, launch
 from masep.parallel.layout import make_layout
 from masep.runtime.distributed import init_distributed, shutdown_distributed
-from masep.runtime.worker import train_rank
 
 
 class TrainEntry(RankEntry):
@@ -18,13 +17,15 @@ class TrainEntry(RankEntry):
         self.cfg_dict, self.out_dir, self.experiment = cfg.to_dict(), str(out_dir), experiment
 
     def __call__(self):
+        from masep.runtime.worker import train_rank  # torch: in the ranks, not in this launcher
+
         cfg = config_from_dict(self.cfg_dict)
         info = init_distributed(cfg.parallel.timeout_s)
         try:
             return train_rank(cfg, Path(self.out_dir), info, self.experiment)
         finally:
             sys.stdout.flush()
-            shutdown_distributed()
+            shutdown_distributed(process_ends=cfg.launch.executor != "debug")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -37,7 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from masep.data.batches import shard_dirs
+    from masep.data.shards import shard_dirs
 
     cfg = config_from_args(args)
     layout = make_layout(cfg)  # an impossible layout fails here, before any process starts
@@ -52,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
         (out / "faults.json").unlink(missing_ok=True)  # a trial's record is of its own fault only
         injector = Injector(cfg, layout, out)
     results = launch(TrainEntry(cfg, str(out), args.experiment), cfg, layout.world_size, name,
-                     Path(cfg.launch.log_dir) / name, run_dir=out, injector=injector)
+                     Path(cfg.launch.log_dir) / name, run_dirs=[out], injector=injector)
     final = next(r["final_loss"] for r in results if r is not None)  # None: a rank lost under ma.failover
     print(f"{name}: done, final loss {final:.4f}; {out / 'run.json'}")
     return 0

@@ -23,28 +23,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from masep.data.shards import ShardError, check_shard, check_source, data_config, shard_dir, shard_params, split_files
+from masep.data.shards import ShardError, split_files
 from masep.data.tokenizer import EOT_ID
-
-
-def shard_dirs(cfg, contents: bool = True) -> list[Path]:
-    """The token shards for `cfg.data`, each checked against its manifest and the config: sizes
-    and, with `contents`, sampled fingerprints (every byte with `data.verify_checksums`). Ranks
-    pass contents=False: their job checked the same files just before starting them, and
-    sampling every shard in every rank would make start-up grow with the number of shards."""
-    data = data_config(cfg)
-    out = []
-    for index in data.shards:
-        directory = shard_dir(data, index)
-        reason = check_shard(directory, shard_params(data, index), checksums=contents and data.verify_checksums,
-                             fingerprints=contents)
-        if reason is None and contents:  # the corpus file: the job checks it, ranks trust the job
-            reason = check_source(directory, data, index)
-        if reason is not None:
-            raise ShardError(f"{directory}: token shard {reason}; run `masep tokenize` with this "
-                             f"config first")
-        out.append(directory)
-    return out
 
 
 def _load_split(directory: Path, split: str) -> tuple[np.ndarray, np.ndarray]:

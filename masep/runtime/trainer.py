@@ -73,7 +73,9 @@ class Trainer:
         self.cfg, self.rank, self.device = cfg, rank, torch.device(device)
         self.layout = layout or make_layout(cfg)
         if cfg.train.deterministic:
-            torch.use_deterministic_algorithms(True, warn_only=True)
+            # The eager switch only (training is never compiled): torch.use_deterministic_algorithms
+            # also imports torch._inductor for its flag, a second of every rank's start-up.
+            torch._C._set_deterministic_algorithms(True, warn_only=True)
         torch.manual_seed(cfg.train.seed)
         # Built where it will run: on GPU every rank initialises the full model in seconds, and
         # each strategy keeps only its part (on CPU the same code path keeps tests exact).

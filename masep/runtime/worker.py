@@ -48,12 +48,16 @@ def _check_rows_before(path: Path, rows: list[dict], start: int) -> None:
 def cpu_threads(info: DistInfo) -> None:
     """Share the cores among this node's CPU ranks: oversubscribed intra-op thread pools
     make small CPU kernels hundreds of times slower. OMP_NUM_THREADS, where set (the workflow
-    gives every strategy the same budget through it), is kept."""
+    gives every strategy the same budget through it), is the number. Set through torch, which
+    also sets MKL's: Snakemake exports MKL_NUM_THREADS as the job's threads, and MKL's own pool
+    beside one rank per core made CPU steps 3-4x slower."""
     import os
 
-    if torch.device(info.device).type == "cpu" and not os.environ.get("OMP_NUM_THREADS"):
+    if torch.device(info.device).type == "cpu":
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        torch.set_num_threads(max(1, cores // max(info.local_world_size, 1)))
+        wanted = os.environ.get("OMP_NUM_THREADS", "")
+        torch.set_num_threads(int(wanted) if wanted.isdigit() and int(wanted) > 0
+                              else max(1, cores // max(info.local_world_size, 1)))
 
 
 def _barrier(group=None) -> None:
@@ -62,7 +66,8 @@ def _barrier(group=None) -> None:
 
 
 def _datasets(cfg: Config):
-    from masep.data.batches import TokenDataset, shard_dirs
+    from masep.data.batches import TokenDataset
+    from masep.data.shards import shard_dirs
 
     dirs = shard_dirs(cfg, contents=False)  # the job checked the contents before starting the ranks
     train = TokenDataset(dirs, "train", cfg.data.seq_len, cfg.data.packing)
@@ -274,16 +279,16 @@ def decode_rows(strategy, cfg: Config, run_id: str, rank: int, prompts) -> list[
     return [decode_row(strategy, cfg, run_id, rank, ctx, prompt)[0] for ctx, prompt in prompts]
 
 
-def infer_rank(cfg: Config, out_dir: Path, checkpoint_run: Optional[Path], info: DistInfo,
+def infer_rank(cfg: Config, out_dirs: list[Path], checkpoint_run: Optional[Path], info: DistInfo,
                experiment: str = "infer", resumed: bool = False) -> dict:
-    """Decode one request per context length. After each, every rank writes its inference rows,
-    then rank 0 records the request's tokens in `requests-rank0.parquet`: a restarted job
-    (`resumed`, after a lost rank) skips the requests recorded there and decodes the rest again,
-    the first of them (in flight when the job was lost) marked retried."""
-    out_dir = Path(out_dir)
-    rank, i = info.rank, cfg.infer
+    """Decode one request per context length into each of `out_dirs` in turn (repeated trials
+    of one job: one rank start-up and one checkpoint load for all). After each request, every
+    rank writes its inference rows, then rank 0 records the request's tokens in
+    `requests-rank0.parquet`: a restarted job (`resumed`, after a lost rank) skips the folders
+    finished (run.json) and the requests recorded, and decodes the rest again, the first of them
+    (in flight when the job was lost) marked retried."""
+    rank = info.rank
     cpu_threads(info)
-    started_at = w.now_iso()
     _, val_ds = _datasets(cfg)
     trainer = Trainer(cfg, rank, info.device)
     source = "initial weights (seed)"
@@ -293,6 +298,23 @@ def infer_rank(cfg: Config, out_dir: Path, checkpoint_run: Optional[Path], info:
             raise FileNotFoundError(f"no complete checkpoint under {checkpoint_run}/checkpoint")
         checkpoint.load(path, trainer.strategy, None, rank)
         source = str(path)
+    if rank == 0 and not resumed:  # run.json marks a trial of this job done (a restart skips it)
+        for out_dir in out_dirs:
+            (Path(out_dir) / "run.json").unlink(missing_ok=True)
+    strategy, rows = serving(trainer), 0
+    for out_dir in map(Path, out_dirs):
+        if resumed and (out_dir / "run.json").exists():
+            continue  # finished before the job was lost
+        rows += _decode_trial(cfg, strategy, val_ds, out_dir, source, info, experiment, resumed)
+        resumed = False  # the folders after it start afresh
+    return {"rank": rank, "rows": rows}
+
+
+def _decode_trial(cfg: Config, strategy, val_ds, out_dir: Path, source: str, info: DistInfo,
+                  experiment: str, resumed: bool) -> int:
+    """One decoding trial into `out_dir` (see `infer_rank`); the number of inference rows."""
+    rank, i = info.rank, cfg.infer
+    started_at = w.now_iso()
     run_id = run_id_of(out_dir)
     rows_path, requests_path = out_dir / f"inference-rank{rank}.parquet", out_dir / "requests-rank0.parquet"
     # Every rank reads rank 0's record before the first request's collectives: they agree on what is done.
@@ -305,7 +327,7 @@ def infer_rank(cfg: Config, out_dir: Path, checkpoint_run: Optional[Path], info:
     if done and rank == 0:
         print(f"resuming: {len(done)} of {len(i.context_lengths)} request(s) already decoded ({requests_path})",
               flush=True)
-    strategy, progress, retry = serving(trainer), DecodeProgress(cfg.fault.kind != "none"), resumed
+    progress, retry = DecodeProgress(cfg.fault.kind != "none"), resumed
     for n, ctx in enumerate(i.context_lengths):
         if n in done:
             continue
@@ -329,7 +351,8 @@ def infer_rank(cfg: Config, out_dir: Path, checkpoint_run: Optional[Path], info:
         w.atomic_write_json(out_dir / "run.json", run_record(
             cfg, out_dir, experiment, info, started_at, "completed",
             {"weights": source, "files": w.file_manifest(out_dir)}))
-    return {"rank": rank, "rows": len(rows)}
+    _barrier()  # the next trial starts after this one's record
+    return len(rows)
 
 
 def _first_token_at(mine: Optional[float]) -> Optional[float]:

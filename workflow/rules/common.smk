@@ -93,8 +93,8 @@ def local_threads_env(world_size):
     return f"OMP_NUM_THREADS={max(1, CPU_THREADS // world_size)} "
 
 
-def fresh_prefix(outdir):
-    return f"rm -rf {shlex.quote(outdir)} && " if config["fresh"] else ""
+def fresh_prefix(*outdirs):
+    return f"rm -rf {' '.join(map(shlex.quote, outdirs))} && " if config["fresh"] else ""
 
 
 normalize_cli_config(config)
@@ -108,9 +108,9 @@ WORLD = {s: config["world_size"].get(s, 1) for s in set(STRATEGIES) | {v["strate
 CPU_THREADS = max(WORLD.values())  # threads per local job: one per rank of the widest strategy
 SEEDS = list(config["seeds"])
 CONTEXTS = list(config["context_lengths"])
-# per_context: one inference job per strategy and context length (the study's DAG);
-# per_strategy: one job per strategy measuring every context length in turn (ctx=all), which
-# saves the rank start-up of all but one job on small machines.
+# per_context: one inference job per strategy, seed, repeat and context length (the study's DAG);
+# per_strategy: one job per strategy and seed decoding every context length (ctx=all) and every
+# repeat in turn, which saves the rank start-up of all but one job on small machines.
 INFER_CTX = [str(c) for c in CONTEXTS] if config["infer_jobs"] == "per_context" else ["all"]
 # Inference decodes with the weights of each of these training seeds (default: every seed),
 # infer_repeats times each: the repeats of repeat_stats' TPOT rows.
@@ -225,10 +225,17 @@ INFER_RUN = "infer/{strategy}/ws={ws}/seed={seed}/rep={rep}/ctx={ctx}"
 TRAIN_RUNS = [f"{RUNS}/train/{s}/ws={WORLD[s]}/seed={k}/run.json" for s in STRATEGIES for k in SEEDS]
 INFER_RUNS = [f"{RUNS}/infer/{s}/ws={WORLD[s]}/seed={k}/rep={r}/ctx={c}/run.json"
               for s in STRATEGIES for k in INFER_SEEDS for r in INFER_REPEATS for c in INFER_CTX]
+# What one infer job writes (see INFER_CTX): one repeat's run, or (per_strategy) every repeat's.
+INFER_JOB = (INFER_RUN if config["infer_jobs"] == "per_context"
+             else "infer/{strategy}/ws={ws}/seed={seed}/ctx={ctx}")
+INFER_JOB_RUNS = ([f"{RUNS}/{INFER_RUN}/run.json"] if config["infer_jobs"] == "per_context" else
+                  [f"{RUNS}/infer/{{strategy}}/ws={{ws}}/seed={{seed}}/rep={r}/ctx={{ctx}}/run.json"
+                   for r in INFER_REPEATS])
 # The scaling sweep: each strategy at each of scaling_world_sizes where it can run (first seed);
-# at its training world size, without scaling_set, the training run itself.
+# at its training world size the training run itself (throughput is a mean over steady steps, so
+# the sweep's shorter scaling_set would only measure that size again).
 SCALING_RUNS = [
-    f"{RUNS}/train/{s}/ws={ws}/seed={SEEDS[0]}/run.json" if ws == WORLD[s] and not SCALING_SET
+    f"{RUNS}/train/{s}/ws={ws}/seed={SEEDS[0]}/run.json" if ws == WORLD[s]
     else f"{RUNS}/scaling/{s}/ws={ws}/seed={SEEDS[0]}/run.json"
     for s in STRATEGIES for ws in SCALING_WS[s] if scaled_overrides(s, ws) is not None
 ]

@@ -1,12 +1,13 @@
 rule infer:
     """Decode at one context length (or, for ctx=all, at each in turn) with the weights of one
-    training seed; rep numbers the repeated trials (infer_repeats)."""
+    training seed; rep numbers the repeated trials (infer_repeats), one job each (per_context)
+    or all in one job (per_strategy)."""
     input:
         train=f"{RUNS}/train/{{strategy}}/ws={{ws}}/seed={{seed}}/run.json",
     output:
-        run=f"{RUNS}/{INFER_RUN}/run.json",
+        runs=INFER_JOB_RUNS,
     log:
-        f"logs/{INFER_RUN}.log",
+        f"logs/{INFER_JOB}.log",
     threads: lambda wc: int(wc.ws)
     params:
         args=lambda wc: masep_args(
@@ -14,14 +15,14 @@ rule infer:
             + [f"train.seed={wc.seed}", f"infer.context_lengths={json.dumps(infer_contexts(wc.ctx))}"]
         ),
         checkpoint=lambda wc, input: os.path.dirname(input.train),
-        outdir=lambda wc, output: os.path.dirname(output.run),
-        prefix=lambda wc, output: fresh_prefix(os.path.dirname(output.run))
+        outdirs=lambda wc, output: " ".join(shlex.quote(os.path.dirname(r)) for r in output.runs),
+        prefix=lambda wc, output: fresh_prefix(*(os.path.dirname(r) for r in output.runs))
         + local_threads_env(int(wc.ws)),
     conda:
         CONDA_ENV
     shell:
         "{params.prefix}masep infer {params.args} --checkpoint {params.checkpoint:q} "
-        "--out {params.outdir:q} > {log} 2>&1"
+        "--out {params.outdirs} > {log} 2>&1"
 
 
 rule infer_all:
