@@ -459,7 +459,12 @@ def _job_alive(info: dict) -> bool:
     if info.get("executor") == "slurm":
         out = subprocess.run(["squeue", "-h", "-j", str(job_id)], capture_output=True, text=True)
         return out.returncode == 0 and bool(out.stdout.strip())
-    return info.get("host") == socket.gethostname() and psutil.pid_exists(int(job_id))
+    if info.get("host") != socket.gethostname():
+        return False
+    try:  # a killed controller whose parent died too stays a zombie until init reaps it
+        return psutil.Process(int(job_id)).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 @contextlib.contextmanager

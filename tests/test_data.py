@@ -13,7 +13,8 @@ import pytest
 from masep import cli
 from masep.config import load_config
 from masep.data import tokenize as tok
-from masep.data.batches import TokenDataset, shard_dirs
+from masep.data.batches import TokenDataset
+from masep.data.shards import shard_dirs
 from masep.data.c4 import C4ReadError, load_c4_shard, shard_name, shard_path
 from masep.data.shards import ShardError, read_manifest, sha256_file, shard_dir
 from masep.data.tokenizer import EOT_ID, get_tokenizer

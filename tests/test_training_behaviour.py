@@ -70,7 +70,8 @@ def _steps(out: Path) -> list[dict]:
 @pytest.mark.slow  # three `masep train` processes (each starts a rank process): about a minute
 def test_masep_train_killed_after_a_checkpoint_resumes_with_the_same_data_and_losses(tmp_path):
     from masep.data import tokenize as tok
-    from masep.data.batches import TokenDataset, shard_dirs
+    from masep.data.batches import TokenDataset
+    from masep.data.shards import shard_dirs
     from masep.data.c4 import shard_name
     from masep.runtime.checkpoint import latest_checkpoint
     from masep.runtime.worker import batch_crc32
