@@ -414,7 +414,8 @@ def test_job_failing_inside_its_ranks_fails_the_rule_with_the_job_error(e2e, slu
     out = run.output
     assert run.returncode != 0, out[-4000:]
     assert re.findall(r"^Error in rule (\w+):", out, flags=re.M) == ["infer"]
-    [job_id] = submitted_job_ids(project / f"logs/{infer_run(strategy)}.log")
+    # per_strategy: one job decodes every repeat, its log named without the repeat
+    [job_id] = submitted_job_ids(project / f"logs/{infer_run(strategy).replace('/rep=0', '')}.log")
     # The job's own error, from its ranks' stderr, in Snakemake's log.
     assert f"job {job_id} (SLURM): rank " in out and " failed: " in out, out[-4000:]
     assert "cannot be read (EOFError)" in out, out[-4000:]
