@@ -51,15 +51,18 @@ def run(args: argparse.Namespace) -> int:
     from masep.runtime.checkpoint import CheckpointError, latest_checkpoint
 
     cfg = config_from_args(args)
+    outs = [Path(d) for d in args.out]
+    if len(set(outs)) < len(outs):
+        raise ConfigError(f"--out: a run folder is named twice ({' '.join(args.out)}); name each trial's own")
+    if cfg.fault.kind != "none" and len(outs) > 1:
+        raise ConfigError(f"fault.kind={cfg.fault.kind}: a fault trial decodes into one run folder; "
+                          f"--out names {len(outs)}")
     layout = make_layout(cfg)
     warn = lambda line: print(f"masep infer: {line}", file=sys.stderr)  # noqa: E731
     if args.checkpoint and latest_checkpoint(Path(args.checkpoint) / "checkpoint", warn) is None:
         raise CheckpointError(f"--checkpoint: no checkpoint under {args.checkpoint}/checkpoint; "
                               f"train that run first or name another run folder")
     shard_dirs(cfg)
-    outs = [Path(d) for d in args.out]
-    if len(set(outs)) < len(outs):
-        raise ConfigError(f"--out: a run folder is named twice ({' '.join(args.out)}); name each trial's own")
     for out in outs:
         out.mkdir(parents=True, exist_ok=True)
     name = f"infer-{cfg.parallel.strategy}-" + "-".join(map(str, cfg.infer.context_lengths))
@@ -67,9 +70,6 @@ def run(args: argparse.Namespace) -> int:
     if cfg.fault.kind != "none":
         from masep.faults import RECORD, Injector
 
-        if len(outs) > 1:
-            raise ConfigError(f"fault.kind={cfg.fault.kind}: a fault trial decodes into one run folder; "
-                              f"--out names {len(outs)}")
         (outs[0] / RECORD).unlink(missing_ok=True)  # a trial's record is of its own fault only
         injector = Injector(cfg, layout, outs[0], job="infer")
     launch(InferEntry(cfg, [str(d) for d in outs], args.checkpoint, args.experiment), cfg, layout.world_size,
