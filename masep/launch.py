@@ -532,10 +532,9 @@ def launch(entry: Callable[[], Any], cfg, world_size: int, job_name: str,
     """Run `entry()` once in each of `world_size` tasks of one job; return their results by rank.
     The job holds the lock of each of `run_dirs` (the run folders it writes) while it runs. A
     rank lost while the job runs ends it (under `ma.failover` a lost ma_sep attention rank does
-    not: the others regroup);
-    up to `cfg.launch.max_restarts` times a new job of `entry` (resume=True) then continues from
-    the newest checkpoint. `injector` (masep.faults.Injector) watches
-    each job and hears of each loss."""
+    not: the others regroup); up to `cfg.launch.max_restarts` times a new job of `entry`
+    (resume=True) then continues from the newest checkpoint. `injector` (masep.faults.Injector)
+    watches each job and hears of each loss."""
     lc = cfg.launch
     with contextlib.ExitStack() as locks:
         records = [locks.enter_context(run_lock(d, lc.executor)) for d in run_dirs]

@@ -300,9 +300,9 @@ def infer_rank(cfg: Config, out_dirs: list[Path], checkpoint_run: Optional[Path]
         source = str(path)
     if rank == 0 and not resumed:  # run.json marks a trial of this job done (a restart skips it)
         for out_dir in out_dirs:
-            (Path(out_dir) / "run.json").unlink(missing_ok=True)
+            (out_dir / "run.json").unlink(missing_ok=True)
     strategy, rows = serving(trainer), 0
-    for out_dir in map(Path, out_dirs):
+    for out_dir in out_dirs:
         if resumed and (out_dir / "run.json").exists():
             continue  # finished before the job was lost
         rows += _decode_trial(cfg, strategy, val_ds, out_dir, source, info, experiment, resumed)

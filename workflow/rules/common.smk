@@ -226,11 +226,9 @@ TRAIN_RUNS = [f"{RUNS}/train/{s}/ws={WORLD[s]}/seed={k}/run.json" for s in STRAT
 INFER_RUNS = [f"{RUNS}/infer/{s}/ws={WORLD[s]}/seed={k}/rep={r}/ctx={c}/run.json"
               for s in STRATEGIES for k in INFER_SEEDS for r in INFER_REPEATS for c in INFER_CTX]
 # What one infer job writes (see INFER_CTX): one repeat's run, or (per_strategy) every repeat's.
-INFER_JOB = (INFER_RUN if config["infer_jobs"] == "per_context"
-             else "infer/{strategy}/ws={ws}/seed={seed}/ctx={ctx}")
-INFER_JOB_RUNS = ([f"{RUNS}/{INFER_RUN}/run.json"] if config["infer_jobs"] == "per_context" else
-                  [f"{RUNS}/infer/{{strategy}}/ws={{ws}}/seed={{seed}}/rep={r}/ctx={{ctx}}/run.json"
-                   for r in INFER_REPEATS])
+INFER_JOB = INFER_RUN if config["infer_jobs"] == "per_context" else INFER_RUN.replace("rep={rep}/", "")
+INFER_JOB_RUNS = [f"{RUNS}/{INFER_RUN}/run.json"] if INFER_JOB == INFER_RUN else [
+    f"{RUNS}/{INFER_RUN.replace('{rep}', str(r))}/run.json" for r in INFER_REPEATS]
 # The scaling sweep: each strategy at each of scaling_world_sizes where it can run (first seed);
 # at its training world size the training run itself (throughput is a mean over steady steps, so
 # the sweep's shorter scaling_set would only measure that size again).
