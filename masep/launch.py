@@ -160,7 +160,10 @@ def make_executor(launch_cfg, world_size: int, job_name: str, folder: str | Path
     if launch_cfg.executor == "debug":
         return submitit.DebugExecutor(folder)
     if launch_cfg.executor == "local":
-        ex = submitit.LocalExecutor(folder, max_num_timeout=launch_cfg.max_requeues)
+        from masep.runtime import forkserver
+
+        ex = submitit.LocalExecutor(folder, max_num_timeout=launch_cfg.max_requeues,
+                                    python=forkserver.client_command())
     else:
         ex = submitit.SlurmExecutor(folder, max_num_timeout=launch_cfg.max_requeues)
     ex.update_parameters(**params)
@@ -571,9 +574,14 @@ def _submit_and_wait(ex, entry, cfg, world_size: int, job_name: str, folder, rec
     lc = cfg.launch
     # Hide the caller's SLURM/torchrun variables from the job (sbatch and the local executor
     # pass this process' environment on), and give local ranks a free rendezvous port.
-    tolerate, lost, store = _failover_ranks(cfg), set(), None
+    tolerate, lost, store, server = _failover_ranks(cfg), set(), None, None
     with submitit.helpers.clean_env():
         extra = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": _free_port()} if lc.executor == "local" else {}
+        if lc.executor == "local":  # the ranks fork from one process that has imported torch
+            from masep.runtime.forkserver import Server
+
+            server = Server()
+            extra.update(server.env)
         if tolerate and extra:  # ma.failover: this process hosts the store, so it outlives every rank
             from torch.distributed import TCPStore
 
@@ -584,6 +592,8 @@ def _submit_and_wait(ex, entry, cfg, world_size: int, job_name: str, folder, rec
             try:
                 job = ex.submit(entry)
             except Exception as e:  # sbatch refused, submitit missing binaries, ...
+                if server is not None:
+                    server.stop()
                 raise LaunchError(f"{job_name}: submission to {lc.executor} failed: {e}") from e
     record(job.job_id)
     print(f"masep launch: {job_name}: submitted {_describe(job)} with {world_size} task(s) "
@@ -599,6 +609,8 @@ def _submit_and_wait(ex, entry, cfg, world_size: int, job_name: str, folder, rec
     finally:
         if injector is not None:
             injector.stop()
+        if server is not None:
+            server.stop()
         del store  # the ranks are done with it
     return job, lost
 

@@ -1,0 +1,88 @@
+"""The local ranks' fork server: a task started through the client runs as a fresh interpreter
+would (its argv, environment, folder, stdio and exit status), in a child of the server."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from masep.runtime import forkserver
+
+TASK = """
+import os, signal, sys, time
+print("pid", os.getpid(), "cwd", os.getcwd(), "argv", sys.argv[1:], "env", os.environ.get("TASK_VALUE"), flush=True)
+how = sys.argv[1]
+if how == "kill":
+    os.kill(os.getpid(), signal.SIGKILL)
+if how == "wait":
+    print("waiting", flush=True)
+    time.sleep(60)
+if how == "raise":
+    raise ValueError("task failed")
+sys.exit(int(how))
+"""
+
+
+@pytest.fixture()
+def server(tmp_path, monkeypatch):
+    (tmp_path / "task_module.py").write_text(TASK)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    srv = forkserver.Server(preload=("json",))
+    yield srv
+    srv.stop()
+
+
+def _client(tmp_path, how, env_extra, **kw):
+    out = open(tmp_path / f"out-{how}.txt", "w")
+    env = {**os.environ, "TASK_VALUE": "given", **env_extra}
+    cmd = [sys.executable, "-m", "masep.runtime.forkserver", "-u", "-m", "task_module", how]
+    return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=tmp_path, **kw), out.name
+
+
+def test_task_runs_in_a_child_of_the_server_with_the_clients_stdio_env_and_exit_code(server, tmp_path):
+    proc, out = _client(tmp_path, "3", server.env)
+    assert proc.wait(timeout=60) == 3
+    words = open(out).read().split()
+    assert words[words.index("pid") + 1] != str(proc.pid)
+    assert words[words.index("cwd") + 1] == str(tmp_path)
+    assert words[words.index("env") + 1] == "given"
+    assert "['3']" in words
+
+
+def test_a_killed_task_kills_its_client_with_the_same_signal(server, tmp_path):
+    proc, _ = _client(tmp_path, "kill", server.env)
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+
+
+def test_a_task_that_raises_prints_its_traceback_and_exits_1(server, tmp_path):
+    proc, out = _client(tmp_path, "raise", server.env)
+    assert proc.wait(timeout=60) == 1
+    assert "ValueError: task failed" in open(out).read()
+
+
+def test_signals_to_the_client_reach_the_task_and_a_killed_client_takes_its_task_along(server, tmp_path):
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        proc, out = _client(tmp_path, "wait", server.env)
+        deadline = time.monotonic() + 60
+        while "waiting" not in open(out).read():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        words = open(out).read().split()
+        task_pid = int(words[words.index("pid") + 1])
+        proc.send_signal(sig)
+        assert proc.wait(timeout=60) == -sig
+        deadline = time.monotonic() + 10
+        while os.path.exists(f"/proc/{task_pid}") and open(f"/proc/{task_pid}/stat").read().split()[2] != "Z":
+            assert time.monotonic() < deadline, f"task pid {task_pid} outlived its client ({sig.name})"
+            time.sleep(0.05)
+
+
+def test_without_a_server_the_client_runs_the_task_itself_and_says_so(tmp_path, monkeypatch):
+    (tmp_path / "task_module.py").write_text(TASK)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    proc, out = _client(tmp_path, "0", {forkserver.ENV: str(tmp_path / "no-such-socket")})
+    assert proc.wait(timeout=60) == 0
+    text = open(out).read()
+    assert "rank fork server not reachable" in text and "env given" in text
