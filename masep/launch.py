@@ -433,8 +433,10 @@ def _collect(job, lost: set = frozenset()) -> list:
     naming the rank to blame and its log."""
     states = [st for st in _rank_states(job) if st.rank not in lost]
     verdict = _failure(states, 0.0, 0.0)
-    if verdict is not None:
-        raise LaunchError(f"{_describe(job)}: {verdict[1]}; log: {verdict[2]}")
+    if verdict is not None:  # the job ended before the wait saw the loss: a restart may follow
+        err = LaunchError(f"{_describe(job)}: {verdict[1]}; log: {verdict[2]}")
+        err.detected_at = time.time()
+        raise err
     results = []
     for task in range(job.num_tasks):
         if task in lost:
@@ -553,7 +555,8 @@ def launch(entry: Callable[[], Any], cfg, world_size: int, job_name: str,
             return _run_debug(ex, entry, job_name)
         for restart in range(lc.max_restarts + 1):
             try:
-                job, lost = _submit_and_wait(ex, entry, cfg, world_size, job_name, folder, record, injector)
+                job, lost = _submit_and_wait(ex, entry, cfg, world_size, job_name, folder, record, injector, restart)
+                results = _collect(job, lost)
                 break
             except LaunchError as e:
                 if getattr(e, "detected_at", None) is None or restart == lc.max_restarts:
@@ -565,23 +568,24 @@ def launch(entry: Callable[[], Any], cfg, world_size: int, job_name: str,
                       f"(restart {restart + 1} of launch.max_restarts={lc.max_restarts})", flush=True)
                 entry = copy.copy(entry)
                 entry.resume = True
-        results = _collect(job, lost)
     print(f"masep launch: {job_name}: {_describe(job)} finished", flush=True)
     return results
 
 
-def _submit_and_wait(ex, entry, cfg, world_size: int, job_name: str, folder, record, injector):
+def _submit_and_wait(ex, entry, cfg, world_size: int, job_name: str, folder, record, injector, restart: int):
     lc = cfg.launch
     # Hide the caller's SLURM/torchrun variables from the job (sbatch and the local executor
     # pass this process' environment on), and give local ranks a free rendezvous port.
     tolerate, lost, store, server = _failover_ranks(cfg), set(), None, None
     with submitit.helpers.clean_env():
         extra = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": _free_port()} if lc.executor == "local" else {}
-        if lc.executor == "local":  # the ranks fork from one process that has imported torch
-            from masep.runtime.forkserver import Server
+        if lc.executor == "local":
+            # The ranks fork from a process that has imported torch: the workflow's, or this job's own.
+            from masep.runtime import forkserver
 
-            server = Server()
-            extra.update(server.env)
+            shared = forkserver.shared_server(restart)
+            server = None if shared else forkserver.Server()
+            extra.update({forkserver.ENV: shared} if shared else server.env)
         if tolerate and extra:  # ma.failover: this process hosts the store, so it outlives every rank
             from torch.distributed import TCPStore
 

@@ -38,6 +38,16 @@ PRELOAD = ("masep.runtime.worker", "masep.commands.train", "masep.commands.infer
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGCONT)
 
 
+def shared_server(restart: int):
+    """The socket of the server this process' environment names (the workflow's), where a job
+    may use it: not for a restart (a full restart pays the import a new job would) and only
+    from the same interpreter (not from a conda environment of its own)."""
+    path = os.environ.get(ENV)
+    if restart or not path or os.environ.get(f"{ENV}_PYTHON") != sys.executable or not os.path.exists(path):
+        return None
+    return path
+
+
 def client_command() -> str:
     """LocalExecutor's `python`: the tasks start through `client`."""
     import shlex
@@ -61,7 +71,7 @@ class Server:
         deadline = time.monotonic() + 30
         while not os.path.exists(self.path) and self.proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.01)  # the server listens before it imports; clients queue until it is ready
-        self.env = {ENV: self.path}
+        self.env = {ENV: self.path, f"{ENV}_PYTHON": sys.executable}
 
     def stop(self) -> None:
         if self.proc.stdin:

@@ -100,6 +100,24 @@ def fresh_prefix(*outdirs):
 normalize_cli_config(config)
 validate(config, "../schemas/config.schema.yaml", set_default=True)
 
+FORK_SERVER = []
+
+
+def start_fork_server():
+    """The local ranks of every job fork from one process that has imported torch and masep
+    (masep.runtime.forkserver): started with this run, ended with it."""
+    if config["executor"] == "local":
+        from masep.runtime.forkserver import Server
+
+        FORK_SERVER.append(Server())
+        os.environ.update(FORK_SERVER[-1].env)
+
+
+def stop_fork_server():
+    while FORK_SERVER:
+        FORK_SERVER.pop().stop()
+
+
 PRESETS = [config["preset"]] if isinstance(config["preset"], str) else list(config["preset"])
 SHARDS = shard_list(config["shards"])
 STRATEGIES = list(config["strategies"])
