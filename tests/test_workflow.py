@@ -46,9 +46,11 @@ def shell_commands(out: subprocess.CompletedProcess) -> list[str]:
 def test_dry_run_of_the_embedded_default(project):
     out = snakemake(project, "-n", "-p")
     # every strategy trains once and decodes twice in one job (infer_repeats 2; infer_jobs:
-    # per_strategy -> ctx=all); the scaling sweep; the paper variant of ma_sep
+    # per_strategy -> ctx=all); the scaling sweep; the paper variant of ma_sep; one trial of each
+    # fault kind for ma_sep and ep_dp (kill_attention_k: k = 1 of 2 attention ranks), 2 references each
     assert job_counts(out) == {"tokenize": 1, "tokenize_all": 1, "train": 16, "train_variant": 1, "infer": 6,
-                               "collect": 1, "report": 1, "all": 1, "total": 28}
+                               "fault_reference": 4, "fault_trial": 12, "collect": 1, "report": 1, "all": 1,
+                               "total": 44}
     cmds = shell_commands(out)
     # the sweep: three sizes per parallel strategy (ma_sep's own list adds 3 ranks), the training
     # run at the training world size (4; single's 1)
@@ -67,14 +69,14 @@ def test_dry_run_of_the_embedded_default(project):
                "train.global_batch=6 train.seed=0 --out results/runs/scaling/tp/ws=3/seed=0 " in c for c in sweep)
     assert any("parallel.world_size=3 parallel.attn_replicas=2 parallel.attn_tp=1 parallel.moe_ranks=1 " in c
                for c in sweep)
-    # the fault trials: their own target (faults.study is false in the embedded default)
+    # the fault trials: also a target of their own
     faults = shell_commands(snakemake(project, "-n", "-p", "faults_all"))
     trial = [c for c in faults if "--out results/runs/faults/ma_sep/kill_attention_k1/trial=0 " in c]
     assert trial and trial[0].startswith("rm -rf results/runs/faults/ma_sep/kill_attention_k1/trial=0 && ")
     assert all(f" {s} " in trial[0] for s in ("fault.kind=kill_attention_k", "fault.count=1", "fault.seed=0",
                                              "launch.max_restarts=1", "--experiment faults"))
     assert any("parallel.strategy=ma_sep parallel.world_size=4 " in c for c in train)
-    infer = sorted(c for c in cmds if " masep infer " in c)
+    infer = sorted(c for c in cmds if " masep infer " in c and "--experiment faults" not in c)
     assert len(infer) == 6 and all("'infer.context_lengths=[512, 1024, 2048, 4096]'" in c for c in infer)
     assert any("--checkpoint results/runs/train/single/ws=1/seed=0 --out results/runs/infer/single/ws=1/seed=0/"
                "rep=0/ctx=all results/runs/infer/single/ws=1/seed=0/rep=1/ctx=all > " in c for c in infer)
@@ -110,9 +112,9 @@ def test_named_targets_and_cli_config(project):
     counts = job_counts(snakemake(project, "-n", "train_all", "--config", "seeds=[0,1,2]"))
     assert counts == {"tokenize": 1, "tokenize_all": 1, "train": 18, "train_all": 1, "total": 21}
     counts = job_counts(snakemake(project, "-n", "collect", "--config", "context_lengths=[512]",
-                                  "strategies=[single]"))
+                                  "strategies=[single]", "faults={'study': false}"))
     assert counts == {"tokenize": 1, "tokenize_all": 1, "train": 1, "train_variant": 1, "infer": 1, "collect": 1,
-                      "total": 6}  # the embedded default's fault trials are not in the study (faults.study)
+                      "total": 6}  # faults.study false: the fault trials are not in the study
     # the ablation: plain ma_sep and its variants
     counts = job_counts(snakemake(project, "-n", "ablation"))
     assert counts == {"tokenize": 1, "tokenize_all": 1, "train": 1, "train_variant": 3, "ablation": 1, "total": 7}

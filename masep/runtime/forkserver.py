@@ -59,8 +59,8 @@ def client_command() -> str:
 
 
 class Server:
-    """The fork server of one submitted job: `env` goes into the job's environment; `stop()`
-    ends it (and any child still running: a job's ranks are gone by then)."""
+    """The fork server of one submitted job (or of a workflow run): `env` goes into the job's
+    environment; `stop()` lets it end once its last task has."""
 
     def __init__(self, preload: tuple[str, ...] = PRELOAD):
         self.dir = tempfile.mkdtemp(prefix="masep-fork-")
@@ -76,11 +76,8 @@ class Server:
     def stop(self) -> None:
         if self.proc.stdin:
             self.proc.stdin.close()
-        try:
-            self.proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        with suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=5)  # tasks still running (a cancelled job's) keep it until they end
         with suppress(OSError):
             os.unlink(self.path)
             os.rmdir(self.dir)
@@ -121,8 +118,9 @@ def _become_task(request: dict, fds: list[int], keep_closed: list[socket.socket]
         os.chdir(request["cwd"])
         os.environ.clear()
         os.environ.update(request["env"])
-        for sig in FORWARDED:
-            signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
+        for sig in FORWARDED:  # as a fresh interpreter: what its parent ignored stays ignored
+            signal.signal(sig, signal.SIG_IGN if sig in request["ignored"]
+                          else signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
         module, *args = request["argv"][2:]
         sys.argv = [module, *args]
         runpy.run_module(module, run_name="__main__", alter_sys=True)
@@ -180,12 +178,15 @@ def serve(path: str, preload: list[str]) -> None:
                     conn.sendall(f"pid {pid}\n".encode())
                 sel.register(conn, selectors.EVENT_READ, pid)
             elif key.fileobj == sys.stdin.fileno():
+                # The launcher is done with it, or gone (its job's ranks go on, as the local
+                # executor's do without their launcher): no new tasks; ends with the last one.
                 if not os.read(sys.stdin.fileno(), 4096):
                     sel.unregister(key.fileobj)
+                    sel.unregister(listener)
+                    listener.close()
+                    with suppress(OSError):
+                        os.unlink(path)
                     running = False
-                    for pid in children:
-                        with suppress(OSError, KeyError):
-                            os.kill(pid, signal.SIGKILL)
             else:  # a client closed its end: it is gone, and so is its task
                 sel.unregister(key.fileobj)
                 with suppress(OSError, KeyError):
@@ -201,7 +202,6 @@ def serve(path: str, preload: list[str]) -> None:
                 with suppress(OSError, KeyError):
                     sel.unregister(conn)
                 conn.close()
-    listener.close()
 
 
 # ------------------------------------------------------------------ the client (a task's process)
@@ -220,7 +220,9 @@ def client(argv: list[str]) -> None:
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         conn.connect(path)
-        request = json.dumps({"argv": argv, "env": dict(os.environ), "cwd": os.getcwd()}).encode()
+        ignored = [int(sig) for sig in FORWARDED if signal.getsignal(sig) == signal.SIG_IGN]
+        request = json.dumps({"argv": argv, "env": dict(os.environ), "cwd": os.getcwd(),
+                              "ignored": ignored}).encode()
         socket.send_fds(conn, [struct.pack("!I", len(request)) + request], [0, 1, 2])
     except OSError as e:
         _fallback(argv, f"{path}: {e.strerror or e}")
@@ -235,7 +237,8 @@ def client(argv: list[str]) -> None:
             pending.append(signum)
 
     for sig in FORWARDED:
-        signal.signal(sig, forward)
+        if sig not in ignored:
+            signal.signal(sig, forward)
     replies = conn.makefile("r")
     line = replies.readline().split()
     if line[:1] != ["pid"]:
