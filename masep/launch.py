@@ -583,9 +583,13 @@ def _submit_and_wait(ex, entry, cfg, world_size: int, job_name: str, folder, rec
             # The ranks fork from a process that has imported torch: the workflow's, or this job's own.
             from masep.runtime import forkserver
 
-            shared = forkserver.shared_server(restart)
-            server = None if shared else forkserver.Server()
-            extra.update({forkserver.ENV: shared} if shared else server.env)
+            if not forkserver.usable(lc):
+                os.environ.pop(forkserver.ENV, None)  # the ranks start as fresh interpreters
+            elif shared := forkserver.shared_server(restart):
+                extra[forkserver.ENV] = shared
+            else:
+                server = forkserver.Server()
+                extra.update(server.env)
         if tolerate and extra:  # ma.failover: this process hosts the store, so it outlives every rank
             from torch.distributed import TCPStore
 

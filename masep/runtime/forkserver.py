@@ -38,6 +38,12 @@ PRELOAD = ("masep.runtime.worker", "masep.commands.train", "masep.commands.infer
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGCONT)
 
 
+def usable(launch_cfg) -> bool:
+    """CPU ranks on Linux. A GPU rank must not come from a process that may have touched the
+    CUDA driver (some imports query the devices), and fork after imports is Linux's ground."""
+    return sys.platform.startswith("linux") and not launch_cfg.gpus_per_node
+
+
 def shared_server(restart: int):
     """The socket of the server this process' environment names (the workflow's), where a job
     may use it: not for a restart (a full restart pays the import a new job would) and only

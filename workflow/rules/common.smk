@@ -3,6 +3,7 @@ import hashlib
 import json
 import re
 import shlex
+import sys
 
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
@@ -106,7 +107,7 @@ FORK_SERVER = []
 def start_fork_server():
     """The local ranks of every job fork from one process that has imported torch and masep
     (masep.runtime.forkserver): started with this run, ended with it."""
-    if config["executor"] == "local":
+    if config["executor"] == "local" and sys.platform.startswith("linux"):
         from masep.runtime.forkserver import Server
 
         FORK_SERVER.append(Server())
