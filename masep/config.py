@@ -180,6 +180,9 @@ class LaunchConfig:
     max_restarts: int = 0
     wait_timeout_s: float = 7200.0
     log_dir: str = "logs/submitit"
+    # ma.failover: the address the ranks reach the launcher-hosted rendezvous store at under
+    # SLURM (None: this host's name); the local executor's ranks use 127.0.0.1.
+    store_host: Optional[str] = None
 
 
 FAULT_KINDS = ("none", "kill_attention", "kill_moe", "kill_attention_k", "stop", "kill_checkpoint",

@@ -590,12 +590,14 @@ def _submit_and_wait(ex, entry, cfg, world_size: int, job_name: str, folder, rec
             else:
                 server = forkserver.Server()
                 extra.update(server.env)
-        if tolerate and extra:  # ma.failover: this process hosts the store, so it outlives every rank
+        if tolerate:  # ma.failover: this process hosts the store, so it outlives every rank
             from torch.distributed import TCPStore
 
-            store = TCPStore("127.0.0.1", extra["MASTER_PORT"], world_size, is_master=True,
-                             wait_for_workers=False, timeout=timedelta(seconds=cfg.parallel.timeout_s))
-            extra["MASEP_HOSTED_STORE"] = "1"
+            host = "127.0.0.1" if lc.executor == "local" else lc.store_host or socket.getfqdn()
+            port = extra.get("MASTER_PORT") or _free_port()
+            store = TCPStore(host, port, world_size, is_master=True, wait_for_workers=False,
+                             timeout=timedelta(seconds=cfg.parallel.timeout_s))
+            extra["MASEP_HOSTED_STORE"] = f"{host}:{port}"
         with submitit.helpers.environment_variables(**extra):
             try:
                 job = ex.submit(entry)

@@ -123,9 +123,16 @@ def init_distributed(timeout_s: float) -> DistInfo:
         else:
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             store = None
-            if os.environ.get("MASEP_HOSTED_STORE"):  # ma.failover: the launcher hosts the store
-                store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
-                                      is_master=False, timeout=timeout)
+            if hosted := os.environ.get("MASEP_HOSTED_STORE"):  # ma.failover: the launcher hosts it
+                host, port = hosted.rsplit(":", 1)
+                try:
+                    store = dist.TCPStore(host, int(port), world, is_master=False, timeout=timeout)
+                except (RuntimeError, OSError) as e:  # DistNetworkError, DistStoreError, timeouts
+                    from masep.config import ConfigError
+
+                    raise ConfigError(f"rank {rank}: cannot reach the rendezvous store at {hosted} that the "
+                                        f"launcher hosts for ma.failover ({str(e).splitlines()[0][:200]}); set "
+                                        f"launch.store_host to an address of that host this node can reach") from e
             dist.init_process_group(backend, init_method=None if store else "env://", store=store, rank=rank,
                                     world_size=world, timeout=timeout)
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device,

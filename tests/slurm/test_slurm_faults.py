@@ -20,6 +20,7 @@ import pytest
 from masep.config import load_config
 from masep.launch import LaunchError, RankEntry, heartbeat_path, launch
 from masep.runtime.distributed import init_distributed
+from test_faults import tokens, train  # noqa: F401 - the fixture and the `masep train` runner
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -134,3 +135,22 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+@pytest.mark.timeout(600)
+def test_slurm_ma_sep_recovers_a_lost_rank_0_in_the_job(slurm_cluster, tmp_path, tokens):
+    """Under SLURM too the launcher hosts ma.failover's rendezvous store: rank 0 (an attention
+    rank) killed by pid from outside, the other ranks regroup and finish the run in the job,
+    no batch lost or repeated."""
+    import pyarrow.parquet as pq
+
+    out = tmp_path / "runs" / "kill_rank0"
+    # seed 3: rank 0 after step 2
+    log = train(tmp_path, tokens, out, "launch.executor=slurm", f"launch.partition={slurm_cluster.partition}",
+                "launch.time_min=10", "ma.failover=true", "model.expert_dropout=0.0", "launch.max_restarts=1",
+                "train.global_batch=8", "fault.kind=kill_attention", "fault.seed=3", strategy="ma_sep", world=4)
+    [row] = pq.read_table(out / "faults-rank0.parquet").to_pylist()
+    assert row["target_ranks"] == "0" and row["step_injected"] == 2, row
+    assert row["recovery_mode"] == "in_job" and row["restarts"] == 0 and "restarting" not in log, log[-3000:]
+    assert row["batches_lost"] == 0 and row["batches_repeated"] == 0, row
+    assert json.loads((out / "run.json").read_text())["status"] == "completed"
