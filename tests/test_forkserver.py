@@ -32,6 +32,7 @@ def server(tmp_path, monkeypatch):
     srv = forkserver.Server(preload=("json",))
     yield srv
     srv.stop()
+    assert not os.path.exists(srv.dir)  # the socket and its folder are gone
 
 
 def _client(tmp_path, how, env_extra, **kw):

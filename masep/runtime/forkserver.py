@@ -2,13 +2,13 @@
 
 A CPU rank of a short run spends most of its time importing: torch, torch.distributed.checkpoint
 and torch._dynamo (which the optimizer pulls in) cost 8-10 CPU-seconds a rank on a 2-core
-machine, paid by every rank of every job. With the local executor the launcher starts one
-server per submitted job (`start`), which imports them once; submitit's controller starts each
-task through `client` (LocalExecutor's `python`), which hands its command, environment, working
-folder and stdin/stdout/stderr to the server, and the server forks a child that runs the task
-(`python -u -m submitit.core._submit <folder>`) as a fresh interpreter would. The client stays
-the task's process for submitit: it forwards the signals it gets to the child and exits as the
-child did (same code, or killed by the same signal). The child's pid is the rank's pid
+machine, paid by every rank of every job. With the local executor a `Server` (one per workflow
+run, from Snakemake's `onstart`, else one per submitted job) imports them once; submitit's
+controller starts each task through `client` (LocalExecutor's `python`), which hands its command,
+environment, working folder and stdin/stdout/stderr to the server, and the server forks a child
+that runs the task (`python -u -m submitit.core._submit <folder>`) as a fresh interpreter would.
+The client stays the task's process for submitit: it forwards the signals it gets to the child
+and exits as the child did (same code, or killed by the same signal). The child's pid is the rank's pid
 (heartbeat, fault injection); a client that disappears takes its child with it (SIGKILL).
 
 A restarted job gets a new server: a full restart still pays one import. Where the server
@@ -84,9 +84,9 @@ class Server:
             self.proc.stdin.close()
         with suppress(subprocess.TimeoutExpired):
             self.proc.wait(timeout=5)  # tasks still running (a cancelled job's) keep it until they end
-        with suppress(OSError):
-            os.unlink(self.path)
-            os.rmdir(self.dir)
+        for remove in (os.unlink, os.rmdir):  # the server removes both when it ends first
+            with suppress(OSError):
+                remove(self.path if remove is os.unlink else self.dir)
 
 
 # ------------------------------------------------------------------ the server
@@ -192,6 +192,7 @@ def serve(path: str, preload: list[str]) -> None:
                     listener.close()
                     with suppress(OSError):
                         os.unlink(path)
+                        os.rmdir(os.path.dirname(path))
                     running = False
             else:  # a client closed its end: it is gone, and so is its task
                 sel.unregister(key.fileobj)
