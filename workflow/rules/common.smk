@@ -85,13 +85,14 @@ def variant_overrides(variant):
     return strategy_overrides(v["strategy"]) + list(v.get("overrides", []))
 
 
-def local_threads_env(world_size):
-    """Every local job gets the same CPU budget, CPU_THREADS intra-op threads over its ranks, so
+def local_threads_env(world_size, threads):
+    """Every local job gets the same CPU budget, `threads` intra-op threads over its ranks, so
     that strategies are timed on equal terms (single's one rank does not get more threads than
-    the four ranks of another strategy together)."""
+    the four ranks of another strategy together). A job reserves CPU_THREADS, which Snakemake
+    lowers to the cores there are: no job's threads run beside another's on the same cores."""
     if config["executor"] != "local":
         return ""
-    return f"OMP_NUM_THREADS={max(1, CPU_THREADS // world_size)} "
+    return f"OMP_NUM_THREADS={max(1, threads // world_size)} "
 
 
 def fresh_prefix(*outdirs):

@@ -38,12 +38,12 @@ rule fault_reference:
     wildcard_constraints:
         strategy=FAULT_STRATEGY,
         reference="reference|reference_decode",
-    threads: lambda wc: WORLD[wc.strategy]
+    threads: CPU_THREADS
     params:
         args=lambda wc: masep_args(fault_overrides(wc.strategy)),
         command=lambda wc: fault_command(wc.reference),
         outdir=lambda wc, output: os.path.dirname(output.run),
-        env=lambda wc: local_threads_env(WORLD[wc.strategy]),
+        env=lambda wc, threads: local_threads_env(WORLD[wc.strategy], threads),
     conda:
         CONDA_ENV
     shell:
@@ -64,7 +64,7 @@ rule fault_trial:
         strategy=FAULT_STRATEGY,
         kind=r"kill_attention|kill_moe|kill_attention_k\d+|stop|kill_checkpoint|kill_moe_decode",
         trial=r"\d+",
-    threads: lambda wc: WORLD[wc.strategy]
+    threads: CPU_THREADS
     params:
         args=lambda wc, input: masep_args(
             fault_overrides(wc.strategy)
@@ -72,7 +72,7 @@ rule fault_trial:
         ),
         command=lambda wc: fault_command(wc.kind),
         outdir=lambda wc, output: os.path.dirname(output.run),
-        env=lambda wc: local_threads_env(WORLD[wc.strategy]),
+        env=lambda wc, threads: local_threads_env(WORLD[wc.strategy], threads),
     conda:
         CONDA_ENV
     shell:

@@ -8,7 +8,7 @@ rule infer:
         runs=INFER_JOB_RUNS,
     log:
         f"logs/{INFER_JOB}.log",
-    threads: lambda wc: int(wc.ws)
+    threads: CPU_THREADS
     params:
         args=lambda wc: masep_args(
             strategy_overrides(wc.strategy)
@@ -16,8 +16,8 @@ rule infer:
         ),
         checkpoint=lambda wc, input: os.path.dirname(input.train),
         outdirs=lambda wc, output: " ".join(shlex.quote(os.path.dirname(r)) for r in output.runs),
-        prefix=lambda wc, output: fresh_prefix(*(os.path.dirname(r) for r in output.runs))
-        + local_threads_env(int(wc.ws)),
+        prefix=lambda wc, output, threads: fresh_prefix(*(os.path.dirname(r) for r in output.runs))
+        + local_threads_env(int(wc.ws), threads),
     conda:
         CONDA_ENV
     shell:

@@ -8,13 +8,13 @@ rule train:
         run=f"{RUNS}/{TRAIN_RUN}/run.json",
     log:
         f"logs/{TRAIN_RUN}.log",
-    # One core per rank; Snakemake lowers this to --cores when the machine has fewer.
-    threads: lambda wc: int(wc.ws)
+    # The local budget (local_threads_env); Snakemake lowers it to --cores when there are fewer.
+    threads: CPU_THREADS
     params:
         args=lambda wc: masep_args(run_overrides(wc.experiment, wc.strategy, int(wc.ws)) + [f"train.seed={wc.seed}"]),
         outdir=lambda wc, output: os.path.dirname(output.run),
-        prefix=lambda wc, output: fresh_prefix(os.path.dirname(output.run))
-        + local_threads_env(int(wc.ws)),
+        prefix=lambda wc, output, threads: fresh_prefix(os.path.dirname(output.run))
+        + local_threads_env(int(wc.ws), threads),
     conda:
         CONDA_ENV
     shell:
@@ -30,12 +30,12 @@ rule train_variant:
         run=f"{RUNS}/ablation/{{variant}}/seed={{seed}}/run.json",
     log:
         "logs/ablation/{variant}/seed={seed}.log",
-    threads: lambda wc: WORLD[config["variants"][wc.variant]["strategy"]]
+    threads: CPU_THREADS
     params:
         args=lambda wc: masep_args(variant_overrides(wc.variant) + [f"train.seed={wc.seed}"]),
         outdir=lambda wc, output: os.path.dirname(output.run),
-        prefix=lambda wc, output: fresh_prefix(os.path.dirname(output.run))
-        + local_threads_env(WORLD[config["variants"][wc.variant]["strategy"]]),
+        prefix=lambda wc, output, threads: fresh_prefix(os.path.dirname(output.run))
+        + local_threads_env(WORLD[config["variants"][wc.variant]["strategy"]], threads),
     conda:
         CONDA_ENV
     shell:
