@@ -180,7 +180,7 @@ def serve(path: str, preload: list[str]) -> None:
                 for fd in fds:
                     os.close(fd)
                 children[pid] = conn
-                with suppress(OSError, KeyError):
+                with suppress(OSError):
                     conn.sendall(f"pid {pid}\n".encode())
                 sel.register(conn, selectors.EVENT_READ, pid)
             elif key.fileobj == sys.stdin.fileno():
@@ -196,7 +196,7 @@ def serve(path: str, preload: list[str]) -> None:
                     running = False
             else:  # a client closed its end: it is gone, and so is its task
                 sel.unregister(key.fileobj)
-                with suppress(OSError, KeyError):
+                with suppress(OSError):
                     os.kill(key.data, signal.SIGKILL)
         while children:
             pid, status = os.waitpid(-1, os.WNOHANG)
@@ -204,9 +204,9 @@ def serve(path: str, preload: list[str]) -> None:
                 break
             conn = children.pop(pid, None)
             if conn is not None:
-                with suppress(OSError, KeyError):
+                with suppress(OSError):
                     conn.sendall(f"exit {status}\n".encode())
-                with suppress(OSError, KeyError):
+                with suppress(KeyError):  # unregistered already when its client closed first
                     sel.unregister(conn)
                 conn.close()
 
@@ -238,7 +238,7 @@ def client(argv: list[str]) -> None:
 
     def forward(signum, frame):
         if child:
-            with suppress(OSError, KeyError):
+            with suppress(OSError):
                 os.kill(child[0], signum)
         else:
             pending.append(signum)

@@ -3,7 +3,6 @@ import hashlib
 import json
 import re
 import shlex
-import sys
 
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
@@ -108,10 +107,10 @@ FORK_SERVER = []
 def start_fork_server():
     """The local ranks of every job fork from one process that has imported torch and masep
     (masep.runtime.forkserver): started with this run, ended with it."""
-    if config["executor"] == "local" and sys.platform.startswith("linux"):
-        from masep.runtime.forkserver import Server
+    from masep.runtime import forkserver
 
-        FORK_SERVER.append(Server())
+    if BASE.launch.executor == "local" and forkserver.usable(BASE.launch):
+        FORK_SERVER.append(forkserver.Server())
         os.environ.update(FORK_SERVER[-1].env)
 
 
