@@ -129,6 +129,60 @@ def test_attention_replicas_lost_training_goes_on(layout, victims, single_losses
         assert all(0 < e["regroup_s"] < 30 for e in res["events"])
 
 
+# ------------------------------------------------------------------ MoE ranks lost
+
+
+def moe_lost_rank(rank, world, layout, victims, ckpt):
+    from masep.runtime.trainer import Trainer
+
+    cfg = make_cfg(ma_sep(*layout) + FAILOVER, world)
+    trainer = Trainer(cfg, rank)
+    losses = []
+    for step, batch in enumerate(make_batches(cfg, STEPS)):
+        if rank == victims[0] and step == KILL_STEP:
+            _signal("victim_in_step")
+        losses.append(trainer.train_step(batch)["loss"])
+    trainer.save(ckpt)  # the taken-over experts under their own shards' keys
+    trainer.failover.stop()
+    return {"losses": losses, "events": trainer.failover.events, "steps": trainer.step}
+
+
+def resume_rank(rank, world, layout, ckpt):
+    from masep.runtime.trainer import Trainer
+
+    cfg = make_cfg(ma_sep(*layout) + DROPLESS, world)
+    trainer = Trainer(cfg, rank)
+    assert trainer.resume(ckpt) == STEPS
+    return trainer.train_step(make_batches(cfg, STEPS + 1)[STEPS])["loss"]
+
+
+@pytest.mark.parametrize("layout, victims", [
+    ((1, 2, 2, 2), (2,)),  # 2 attention replicas + 2 MoE ranks: MoE rank 0 lost, rank 3 takes its experts
+    ((1, 2, 4, 2), (5, 1)),  # 2 replicas + 4 MoE ranks: a MoE rank and an attention replica at once
+], ids=["moe_1_of_2", "moe_and_replica"])
+def test_moe_rank_lost_its_experts_are_taken_over(layout, victims, tmp_path):
+    """A lost MoE rank's experts are taken over by the next MoE rank from its copy: every step's
+    loss is single's (no batch lost or repeated, the copy current), and a checkpoint written
+    after the take-over resumes in the full layout as single goes on."""
+    from masep.runtime.trainer import Trainer
+
+    world = layout[0] * layout[1] + layout[2]
+    ckpt = tmp_path / "ckpt"
+    out = run_ranks(world, moe_lost_rank, layout, victims, ckpt, injector=kill_when("victim_in_step", *victims))
+    cfg = make_cfg(list(DROPLESS) + ["parallel.strategy=single"])
+    single = Trainer(cfg, 0)
+    reference = [single.train_step(b)["loss"] for b in make_batches(cfg, STEPS + 1)]
+    survivors = [r for r in range(world) if r not in victims]
+    for r in survivors:
+        res = out[r]
+        assert res["steps"] == STEPS
+        assert res["losses"] == pytest.approx(reference[:STEPS], rel=1e-5, abs=1e-5), r
+        assert sorted(v for e in res["events"] for v in e["rank_lost"]) == sorted(victims)
+        assert res["events"][-1]["survivors"] == survivors
+    resumed = run_ranks(world, resume_rank, layout, ckpt)
+    assert resumed == pytest.approx([reference[STEPS]] * world, rel=1e-5, abs=1e-5)
+
+
 # ------------------------------------------------------------------ a fault trial, end to end
 
 E2E = ["ma.failover=true", "model.expert_dropout=0.0", "launch.max_restarts=1", "train.global_batch=8"]

@@ -259,6 +259,10 @@ class Strategy(ABC):
         """Key of a local parameter in a checkpoint; shards of one parameter need distinct keys."""
         return name
 
+    def checkpoint_params(self) -> list[tuple[str, torch.nn.Parameter]]:
+        """(checkpoint key, parameter) of every local parameter."""
+        return [(self.checkpoint_key(n), p) for n, p in self.named_parameters()]
+
     def adds_stats(self) -> bool:
         """Whether this rank adds the statistics it computes (one rank of those computing the same)."""
         return True

@@ -85,10 +85,11 @@ class Membership:
 class Failover:
     """One rank's side of ma_sep's in-job recovery: on a communication error it drops the
     strategy's groups, regroups with the survivors and has the strategy rebuild its groups
-    among them (`MASepRank.regroup`); one row per event in `events`."""
+    among them and take over what the lost ranks held (`MASepRank.regroup`, with the optimizer
+    `opt`); one row per event in `events`."""
 
-    def __init__(self, strategy, rank: int, world: int, stale_s: float):
-        self.strategy, self.rank = strategy, rank
+    def __init__(self, strategy, opt, rank: int, world: int, stale_s: float):
+        self.strategy, self.opt, self.rank = strategy, opt, rank
         self.membership = Membership(dist.distributed_c10d._get_default_store(), rank, world, stale_s)
         self.events: list[dict] = []
 
@@ -106,7 +107,7 @@ class Failover:
         if len(set(steps.values())) > 1:
             raise RuntimeError(f"rank {self.rank}: lost rank(s) {lost} during step {step}'s optimizer step: "
                                f"the survivors disagree on the steps done ({steps}); restart from the last checkpoint")
-        what = self.strategy.regroup(members)
+        what = self.strategy.regroup(members, step + completed, completed, self.opt)
         regroup_s = time.perf_counter() - t0
         self.events.append({"event": len(self.events), "rank": self.rank, "rank_lost": lost, "step": step,
                             "detect_s": attempt_s, "detected_unix_s": detected_at, "regroup_s": regroup_s,

@@ -1,6 +1,6 @@
 """Checkpoints with torch.distributed.checkpoint (DCP).
 
-Each rank contributes its local parameters under `strategy.checkpoint_key(name)` (shards of one
+Each rank contributes its local parameters under their keys (`strategy.checkpoint_params()`; shards of one
 parameter get distinct keys, replicated ones share a key and DCP stores one copy), the AdamW
 state of each, the step, its RNG state and the strategy's `extra_state()`. A checkpoint is
 written to `step-N.tmp/` and renamed to `step-N/` by rank 0 (after an in-job recovery the lowest
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import shutil
+import sys
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -36,8 +37,7 @@ def _rng_state(device: torch.device) -> bytes:
 
 def _state(strategy, opt: Optional[torch.optim.Optimizer]) -> dict:
     model, optim = {}, {}
-    for name, p in strategy.named_parameters():
-        key = strategy.checkpoint_key(name)
+    for key, p in strategy.checkpoint_params():
         model[key] = p.data
         if opt is not None:
             st = opt.state.get(p)
@@ -109,13 +109,17 @@ def load(path: Path, strategy, opt: Optional[torch.optim.Optimizer], rank: int) 
                                 "exp_avg_sq": torch.zeros_like(p)}
         state = _state(strategy, opt)
         state["meta"] = {"step": torch.tensor(0)}
-        state[f"rng_rank{rank}"] = b""
     extra = strategy.extra_state()
     try:
         # Extra state a checkpoint lacks (written without it) keeps the strategy's initial value.
         saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
         extra = {k: v for k, v in extra.items() if k in saved}
         state.update(extra)
+        if opt is not None and f"rng_rank{rank}" in saved:
+            state[f"rng_rank{rank}"] = b""
+        elif opt is not None:  # written after this rank was lost in its job (ma.failover)
+            print(f"rank {rank}: {path} holds no RNG state of this rank (it was lost in the job that wrote it): "
+                  f"its dropout stream goes on from the seed", file=sys.stderr, flush=True)
         dcp.load(state, checkpoint_id=str(path))
     except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
         # DCP wraps each rank's own exception; that one says what is wrong with the files.

@@ -93,7 +93,7 @@ class Trainer:
         if cfg.ma.failover and cfg.parallel.strategy == "ma_sep" and dist.is_initialized() and dist.get_world_size() > 1:
             from masep.parallel.regroup import Failover
 
-            self.failover = Failover(self.strategy, rank, dist.get_world_size(), cfg.ma.failover_stale_s)
+            self.failover = Failover(self.strategy, self.opt, rank, dist.get_world_size(), cfg.ma.failover_stale_s)
         self.lr_factor = lr_lambda(cfg)
         self.step = 0
         self.memory_at_first_step: dict = {}
@@ -136,16 +136,18 @@ class Trainer:
         self.opt.step()
         if not self.memory_at_first_step:
             self.memory_at_first_step = self.memory()  # gradients and AdamW state are live now
-        self.strategy.after_step(self.step, self.opt)
-        self.opt.zero_grad(set_to_none=True)
-        sync(self.device)
-        t_work = time.perf_counter()
-        # Idle: how long this rank waits for the slowest one at the end of the step.
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            try:
+        try:
+            self.strategy.after_step(self.step, self.opt)
+            self.opt.zero_grad(set_to_none=True)
+            sync(self.device)
+            t_work = time.perf_counter()
+            # Idle: how long this rank waits for the slowest one at the end of the step.
+            if dist.is_initialized() and dist.get_world_size() > 1:
                 dist.barrier(group=self.strategy.world_group)
-            except RuntimeError as e:  # the step is complete on every survivor: keep it (a survivor
-                self._recover(e, self.step, True, t0)  # may have passed the barrier: not redone)
+        except RuntimeError as e:  # the optimizer step is done on every survivor: keep it (a survivor
+            self._recover(e, self.step, True, t0)  # may have passed the barrier: not redone)
+            self.opt.zero_grad(set_to_none=True)
+            t_work = time.perf_counter()
         t1 = time.perf_counter()
         comm = self.timer.totals()
         step_time = t1 - t0

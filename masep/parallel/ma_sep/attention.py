@@ -141,8 +141,9 @@ class AttentionRank(MASepRank):
             bounds.append(bounds[-1] + c)
         to_moe = []
         for j, dst in enumerate(self.moe_ranks):
+            first = self.first_slot(j)
             counts = [max(0, min(end, bounds[e + 1]) - max(start, bounds[e]))
-                      for e in range(j * self.n_local, (j + 1) * self.n_local)]
+                      for e in range(first, first + self.rows_of(j))]
             to_moe.append((dst, sum(counts), counts))
         return _Route(tok=o.tok, weight=o.weight, h=h, xn_shape=xn.shape, xn_dtype=xn.dtype,
                       share_sizes=share_sizes, to_moe=to_moe)

@@ -187,16 +187,30 @@ class MASepRank(Strategy):
         self.timeout_s = cfg.parallel.timeout_s
         self.in_flight = cfg.parallel.in_flight
         self.live = list(range(self.R))  # the attention replicas still running (ma.failover)
+        # The expert shards (of E/M experts each, by original MoE index) each live MoE rank holds:
+        # its own, and under ma.failover those it took over from a lost MoE rank (`regroup`).
+        self.holdings = [[j] for j in range(self.M)]
+        # ma.failover: each MoE rank keeps a copy of the next one's experts (ExpertServer). Not with
+        # ma.rebalance (its placement assumes E/M experts a rank) or a single MoE rank (no other).
+        self.copies = cfg.ma.failover and self.M > 1 and not cfg.ma.rebalance
         self._build_groups()
         if self.device.type == "cuda":
             # NCCL: batched P2P must not be a group's first operation unless all ranks join it.
             for g in (self.to_moe, self.to_attn):
                 dist.all_reduce(torch.zeros(1, device=self.device), group=g)
-        # Expert e is row slot_of[e] % n_local of MoE rank slot_of[e] // n_local (balance.py's
-        # rows); routing sorts rows by slot, so each MoE rank's rows stay one contiguous block.
+        # Expert e is row slot_of[e] - first_slot(j) of the j-th live MoE rank when it lies in
+        # that rank's block (balance.py's rows; after a take-over the blocks are no longer equal);
+        # routing sorts rows by slot, so each MoE rank's rows stay one contiguous block.
         self.slot_of = torch.arange(self.E, device=self.device)
         self.head_split = HeadSplit(cfg.ma, mc.vocab_size, layout, self.device, cfg.train.seed) \
             if cfg.ma.head_split else None
+
+    def rows_of(self, j: int) -> int:
+        """Expert rows (slots) the j-th live MoE rank holds."""
+        return self.n_local * len(self.holdings[j])
+
+    def first_slot(self, j: int) -> int:
+        return sum(self.rows_of(k) for k in range(j))
 
     @abstractmethod
     def head_weight(self) -> torch.nn.Parameter:
@@ -237,14 +251,18 @@ class MASepRank(Strategy):
     def extra_state(self) -> dict:
         # Always saved: a checkpoint's expert rows and head rows follow them, balancing on or not when loaded.
         cut = self.head_split.cut if self.head_split is not None else self.cfg.model.vocab_size
-        state = {"ma_sep.slot_of": self.slot_of, "ma_sep.head_cut": torch.tensor([cut], device=self.device)}
+        # Slots as the layout numbers them (shard j's rows from j * n_local), which a resumed run
+        # starts from, also after a take-over reordered the blocks.
+        order = torch.tensor([j for held in self.holdings for j in held], device=self.device)
+        layout_slots = order[self.slot_of // self.n_local] * self.n_local + self.slot_of % self.n_local
+        state = {"ma_sep.slot_of": layout_slots, "ma_sep.head_cut": torch.tensor([cut], device=self.device)}
         if self.head_split is not None:
             state[f"ma_sep.head_split.rank{self.rank}"] = pickle.dumps(self.head_split.state_dict())
         return state
 
     def load_extra_state(self, state) -> None:
         if "ma_sep.slot_of" in state:
-            self.slot_of.copy_(state["ma_sep.slot_of"])
+            self.slot_of.copy_(state["ma_sep.slot_of"])  # loaded at the start: each MoE rank holds its own shard
         cut = int(state.get("ma_sep.head_cut", [self.cfg.model.vocab_size])[0])
         if self.head_split is None and cut != self.cfg.model.vocab_size:
             raise ValueError(f"rank {self.rank}: the checkpoint splits the output head between the groups "
@@ -264,8 +282,9 @@ class MASepRank(Strategy):
         everyone = [r * tp + t for r in self.live for t in range(tp)] + self.moe_ranks
         self.to_moe = dist.new_group(everyone, timeout=timeout)  # attention -> MoE transfers
         self.to_attn = dist.new_group(everyone, timeout=timeout)  # MoE -> attention transfers
-        self.moe_group = new_group_containing(rank, [self.moe_ranks], timeout) if self.cfg.ma.rebalance else None
-        if len(self.live) < self.layout.attn_replicas:  # after a regroup: the default group is broken
+        self.moe_group = new_group_containing(rank, [self.moe_ranks], timeout) \
+            if self.cfg.ma.rebalance or self.copies else None
+        if len(everyone) < self.layout.world_size:  # after a regroup: the default group is broken
             self.world_group = dist.new_group(everyone, timeout=timeout)
 
     def drop_groups(self) -> None:
@@ -277,14 +296,21 @@ class MASepRank(Strategy):
             dist.destroy_process_group(g)
         self.replica_group = self.shard_group = self.to_moe = self.to_attn = self.moe_group = self.world_group = None
 
-    def regroup(self, members: list[int]) -> str:
-        """Continue with the ranks `members` (the survivors of a lost rank): a replica that lost
-        any rank is dropped, the live replicas take its share of every later global batch.
-        Returns what was done; raises `Unrecoverable` where in-job recovery cannot help."""
+    def regroup(self, members: list[int], steps_done: int, completed: bool, opt) -> str:
+        """Continue with the ranks `members` (the survivors of a lost rank; each completed
+        `steps_done` optimizer steps, the last one `completed` in the step that saw the loss): a
+        replica that lost any rank is dropped, the live replicas take its share of every later
+        global batch; a lost MoE rank's experts are taken over by the MoE rank holding their copy
+        (`ExpertServer.take_over`). Returns what was done; raises `Unrecoverable` where in-job
+        recovery cannot help (on every survivor alike)."""
         lost = sorted(set(self.attn_ranks + self.moe_ranks) - set(members))
-        if any(r in self.moe_ranks for r in lost):
-            raise Unrecoverable(f"rank {self.rank}: MoE rank(s) {[r for r in lost if r in self.moe_ranks]} lost: "
-                                f"in-job recovery covers attention replicas only (no copy of their experts); "
+        lost_moe = [r for r in lost if r in self.moe_ranks]
+        if completed and self.cfg.ma.rebalance and steps_done % self.cfg.ma.rebalance_every == 0:
+            raise Unrecoverable(f"rank {self.rank}: rank(s) {lost} lost at step {steps_done - 1}'s balancing sync "
+                                f"point, which may be half done; restart from the last checkpoint")
+        if lost_moe and not self.copies:
+            raise Unrecoverable(f"rank {self.rank}: MoE rank(s) {lost_moe} lost and no copy of their experts is kept "
+                                f"({'a single MoE rank' if self.M == 1 else 'ma.rebalance is on'}); "
                                 f"restart from the last checkpoint")
         live = [r for r in self.live if all(r * self.tp + t in members for t in range(self.tp))]
         n = self.layout.microbatches * self.layout.attn_replicas
@@ -294,12 +320,56 @@ class MASepRank(Strategy):
         if self.rank in self.attn_ranks and self.replica not in live:
             raise Unrecoverable(f"rank {self.rank}: its attention replica {self.replica} lost rank(s) {lost}: "
                                 f"this rank leaves, the other replicas take the replica's share")
+        done = []
+        if len(live) < len(self.live):
+            done.append(f"attention replica(s) {sorted(set(self.live) - set(live))} dropped; replicas {live} "
+                        f"take {n // len(live)} micro-batches each")
+        takers = self._take_over_plan(lost_moe)
         self.live, self.R = live, len(live)
         self.replicas = self.R
         self.attn_ranks = [r * self.tp + t for r in live for t in range(self.tp)]
         self._build_groups()
-        return (f"attention replica(s) {sorted({r // self.tp for r in lost})} dropped; replicas {live} "
-                f"take {n // len(live)} micro-batches each")
+        if takers:
+            ok = torch.tensor([int(self.take_over(takers.get(self.rank, []), steps_done, opt))])
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=self.world_group)
+            if not ok.item():
+                raise Unrecoverable(f"rank {self.rank}: MoE rank(s) {lost_moe} lost before their experts' copy of "
+                                    f"step {steps_done} reached its holder; restart from the last checkpoint")
+            done += [f"MoE rank {t} took over expert shard(s) {js} from its copy" for t, js in takers.items()]
+        return "; ".join(done)
+
+    def _take_over_plan(self, lost_moe: list[int]) -> dict[int, list[int]]:
+        """Each lost MoE rank's experts go to the next live MoE rank, which holds their copy: the
+        new MoE rank list, holdings and slots (the same on every survivor); {taker: shards}."""
+        if not lost_moe:
+            return {}
+        M, pos = len(self.moe_ranks), [self.moe_ranks.index(r) for r in lost_moe]
+        takers: dict[int, list[int]] = {}
+        for k in pos:
+            t = (k + 1) % M
+            if t in pos:
+                raise Unrecoverable(f"rank {self.rank}: MoE rank {self.moe_ranks[k]} and rank {self.moe_ranks[t]}, "
+                                    f"which holds its experts' copy, are both lost; restart from the last checkpoint")
+            takers.setdefault(t, []).append(k)
+        blocks = {k: (self.first_slot(k), self.rows_of(k)) for k in range(M)}
+        keep = [k for k in range(M) if k not in pos]
+        new_slot, order = torch.empty_like(self.slot_of), [k2 for k in keep for k2 in [k] + takers.get(k, [])]
+        start = 0
+        for k in order:  # survivors in order, each followed by the blocks it takes over
+            first, rows = blocks[k]
+            in_block = (self.slot_of >= first) & (self.slot_of < first + rows)
+            new_slot[in_block] = self.slot_of[in_block] - first + start
+            start += rows
+        self.slot_of.copy_(new_slot)
+        taken = {self.moe_ranks[t]: [j for k in ks for j in self.holdings[k]] for t, ks in takers.items()}
+        self.holdings = [self.holdings[k] + [j for lk in takers.get(k, []) for j in self.holdings[lk]] for k in keep]
+        self.moe_ranks = [self.moe_ranks[k] for k in keep]
+        return taken
+
+    def take_over(self, shards: list[int], steps_done: int, opt) -> bool:
+        """Hold expert shards `shards` from now on (MoE ranks: from the copy); whether the copy
+        held was current (`steps_done` optimizer steps). Attention ranks hold none."""
+        return True
 
     def my_microbatches(self, mbs, exact=True):
         if len(self.live) == self.layout.attn_replicas:
@@ -374,7 +444,7 @@ def remote_experts_static(rank: MASepRank, x_sorted: torch.Tensor, counts: torch
 def serve_forward(rank: MASepRank, experts, senders: list[int], where: str, timed=nullcontext()) -> _Served:
     """Receive the rows of one (layer, micro-batch) from `senders`, run `experts` on all of them
     at once (inside the context `timed`) and post each sender's outputs back."""
-    El = rank.n_local
+    El = rank.rows_of(rank.moe_ranks.index(rank.rank))
     counts = [torch.empty(El, dtype=torch.long) for _ in senders]
     rank.post([], list(zip(counts, senders)), True, TAG_COUNTS, f"receiving counts of {where}").wait()
     per = torch.stack(counts)  # [senders, local experts]
@@ -408,9 +478,8 @@ def serve_backward(rank: MASepRank, served: _Served, where: str, timed=nullconte
                      f"sending input gradients of {where}")
 
 
-def serve_decode_step(rank: MASepRank, experts, senders: list[tuple[int, int]], what: str) -> None:
+def serve_decode_step(rank, senders: list[tuple[int, int]], what: str) -> None:
     """One decode step: for every layer, the rows of each (sender, rows) pair (fixed shapes)."""
-    first = rank.moe_index * rank.n_local
     for layer in range(rank.L):
         counts = [torch.empty(rank.E, dtype=torch.long, device=rank.device) for _ in senders]
         xs = [torch.empty((m, rank.cfg.model.hidden), dtype=rank.wire_dtype, device=rank.device)
@@ -421,7 +490,7 @@ def serve_decode_step(rank: MASepRank, experts, senders: list[tuple[int, int]], 
         rank.post([], [(x, src) for x, (src, _) in zip(xs, senders)], True, TAG_ROWS,
                   f"receiving rows of {where}").wait()
         with rank.autocast():
-            ys = [experts[layer].forward_block(x, c, first).to(rank.wire_dtype).contiguous()
+            ys = [rank.forward_block(layer, x, c).to(rank.wire_dtype).contiguous()
                   for x, c in zip(xs, counts)]
         rank.post([(y, src) for y, (src, _) in zip(ys, senders)], [], False, TAG_ROWS,
                   f"sending expert outputs of {where}").wait()
