@@ -7,13 +7,71 @@ and routes gradients back the same way.
 """
 from __future__ import annotations
 
-from typing import Iterable, Optional
+import queue
+import threading
+from datetime import timedelta
+from typing import Callable, Iterable, Optional
 
 import torch
 import torch.distributed as dist
 
 from masep.parallel.grad_compression import grad_reducer
 from masep.telemetry.timing import comm_timer
+
+# ma.failover on gloo: says why to stop waiting (another rank began a regroup), or None. Without
+# it a rank waiting on a survivor that went on to regroup would sit out its whole timeout.
+_watch: Optional[Callable[[], Optional[str]]] = None
+
+
+def set_wait_watch(fn: Optional[Callable[[], Optional[str]]]) -> None:
+    global _watch
+    _watch = fn
+
+
+class _Waiter:
+    """A thread that waits on works for a caller that keeps watching meanwhile (gloo's
+    send/receive works only complete inside `wait()`, so they cannot be polled)."""
+
+    def __init__(self):
+        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self.abandoned = False
+        threading.Thread(target=self._run, name="masep-comm-waiter", daemon=True).start()
+
+    def _run(self) -> None:
+        while not self.abandoned:
+            works, timeout_s, failed, done = self.jobs.get()
+            try:
+                for work in works:
+                    work.wait(timedelta(seconds=timeout_s)) if timeout_s else work.wait()
+            except RuntimeError as e:
+                failed.append(e)
+            done.set()
+
+
+_waiter: Optional[_Waiter] = None
+
+
+def wait_works(works: list, timeout_s: Optional[float]) -> None:
+    """Wait for `works`, at most `timeout_s` (None: the group's timeout); a failed one raises
+    its RuntimeError. Under a watch a helper thread waits while this one looks at the watch, and
+    a reason from it ends the wait (the helper is left to its timeout)."""
+    global _waiter
+    if _watch is None:
+        for work in works:
+            work.wait(timedelta(seconds=timeout_s)) if timeout_s else work.wait()
+        return
+    if _waiter is None:
+        _waiter = _Waiter()
+    failed: list = []
+    done = threading.Event()
+    _waiter.jobs.put((works, timeout_s, failed, done))
+    while not done.wait(0.02):
+        why = _watch()
+        if why:
+            _waiter.abandoned, _waiter = True, None
+            raise RuntimeError(why)
+    if failed:
+        raise failed[0]
 
 
 def _all_reduce(x: torch.Tensor, group, kind: str) -> torch.Tensor:
@@ -167,25 +225,8 @@ def p2p_exchange(sends: list[tuple[torch.Tensor, int]], recvs: list[tuple[torch.
     time spent, transfer plus waiting for the peer to reach its side, is recorded under `kind`.
     A dead or silent peer raises `PeerCommError` naming it (after `timeout_s` at the latest).
     """
-    ops = ([dist.P2POp(dist.isend, t.contiguous(), dst, group) for t, dst in sends]
-           + [dist.P2POp(dist.irecv, buf, src, group) for buf, src in recvs])
-    if not ops:
-        return
-    from datetime import timedelta
-
-    timeout = timedelta(seconds=timeout_s) if timeout_s else None
-    with comm_timer().time(kind):
-        try:
-            for work in dist.batch_isend_irecv(ops):
-                if timeout is None:
-                    work.wait()
-                else:
-                    work.wait(timeout)
-        except RuntimeError as e:  # DistBackendError and gloo's IO errors derive from it
-            peers = sorted({p for _, p in sends} | {p for _, p in recvs})
-            raise PeerCommError(
-                f"rank {dist.get_rank()}: point-to-point exchange with rank(s) {peers} failed "
-                f"(peer gone, or no answer within {timeout_s}s): {str(e).splitlines()[0]}") from e
+    post_p2p([(t.contiguous(), dst) for t, dst in sends], recvs, group, kind, 0,
+             "point-to-point exchange", timeout_s).wait()
 
 
 class _CopyManyToGroup(torch.autograd.Function):
@@ -228,17 +269,11 @@ class PendingP2P:
     def wait(self) -> None:
         if not self.works:
             return
-        from datetime import timedelta
-
         # Only the time spent blocked here is recorded: a transfer that completed behind
         # computation costs nothing, which is what the overlap is meant to achieve.
         with comm_timer().time(self.kind):
             try:
-                for work in self.works:
-                    if self.timeout_s:
-                        work.wait(timedelta(seconds=self.timeout_s))
-                    else:
-                        work.wait()
+                wait_works(self.works, self.timeout_s)
             except RuntimeError as e:  # DistBackendError and gloo's IO errors derive from it
                 raise PeerCommError(
                     f"rank {dist.get_rank()}: {self.what} with rank(s) {self.peers} failed (peer gone, "

@@ -11,6 +11,8 @@ no more either).
 
 Generation g -> g + 1 (`Membership.regroup`), on a survivor that saw a communication error or a
 wait past `parallel.timeout_s`:
+0. it marks `gen<g+1>/begun`: a rank waiting on it (polling its transfers, `comm.set_wait_watch`,
+   on gloo) stops waiting and regroups too, instead of sitting out its timeout;
 1. it registers `gen<g+1>/alive/<rank>` = the optimizer steps it completed;
 2. it waits until every member of g either registered or is stale;
 3. the first `compare_set` of `gen<g+1>/members` fixes the member list (later callers read it),
@@ -24,8 +26,11 @@ from __future__ import annotations
 import json
 import threading
 import time
+from typing import Optional
 
 import torch.distributed as dist
+
+from masep.parallel.comm import set_wait_watch
 
 
 
@@ -52,11 +57,18 @@ class Membership:
     def stop(self) -> None:
         self._stop.set()
 
+    def begun(self) -> Optional[str]:
+        """Why to stop waiting on peers: another rank began the next regroup."""
+        if self.store.check([f"gen{self.generation + 1}/begun"]):
+            return f"rank {self.rank}: rank {self.store.get(f'gen{self.generation + 1}/begun').decode()} lost a peer and regroups"
+        return None
+
     def regroup(self, steps_done: int) -> tuple[list[int], dict[int, int]]:
         """Register in the next generation and agree on its members: (members, steps each
         member completed). Raises `LeftOut` if the list was fixed without this rank."""
         g = self.generation + 1
         alive = lambda r: f"gen{g}/alive/{r}"  # noqa: E731
+        self.store.set(f"gen{g}/begun", str(self.rank))
         self.store.set(alive(self.rank), str(steps_done))
         last_seen = {r: (self.store.add(f"hb/{r}", 0), time.monotonic()) for r in self.members}
         while True:
@@ -92,6 +104,8 @@ class Failover:
         self.strategy, self.opt, self.rank = strategy, opt, rank
         self.membership = Membership(dist.distributed_c10d._get_default_store(), rank, world, stale_s)
         self.events: list[dict] = []
+        if dist.get_backend() == "gloo":  # NCCL's waits do not block the host: nothing to poll
+            set_wait_watch(self.membership.begun)
 
     def recover(self, error: RuntimeError, step: int, completed: bool, attempt_s: float) -> None:
         """Recover from `error`, seen `attempt_s` into step `step` (`completed`: after its
@@ -117,4 +131,5 @@ class Failover:
               f"{'was complete' if completed else 'is redone on the same batch'}", flush=True)
 
     def stop(self) -> None:
+        set_wait_watch(None)
         self.membership.stop()

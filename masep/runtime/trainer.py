@@ -22,6 +22,7 @@ from masep.config import Config
 from masep.model import build_model
 from masep.parallel import build_strategy
 from masep.parallel.base import GlobalBatch, Strategy, sync
+from masep.parallel.comm import wait_works
 from masep.parallel.grad_compression import set_grad_compression
 from masep.parallel.layout import Layout, make_layout
 from masep.runtime import checkpoint
@@ -143,7 +144,7 @@ class Trainer:
             t_work = time.perf_counter()
             # Idle: how long this rank waits for the slowest one at the end of the step.
             if dist.is_initialized() and dist.get_world_size() > 1:
-                dist.barrier(group=self.strategy.world_group)
+                wait_works([dist.barrier(group=self.strategy.world_group, async_op=True)], self.cfg.parallel.timeout_s)
         except RuntimeError as e:  # the optimizer step is done on every survivor: keep it (a survivor
             self._recover(e, self.step, True, t0)  # may have passed the barrier: not redone)
             self.opt.zero_grad(set_to_none=True)

@@ -43,7 +43,6 @@ def run_held(blocks: list[Experts], x_sorted: torch.Tensor, counts: torch.Tensor
 class ExpertServer(MASepRank):
     def __init__(self, cfg, layout, rank, device, model: MoETransformer):
         super().__init__(cfg, layout, rank, device)
-        mc = cfg.model
         self.moe_index = layout.coords(rank)["moe_index"]
         self.experts = self._shard(model, self.moe_index)
         self.shards = {self.moe_index: self.experts}  # expert shard -> its experts of every layer
