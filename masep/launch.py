@@ -27,10 +27,10 @@ launcher submits `entry` again (resume=True), up to N times; the ranks continue 
 checkpoint. Each rank also writes its progress (`report_progress`: last finished step and phase)
 to `<log folder>/<job id>_<rank>_progress.json`, which a fault injector (masep.faults) watches.
 
-In-job recovery (`ma.failover`, ma_sep with attention replicas): this process hosts the ranks'
-rendezvous store (local executor), so it outlives any rank; a lost attention rank is left out of
-the verdict (`_drop_lost`) while the others regroup (masep.parallel.regroup), and any other loss
-ends the job as above.
+In-job recovery (`ma.failover`, ma_sep): this process hosts the ranks' rendezvous store, so it
+outlives any rank; a lost attention rank (with replicas to take over) or MoE rank (with another
+holding its experts' copy) is left out of the verdict (`_drop_lost`) while the others regroup
+(masep.parallel.regroup), and any other loss ends the job as above.
 
 Requeue: `entry` should subclass `RankEntry` (a `submitit.helpers.Checkpointable`). When SLURM
 (or the local executor) signals a timeout, rank 0's `entry.checkpoint()` resubmits a copy with
@@ -374,7 +374,7 @@ class _Echo:
 
 
 def _drop_lost(states: list[_RankState], tolerate: set, lost: set, stale_s: float) -> list[_RankState]:
-    """`ma.failover`: ranks in `tolerate` (attention ranks) may be lost while the others go on.
+    """`ma.failover`: ranks in `tolerate` may be lost while the others go on.
     Leave such a rank (killed, or silent past `stale_s`, when the others have timed out on it
     too) out of the verdict, adding it to `lost` and saying so once; a silent one here is
     killed, since the others went on without it."""
@@ -536,8 +536,8 @@ def launch(entry: Callable[[], Any], cfg, world_size: int, job_name: str,
            folder: str | Path, run_dirs: Sequence[str | Path] = (), injector=None) -> list:
     """Run `entry()` once in each of `world_size` tasks of one job; return their results by rank.
     The job holds the lock of each of `run_dirs` (the run folders it writes) while it runs. A
-    rank lost while the job runs ends it (under `ma.failover` a lost ma_sep attention rank does
-    not: the others regroup); up to `cfg.launch.max_restarts` times a new job of `entry`
+    rank lost while the job runs ends it (under `ma.failover` a lost ma_sep rank that can be
+    recovered in the job does not: the others regroup); up to `cfg.launch.max_restarts` times a new job of `entry`
     (resume=True) then continues from the newest checkpoint. `injector` (masep.faults.Injector)
     watches each job and hears of each loss."""
     lc = cfg.launch
@@ -563,7 +563,7 @@ def launch(entry: Callable[[], Any], cfg, world_size: int, job_name: str,
                     raise
                 if injector is not None:
                     injector.lost(e, restart + 1)
-                scope = " (ma.failover recovers lost attention ranks in the job, not this)" if _failover_ranks(cfg) else ""
+                scope = " (ma.failover could not recover this in the job)" if _failover_ranks(cfg) else ""
                 print(f"masep launch: {job_name}: {e}; restarting every rank from the newest checkpoint{scope} "
                       f"(restart {restart + 1} of launch.max_restarts={lc.max_restarts})", flush=True)
                 entry = copy.copy(entry)
@@ -627,11 +627,14 @@ def _submit_and_wait(ex, entry, cfg, world_size: int, job_name: str, folder, rec
 
 def _failover_ranks(cfg) -> set:
     """The ranks whose loss the others recover from in the job (`ma.failover`: ma_sep's
-    attention ranks, when there are replicas to take over), else none."""
+    attention ranks when there are replicas to take over, its MoE ranks when they keep copies
+    of each other's experts), else none."""
     p = cfg.parallel
-    if not (getattr(cfg, "ma", None) and cfg.ma.failover and p.strategy == "ma_sep" and p.attn_replicas > 1):
+    if not (getattr(cfg, "ma", None) and cfg.ma.failover and p.strategy == "ma_sep"):
         return set()
-    return set(range(p.attn_tp * p.attn_replicas))
+    n_attn = p.attn_tp * p.attn_replicas
+    return (set(range(n_attn)) if p.attn_replicas > 1 else set()) | \
+        (set(range(n_attn, n_attn + p.moe_ranks)) if p.moe_ranks > 1 and not cfg.ma.rebalance else set())
 
 
 def _run_debug(ex, entry, job_name: str) -> list:

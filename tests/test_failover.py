@@ -189,19 +189,20 @@ E2E = ["ma.failover=true", "model.expert_dropout=0.0", "launch.max_restarts=1", 
 
 
 @pytest.mark.slow
-def test_fault_trial_kill_attention_recovers_in_the_job(tmp_path, tokens):
-    """`masep train` with fault.kind=kill_attention on ma_sep (2 attention + 2 MoE ranks): the
-    launcher's injector SIGKILLs an attention rank by pid; the run finishes in the job, its
-    faults row has the detection and recovery times from the recovery rows, and its batches and
-    final loss are the uninterrupted reference's."""
+@pytest.mark.parametrize("kind, victim", [("kill_attention", 1), ("kill_moe", 3)])
+def test_fault_trial_recovers_in_the_job(tmp_path, tokens, kind, victim):
+    """`masep train` with a fault on ma_sep (2 attention + 2 MoE ranks): the launcher's injector
+    SIGKILLs an attention rank (its replica is dropped) or a MoE rank (its experts are taken over)
+    by pid; the run finishes in the job, its faults row has the detection and recovery times
+    from the recovery rows, and its batches and final loss are the uninterrupted reference's."""
     reference = tmp_path / "runs" / "reference"
     train(tmp_path, tokens, reference, *E2E, strategy="ma_sep", world=4)
-    out = tmp_path / "runs" / "kill_attention"
-    # seed 5: rank 1 (replica 1) after step 5
-    log = train(tmp_path, tokens, out, *E2E, "fault.kind=kill_attention", "fault.seed=5",
+    out = tmp_path / "runs" / kind
+    # seed 5: the victim after step 5
+    log = train(tmp_path, tokens, out, *E2E, f"fault.kind={kind}", "fault.seed=5",
                 f"fault.reference={reference}", strategy="ma_sep", world=4)
     [row] = pq.read_table(out / "faults-rank0.parquet").to_pylist()
-    assert row["target_ranks"] == "1" and row["step_injected"] == row["planned_step"] == 5
+    assert row["target_ranks"] == str(victim) and row["step_injected"] == row["planned_step"] == 5
     assert row["recovery_mode"] == "in_job" and row["restarts"] == 0 and "restarting" not in log
     assert 0 < row["detection_s"] < row["recovery_s"] and row["steps_replayed"] in (0, 1)
     assert (row["batches_completed"], row["batches_lost"], row["batches_repeated"], row["batches_mismatched"]) == (8, 0, 0, 0)
@@ -211,5 +212,5 @@ def test_fault_trial_kill_attention_recovers_in_the_job(tmp_path, tokens):
     assert [r["step"] for r in steps] == list(range(8))
     assert [r["batch_crc32"] for r in steps] == [r["batch_crc32"] for r in ref]
     recovery = pq.read_table(out / "recovery-rank0.parquet").to_pylist()
-    assert [(e["rank_lost"], e["survivors"]) for e in recovery] == [([1], [0, 2, 3])]
-    assert "rank(s) 1 after step 5: recovered in the job" in log
+    assert [(e["rank_lost"], e["survivors"]) for e in recovery] == [([victim], [r for r in range(4) if r != victim])]
+    assert f"rank(s) {victim} after step 5: recovered in the job" in log

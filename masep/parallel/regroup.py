@@ -57,6 +57,10 @@ class Membership:
     def stop(self) -> None:
         self._stop.set()
 
+    def begin(self) -> None:
+        """Tell the others that the next regroup has begun (`begun`)."""
+        self.store.set(f"gen{self.generation + 1}/begun", str(self.rank))
+
     def begun(self) -> Optional[str]:
         """Why to stop waiting on peers: another rank began the next regroup."""
         if self.store.check([f"gen{self.generation + 1}/begun"]):
@@ -68,7 +72,7 @@ class Membership:
         member completed). Raises `LeftOut` if the list was fixed without this rank."""
         g = self.generation + 1
         alive = lambda r: f"gen{g}/alive/{r}"  # noqa: E731
-        self.store.set(f"gen{g}/begun", str(self.rank))
+        self.begin()
         self.store.set(alive(self.rank), str(steps_done))
         last_seen = {r: (self.store.add(f"hb/{r}", 0), time.monotonic()) for r in self.members}
         while True:
@@ -113,6 +117,7 @@ class Failover:
         recovered in the job."""
         t0, detected_at = time.perf_counter(), time.time()
         before = self.membership.members
+        self.membership.begin()  # first: dropping the groups may wait for their pending transfers
         self.strategy.drop_groups()
         members, steps = self.membership.regroup(step + completed)
         lost = sorted(set(before) - set(members))

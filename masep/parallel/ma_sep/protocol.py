@@ -289,8 +289,8 @@ class MASepRank(Strategy):
 
     def drop_groups(self) -> None:
         """Destroy this rank's groups after a communication error (nothing is called on them).
-        Peers blocked on this rank in them still wait for their timeout: gloo keeps the
-        connections open."""
+        gloo keeps the connections open: peers blocked on this rank learn of the regroup from
+        the store instead (`Membership.begun`)."""
         groups = (self.replica_group, self.shard_group, self.to_moe, self.to_attn, self.moe_group, self.world_group)
         for g in set(groups) - {None}:
             dist.destroy_process_group(g)
