@@ -125,7 +125,9 @@ def test_attention_replicas_lost_training_goes_on(layout, victims, single_losses
         assert res["losses"] == pytest.approx(single_losses, rel=1e-5, abs=1e-5), r
         assert sorted(v for e in res["events"] for v in e["rank_lost"]) == list(victims)
         assert res["events"][-1]["survivors"] == survivors
-        assert all(e["step"] >= KILL_STEP and e["steps_redone"] in (0, 1) for e in res["events"])
+        # seen in step KILL_STEP (redone), or at the end of the one before (complete everywhere)
+        assert all(e["steps_redone"] in (0, 1) and e["step"] + 1 - e["steps_redone"] >= KILL_STEP
+                   for e in res["events"])
         assert all(0 < e["regroup_s"] < 30 for e in res["events"])
 
 
