@@ -148,7 +148,7 @@ class MaConfig:
     # The lever across the groups: the output head (vocabulary projection and cross-entropy) split
     # by vocabulary rows between the attention ranks and the MoE ranks; sync points move the cut.
     head_split: bool = False
-    # In-job recovery (masep.parallel.regroup): survivors of a lost attention replica regroup and go on
+    # In-job recovery (masep.parallel.regroup): survivors of a lost attention replica or MoE rank regroup and go on
     failover: bool = False
     failover_stale_s: float = 1.0  # a rank whose heartbeat stood still this long counts as lost
     # Test-only levers (never in a study): every sync point applies a random placement (and, with

@@ -7,7 +7,7 @@
 #   <runs>/faults/<strategy>/<kind>/trial=<k>/run.json   (snakemake faults_all: every trial)
 # kill_attention_k<k>: k attention ranks at once, k = 1 .. half of them (the degradation curve).
 # `faults.overrides` gives one strategy's fault runs their own settings (ma_sep: ma.failover, so
-# a lost attention rank is recovered in the job and any other loss by the restart).
+# a lost attention or MoE rank is recovered in the job and any other loss by the restart).
 
 from masep.faults import trial_overrides, workflow_kinds
 
