@@ -20,12 +20,13 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 from masep.errors import ExpectedError
+from masep.parallel.comm import wait_works
 from masep.telemetry.writer import atomic_write_bytes
 
 
 def _barrier(group=None) -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier(group=group)
+        wait_works([dist.barrier(group=group, async_op=True)], None)  # under ma.failover: watched
 
 
 def _rng_state(device: torch.device) -> bytes:
