@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -392,8 +393,12 @@ def test_injected_delay_raises_exactly_that_kinds_share(tmp_path):
     slow = {m: v for (d, m), v in shares.items() if d}
     assert base["comm_moe_dispatch_pct"] > 0 and base["comm_grad_sync_pct"] > 0  # ep_dp uses both
     assert slow["comm_grad_sync_pct"] > base["comm_grad_sync_pct"] + 10
-    for kind in ("comm_attn_allreduce_pct", "comm_moe_dispatch_pct", "comm_p2p_pct"):
-        assert slow[kind] <= base[kind] + 1.0, kind
+    # The delay is not counted under another kind: per step, none of them grew by half of it
+    # (their shares may move by more than a point with the machine's load).
+    for kind in ("attn_allreduce", "moe_dispatch", "p2p"):
+        per_step = [statistics.mean(r[f"comm_{kind}_s"] for rank_rows in results for r in rank_rows[phase])
+                    for phase in (0, 1)]
+        assert per_step[1] - per_step[0] < 0.05 / 2, (kind, per_step)
 
 
 # ------------------------------------------------------------------ views on made-up run folders

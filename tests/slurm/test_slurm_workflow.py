@@ -451,7 +451,8 @@ def test_time_limit_requeues_the_job_and_training_resumes_from_its_checkpoint(e2
                            extra_set=(f"train.steps={steps}", f"train.decay_steps={steps}",
                                       f"train.checkpoint_every={every}", f"train.eval_every={steps}",
                                       f"train.log_every={every}"),
-                           launch={"time_min": REQUEUE_TIME_MIN})
+                           # requeues as needed: a loaded machine's slower steps need more segments
+                           launch={"time_min": REQUEUE_TIME_MIN, "max_requeues": 10})
     copy_tokens(e2e.project, project)
     run = snakemake(project, f"results/runs/{train_run(strategy)}/run.json")
     out = run.output
