@@ -17,7 +17,7 @@ import torch.distributed as dist
 from masep.parallel.comm import new_group_containing
 from masep.parallel.regroup import Membership
 from masep.testing import run_ranks
-from parity import DROPLESS, ma_sep, make_batches, make_cfg
+from parity import DROPLESS, SHUFFLED, ma_sep, make_batches, make_cfg
 from test_faults import tokens, train  # noqa: F401 - the fixture and the `masep train` runner
 
 WAIT = timedelta(seconds=300)
@@ -82,10 +82,10 @@ STEPS, KILL_STEP = 5, 2
 FAILOVER = DROPLESS + ["ma.failover=true", "ma.failover_stale_s=0.5", "parallel.timeout_s=10"]
 
 
-def replicas_lost_rank(rank, world, layout, victims):
+def replicas_lost_rank(rank, world, layout, victims, extra):
     from masep.runtime.trainer import Trainer
 
-    cfg = make_cfg(ma_sep(*layout) + FAILOVER, world)
+    cfg = make_cfg(ma_sep(*layout) + FAILOVER + extra, world)
     trainer = Trainer(cfg, rank)
     losses = []
     for step, batch in enumerate(make_batches(cfg, STEPS)):
@@ -107,13 +107,15 @@ def single_losses():
     return [single.train_step(b)["loss"] for b in make_batches(cfg, STEPS)]
 
 
-@pytest.mark.parametrize("layout, victims", [
-    ((1, 2, 2, 2), (1,)),  # 2 attention replicas + 2 MoE ranks: replica 1 lost
-    ((1, 4, 4, 1), (1, 2)),  # 4 attention replicas + 4 MoE ranks: 2 of 4 lost at once
-], ids=["1_of_2", "2_of_4"])
-def test_attention_replicas_lost_training_goes_on(layout, victims, single_losses):
+@pytest.mark.parametrize("layout, victims, extra", [
+    ((1, 2, 2, 2), (1,), []),  # 2 attention replicas + 2 MoE ranks: replica 1 lost
+    ((1, 4, 4, 1), (1, 2), []),  # 4 attention replicas + 4 MoE ranks: 2 of 4 lost at once
+    # experts moved to a random placement at the sync point after step 2, which follows the regroup
+    ((1, 2, 2, 2), (1,), SHUFFLED + ["ma.rebalance_every=3"]),
+], ids=["1_of_2", "2_of_4", "1_of_2_rebalancing"])
+def test_attention_replicas_lost_training_goes_on(layout, victims, extra, single_losses):
     world = layout[0] * layout[1] + layout[2]
-    out = run_ranks(world, replicas_lost_rank, layout, victims,
+    out = run_ranks(world, replicas_lost_rank, layout, victims, extra,
                     injector=kill_when("victim_in_step", *victims))
     survivors = [r for r in range(world) if r not in victims]
     assert all(out[v] is None for v in victims)

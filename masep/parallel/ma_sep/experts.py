@@ -49,7 +49,7 @@ class ExpertServer(MASepRank):
         self.copy: Optional[dict] = None  # the previous MoE rank's shards, as of `steps` optimizer steps
         if self.copies:
             j = (self.moe_index - 1) % self.M
-            self.copy = {"from": self.moe_ranks[j], "steps": 0, "shards": [j], "adam_step": None,
+            self.copy = {"steps": 0, "shards": [j], "adam_step": None,
                          "data": self._pack([(w, None) for w in self._shard(model, j).parameters()], 0, None)}
         if self.head_split is not None:  # the whole matrix, zero but for the rows this rank computes
             self.head = nn.Parameter(model.head.weight.detach().to(self.device, copy=True))
@@ -114,7 +114,7 @@ class ExpertServer(MASepRank):
         post_p2p([(mine, self.moe_ranks[(pos + 1) % M])], [(theirs, self.moe_ranks[(pos - 1) % M])],
                  self.moe_group, "p2p", TAG_COPY, f"exchanging expert copies after step {step}", self.timeout_s).wait()
         steps, has_state, adam_step = theirs[:3].tolist()
-        self.copy = {"from": self.moe_ranks[(pos - 1) % M], "steps": int(steps), "shards": prev_shards,
+        self.copy = {"steps": int(steps), "shards": prev_shards,
                      "adam_step": adam_step if has_state else None, "data": theirs}
 
     def take_over(self, shards: list[int], steps_done: int, opt) -> bool:
@@ -145,6 +145,7 @@ class ExpertServer(MASepRank):
         self.copy = None
         return True
 
+    def _build_groups(self) -> None:
         super()._build_groups()
         if getattr(self, "balancer", None) is not None:  # a regroup: the balancer talks over the new group
             self.balancer.group = self.moe_group
