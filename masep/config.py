@@ -394,6 +394,14 @@ def config_from_dict(d: dict) -> Config:
 # ---------------------------------------------------------------- validation
 
 
+def keeps_expert_copies(cfg) -> bool:
+    """`ma.failover`: ma_sep's MoE ranks keep copies of each other's experts, so a lost one is
+    recovered in the job; not with one MoE rank, nor with `ma.rebalance` (its placement assumes
+    E/M experts a rank)."""
+    p = cfg.parallel
+    return cfg.ma.failover and p.strategy == "ma_sep" and p.moe_ranks > 1 and not cfg.ma.rebalance
+
+
 def _require(cond: bool, key: str, msg: str) -> None:
     if not cond:
         raise ConfigError(f"{key}: {msg}")

@@ -59,6 +59,7 @@ from typing import Any, Callable, Optional, Sequence
 import submitit
 from submitit.helpers import Checkpointable, DelayedSubmission
 
+from masep.config import keeps_expert_copies
 from masep.errors import ExpectedError
 
 # How often the waiting process looks at the job. SLURM states come from sacct, which submitit
@@ -634,7 +635,7 @@ def _failover_ranks(cfg) -> set:
         return set()
     n_attn = p.attn_tp * p.attn_replicas
     return (set(range(n_attn)) if p.attn_replicas > 1 else set()) | \
-        (set(range(n_attn, n_attn + p.moe_ranks)) if p.moe_ranks > 1 and not cfg.ma.rebalance else set())
+        (set(range(n_attn, n_attn + p.moe_ranks)) if keeps_expert_copies(cfg) else set())
 
 
 def _run_debug(ex, entry, job_name: str) -> list:

@@ -75,9 +75,18 @@ def test_signals_to_the_client_reach_the_task_and_a_killed_client_takes_its_task
         proc.send_signal(sig)
         assert proc.wait(timeout=60) == -sig
         deadline = time.monotonic() + 10
-        while os.path.exists(f"/proc/{task_pid}") and open(f"/proc/{task_pid}/stat").read().split()[2] != "Z":
+        while _running(task_pid):
             assert time.monotonic() < deadline, f"task pid {task_pid} outlived its client ({sig.name})"
             time.sleep(0.05)
+
+
+def _running(pid: int) -> bool:
+    """Whether `pid` exists and is not a zombie (it may be reaped while /proc is read)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
 
 
 def test_without_a_server_the_client_runs_the_task_itself_and_says_so(tmp_path, monkeypatch):

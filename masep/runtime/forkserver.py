@@ -84,9 +84,10 @@ class Server:
             self.proc.stdin.close()
         with suppress(subprocess.TimeoutExpired):
             self.proc.wait(timeout=5)  # tasks still running (a cancelled job's) keep it until they end
-        for remove in (os.unlink, os.rmdir):  # the server removes both when it ends first
-            with suppress(OSError):
-                remove(self.path if remove is os.unlink else self.dir)
+        with suppress(OSError):  # the server removes both when it ends first
+            os.unlink(self.path)
+        with suppress(OSError):
+            os.rmdir(self.dir)
 
 
 # ------------------------------------------------------------------ the server

@@ -60,16 +60,21 @@ class ExpertServer(MASepRank):
                                         timeout_s=self.timeout_s, seed=cfg.train.seed)
             self.clock = LayerClock(self.L, self.device)
 
+    def _empty_experts(self) -> Experts:
+        """One layer's block of E/M experts, uninitialised, on this rank's device."""
+        mc = self.cfg.model
+        with torch.device(self.device):
+            return Experts(self.n_local, mc.hidden, mc.expert_hidden, mc.expert_activation, mc.expert_dropout)
+
     def _shard(self, model: MoETransformer, j: int) -> nn.ModuleList:
         """Expert shard j (experts [j*E/M, (j+1)*E/M)) of every layer of `model`."""
-        mc, out = self.cfg.model, nn.ModuleList()
+        out = nn.ModuleList()
         for block in model.blocks:
-            with torch.device(self.device):
-                ex = Experts(self.n_local, mc.hidden, mc.expert_hidden, mc.expert_activation, mc.expert_dropout)
-            ex.load_state_dict({k: tp_shard("moe.experts." + k, v, mc, j, self.M)
+            ex = self._empty_experts()
+            ex.load_state_dict({k: tp_shard("moe.experts." + k, v, self.cfg.model, j, self.M)
                                 for k, v in block.moe.experts.state_dict().items()})
             out.append(ex)
-        return out.to(self.device)
+        return out
 
     def _held(self) -> list[int]:
         return self.holdings[self.moe_ranks.index(self.rank)]
@@ -123,14 +128,13 @@ class ExpertServer(MASepRank):
         c = self.copy
         if c is None or c["shards"] != shards or c["steps"] != steps_done:
             return False
-        mc, flat, at = self.cfg.model, c["data"], 3
+        flat, at = c["data"], 3
         like = next(iter(opt.state.values()), {}).get("step") if opt.state else None
         decay = opt.param_groups[0]  # make_optimizer: matrices (every expert weight) decay
         for j in shards:
             block = nn.ModuleList()
             for _ in range(self.L):
-                with torch.device(self.device):
-                    ex = Experts(self.n_local, mc.hidden, mc.expert_hidden, mc.expert_activation, mc.expert_dropout)
+                ex = self._empty_experts()
                 for p in ex.parameters():
                     n = p.numel()
                     w, m, v = (flat[at + i * n:at + (i + 1) * n].view_as(p) for i in range(3))

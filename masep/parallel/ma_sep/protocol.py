@@ -91,6 +91,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from masep.config import keeps_expert_copies
 from masep.parallel.balance import HeadSplit, write_events
 from masep.parallel.base import Generation, Strategy, sync
 from masep.parallel.comm import PendingP2P, new_group_containing, post_p2p
@@ -190,9 +191,7 @@ class MASepRank(Strategy):
         # The expert shards (of E/M experts each, by original MoE index) each live MoE rank holds:
         # its own, and under ma.failover those it took over from a lost MoE rank (`regroup`).
         self.holdings = [[j] for j in range(self.M)]
-        # ma.failover: each MoE rank keeps a copy of the next one's experts (ExpertServer). Not with
-        # ma.rebalance (its placement assumes E/M experts a rank) or a single MoE rank (no other).
-        self.copies = cfg.ma.failover and self.M > 1 and not cfg.ma.rebalance
+        self.copies = keeps_expert_copies(cfg)  # each MoE rank keeps the previous one's experts (ExpertServer)
         self._build_groups()
         if self.device.type == "cuda":
             # NCCL: batched P2P must not be a group's first operation unless all ranks join it.
