@@ -192,17 +192,24 @@ def test_moe_rank_lost_its_experts_are_taken_over(layout, victims, tmp_path):
 E2E = ["ma.failover=true", "model.expert_dropout=0.0", "launch.max_restarts=1", "train.global_batch=8"]
 
 
+@pytest.fixture(scope="module")
+def e2e_reference(tmp_path_factory, tokens):
+    tmp = tmp_path_factory.mktemp("e2e_reference")
+    train(tmp, tokens, tmp / "runs" / "reference", *E2E, strategy="ma_sep", world=4)
+    return tmp / "runs" / "reference"
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("kind, victim", [("kill_attention", 1), ("kill_moe", 3)])
-def test_fault_trial_recovers_in_the_job(tmp_path, tokens, kind, victim):
+@pytest.mark.parametrize("kind, victim", [("kill_attention", 1), ("kill_moe", 3), ("stop", 1), ("kill_checkpoint", 1)])
+def test_fault_trial_recovers_in_the_job(tmp_path, tokens, e2e_reference, kind, victim):
     """`masep train` with a fault on ma_sep (2 attention + 2 MoE ranks): the launcher's injector
-    SIGKILLs an attention rank (its replica is dropped) or a MoE rank (its experts are taken over)
-    by pid; the run finishes in the job, its faults row has the detection and recovery times
-    from the recovery rows, and its batches and final loss are the uninterrupted reference's."""
-    reference = tmp_path / "runs" / "reference"
-    train(tmp_path, tokens, reference, *E2E, strategy="ma_sep", world=4)
+    SIGKILLs (SIGSTOPs) an attention rank (its replica is dropped; kill_checkpoint: while the
+    checkpoint is written) or a MoE rank (its experts are taken over) by pid; the run finishes in
+    the job, its faults row has the detection and recovery times from the recovery rows, and its
+    batches and final loss are the uninterrupted reference's."""
+    reference = e2e_reference
     out = tmp_path / "runs" / kind
-    # seed 5: the victim after step 5
+    # seed 5: the victim after step 5 (kill_checkpoint: while writing the checkpoint after it)
     log = train(tmp_path, tokens, out, *E2E, f"fault.kind={kind}", "fault.seed=5",
                 f"fault.reference={reference}", strategy="ma_sep", world=4)
     [row] = pq.read_table(out / "faults-rank0.parquet").to_pylist()
