@@ -14,6 +14,7 @@ default `bench/runs` where it exists), each shown as the table of `masep.bench.t
 from __future__ import annotations
 
 import html
+import itertools
 import math
 import os
 from dataclasses import dataclass
@@ -91,8 +92,13 @@ def save_figure(fig: Figure, figdir: Path, name: str) -> list[Path]:
 
 
 def loss_figure(con) -> tuple[Figure, Table]:
-    curves = con.execute("SELECT strategy, seed, step, loss FROM loss_curve WHERE experiment = 'train' "
-                     "AND loss IS NOT NULL ORDER BY strategy, seed, step").fetchall()
+    # At most ~1,000 points per run (means over buckets of steps): a paper-length run has 50,000.
+    curves = con.execute("""
+        WITH c AS (SELECT strategy, seed, step, loss FROM loss_curve WHERE experiment = 'train' AND loss IS NOT NULL),
+        w AS (SELECT strategy, seed, greatest(1, CAST(ceil((max(step) + 1) / 1000) AS BIGINT)) AS width
+              FROM c GROUP BY ALL)
+        SELECT strategy, seed, min(step), avg(loss) FROM c JOIN w USING (strategy, seed)
+        GROUP BY strategy, seed, step // width ORDER BY 1, 2, 3""").fetchall()
     evals = con.execute("SELECT r.strategy, r.seed, e.step, e.val_loss FROM eval e JOIN runs r USING (run_id) "
                     "WHERE e.val_loss IS NOT NULL ORDER BY 1, 2, 3").fetchall()
     table = _query(con, "SELECT strategy, seed, steps, final_step, final_loss, final_val_loss, final_val_ppl "
@@ -104,12 +110,13 @@ def loss_figure(con) -> tuple[Figure, Table]:
     else:
         colors = _strategy_colors(sorted({c[0] for c in curves}))
         labelled: set[str] = set()
-        for (strategy, seed) in sorted({(c[0], c[1]) for c in curves}):
-            pts = [(c[2], c[3]) for c in curves if (c[0], c[1]) == (strategy, seed)]
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], color=colors[strategy], lw=1, alpha=0.8,
+        evals_of = {key: list(rows) for key, rows in itertools.groupby(evals, key=lambda e: (e[0], e[1]))}
+        for (strategy, seed), rows in itertools.groupby(curves, key=lambda c: (c[0], c[1])):
+            pts = list(rows)
+            ax.plot([p[2] for p in pts], [p[3] for p in pts], color=colors[strategy], lw=1, alpha=0.8,
                     label=strategy if strategy not in labelled else None)
             labelled.add(strategy)
-            val = [(e[2], e[3]) for e in evals if (e[0], e[1]) == (strategy, seed)]
+            val = [(e[2], e[3]) for e in evals_of.get((strategy, seed), [])]
             if val:
                 ax.plot([v[0] for v in val], [v[1] for v in val], "o", color=colors[strategy], ms=4)
         ax.set_xlabel("step")

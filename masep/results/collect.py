@@ -1,11 +1,16 @@
 """`masep collect`: build the results database from every complete run folder.
 
-A run folder is complete when it holds `run.json` (rank 0 writes it last). Its per-rank Parquet
-files become rows of the table named by the file prefix (`steps-rank0.parquet` -> `steps`);
-kinds without a declared table (`faults`, `telemetry`, ...) become tables of their own. The SQL
-lives in `sql/*.sql`: `00_schema.sql`, `10_load_runs.sql`, the load templates `2*_load_*.sql`,
-then every file numbered 50 or above (views), in name order. The committed peer benchmark files
-(`peer`, scripts/bench_peer.py's JSON) become rows of `peer_benchmark` (`22_load_peer.sql`).
+A run folder is complete when it holds `run.json` (rank 0 writes it last). `runs` holds one row
+per run.json; each kind of per-rank Parquet file is named by its file prefix
+(`steps-rank0.parquet` -> `steps`). The per-step kinds (IN_PLACE) are views over the run
+folders' files, read where they lie; every other kind is copied into a table. Kinds without a
+declared table (`faults`, `memory`, ...) get their files' own columns. The tables the report and
+the paper-shaped views read (`loss_curve`, `run_summary`, `run_metrics`, ...) are computed here,
+so the report needs the database only; queries of `steps`, `experts` or `telemetry` need the run
+folders at the paths they were collected from. The SQL lives in `sql/*.sql`: `00_schema.sql`,
+`10_load_runs.sql`, `22_load_peer.sql`, then every file numbered 50 or above, in name order. The
+committed peer benchmark files (`peer`, scripts/bench_peer.py's JSON) become rows of
+`peer_benchmark`.
 
 A run.json that lists its files (`files`: name -> rows) is checked first: a missing, damaged or
 short file refuses the whole collect with one line naming it, instead of a database that lacks
@@ -13,8 +18,8 @@ its rows.
 
 The database is built in a temporary file beside the target and renamed over it, so readers
 never see half a database and a failed collect leaves the previous one in place. Temporary
-files of killed collects (their pid gone) are removed. Rows are
-stored in a fixed order: the same run folders give the same database.
+files of killed collects (their pid gone) are removed. Rows keep file order: the same run
+folders give the same database.
 """
 from __future__ import annotations
 
@@ -33,6 +38,10 @@ from masep.telemetry.writer import parquet_rows
 
 SQL_DIR = Path(__file__).resolve().parent / "sql"
 DECLARED_KINDS = ("steps", "experts", "eval", "inference")
+# Kinds with a row per step (or telemetry sample) and rank: views over the run files, not copies.
+# At the paper study's 40 M step and 160 M expert rows a copy took minutes; what the report and
+# the paper-shaped views need of them is computed once into tables (sql/5*.sql, sql/6*.sql).
+IN_PLACE = ("steps", "experts", "telemetry")
 # Files are written in DuckDB's v1.4 storage format so that the newest `duckdb` CLI on PyPI
 # (duckdb-cli 1.5.x; there is no 2.x CLI wheel) and any duckdb >= 1.4 can open them.
 STORAGE_VERSION = "v1.4.0"
@@ -92,15 +101,35 @@ def find_runs(runs_root: Path) -> dict[Path, dict[str, list[Path]]]:
     return runs
 
 
-def _sql(name: str, **identifiers: str) -> str:
-    text = (SQL_DIR / name).read_text()
-    for key, ident in identifiers.items():
-        text = text.replace("{" + key + "}", f'"{ident}"')
-    return text
+def _sql(name: str) -> str:
+    return (SQL_DIR / name).read_text()
 
 
 def _view_files() -> list[Path]:
     return sorted(p for p in SQL_DIR.glob("*.sql") if p.name[:2].isdigit() and int(p.name[:2]) >= 50)
+
+
+def _literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def _load_kind(con: duckdb.DuckDBPyConnection, kind: str, files: list[str], root: str) -> str:
+    """The statement that loads one Parquet kind: a declared kind (00_schema.sql) keeps its
+    declared columns and types, NULL where no file has the column, then the files' other columns;
+    every row names its file (`source`). The per-step kinds (IN_PLACE) become views over their
+    files, read where they lie; the rest are copied into a table."""
+    scan = (f"read_parquet([{', '.join(map(_literal, files))}], union_by_name = true, filename = true, "
+            "hive_partitioning = false)")
+    present = [name for name, *_ in con.execute(f"DESCRIBE SELECT * FROM {scan}").fetchall() if name != "filename"]
+    declared = con.execute("SELECT column_name, data_type FROM duckdb_columns() WHERE database_name = 'out' "
+                           "AND table_name = $kind ORDER BY column_index", {"kind": kind}).fetchall()
+    columns = [f'CAST("{name}" AS {type_}) AS "{name}"' if name in present else f'CAST(NULL AS {type_}) AS "{name}"'
+               for name, type_ in declared if name != "source"]
+    columns += [f'"{name}"' for name in present if name not in {n for n, _ in declared} | {"source"}]
+    columns.append(f"substr(filename, {len(root) + 2}) AS source")
+    drop = f'DROP TABLE "{kind}";\n' if declared else ""
+    verb = "VIEW" if kind in IN_PLACE else "TABLE"
+    return f'{drop}CREATE {verb} "{kind}" AS SELECT {", ".join(columns)} FROM {scan}'
 
 
 def _build(con: duckdb.DuckDBPyConnection, root: Path, runs: dict, peer: list[Path]) -> dict[str, int]:
@@ -119,13 +148,11 @@ def _build(con: duckdb.DuckDBPyConnection, root: Path, runs: dict, peer: list[Pa
             print(f"masep collect: skipping {kind}*.parquet: {kind} is a reserved table name",
                   file=sys.stderr)
             continue
-        template = "20_load_measurements.sql" if kind in DECLARED_KINDS else "21_load_extra.sql"
-        con.execute(_sql(template, table=kind), {"files": by_kind[kind], "root": root_s})
+        con.execute(_load_kind(con, kind, by_kind[kind], root_s))
     if peer:
         con.execute(_sql("22_load_peer.sql"), {"files": [str(p) for p in peer]})
     counts = {name: con.execute(f'SELECT count(*) FROM "{name}"').fetchone()[0]
-              for (name,) in con.execute("SELECT table_name FROM duckdb_tables() "
-                                         "WHERE database_name = 'out' ORDER BY table_name").fetchall()}
+              for name in sorted({"runs", "peer_benchmark", *DECLARED_KINDS, *(set(by_kind) - RESERVED)})}
     for view_file in _view_files():
         con.execute(view_file.read_text())
     dup = con.execute("SELECT run_id, list(run_dir ORDER BY run_dir) FROM runs "

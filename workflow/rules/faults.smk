@@ -4,7 +4,8 @@
 # (kill_moe_decode) are `masep infer` runs (initial weights) against an uninterrupted decoding
 # reference, the fault after a drawn number of decoded tokens. Targets:
 #   <runs>/faults/<strategy>/reference/run.json          (reference_decode: of the decoding kinds)
-#   <runs>/faults/<strategy>/<kind>/trial=<k>/run.json   (snakemake faults_all: every trial)
+#   <runs>/faults/<strategy>/<kind>/trial=<k>/run.json   (one job runs a kind's trials in turn;
+#                                                         snakemake faults_all: every trial)
 # kill_attention_k<k>: k attention ranks at once, k = 1 .. half of them (the degradation curve).
 # `faults.overrides` gives one strategy's fault runs their own settings (ma_sep: ma.failover, so
 # a lost attention or MoE rank is recovered in the job and any other loss by the restart).
@@ -51,33 +52,49 @@ rule fault_reference:
         "--out {params.outdir:q} > {log} 2>&1"
 
 
-rule fault_trial:
-    """One fault trial, always from an empty run folder (its record is of its own fault)."""
+def trial_command(strategy, kind, trial, threads):
+    """One trial's shell line. A trial runs from an empty folder (its record is of its own fault);
+    when it ends, a copy of its run.json named by its command is kept beside it, from which a
+    later job of the same command restores the run.json (Snakemake deletes a job's outputs before
+    running it) instead of running the trial again."""
+    outdir = f"{RUNS}/faults/{strategy}/{kind}/trial={trial}"
+    log = f"logs/faults/{strategy}/{kind}/trial={trial}.log"
+    reference = os.path.abspath(f"{RUNS}/faults/{strategy}/{fault_reference(kind)}")
+    command = (f"{local_threads_env(WORLD[strategy], threads)}masep {fault_command(kind)} "
+               f"{masep_args(fault_overrides(strategy) + trial_overrides(kind, trial, reference))} "
+               f"--experiment faults --out {shlex.quote(outdir)}")
+    done = shlex.quote(f"{outdir}/.run-{hashlib.sha1(command.encode()).hexdigest()[:12]}.json")
+    run, q_out, q_log = (shlex.quote(x) for x in (f"{outdir}/run.json", outdir, log))
+    ran = (f"rm -rf {q_out} && {command} > {q_log} 2>&1 && cp {run} {done} && echo 'trial {trial}: done' "
+           f"|| {{ echo 'trial {trial} failed; the end of its log, {log}:'; tail -n 30 {q_log}; exit 1; }}")
+    if config["fresh"]:
+        return ran
+    return f"if [ -e {done} ]; then cp {done} {run} && echo 'trial {trial}: kept'; else {ran}; fi"
+
+
+rule fault_trials:
+    """Every trial of one strategy and fault kind, in turn: at the paper's 20 trials of 57 kinds,
+    a job per trial would double the study's DAG and its dry run. A job run again keeps the trials
+    that ended (see trial_command) and runs the rest; `fresh=true` runs them all."""
     input:
         tokens=TOKENS_DONE,
         reference=lambda wc: f"{RUNS}/faults/{wc.strategy}/{fault_reference(wc.kind)}/run.json",
     output:
-        run=f"{RUNS}/faults/{{strategy}}/{{kind}}/trial={{trial}}/run.json",
+        runs=expand(f"{RUNS}/faults/{{{{strategy}}}}/{{{{kind}}}}/trial={{trial}}/run.json",
+                    trial=range(FAULTS["trials"])),
     log:
-        "logs/faults/{strategy}/{kind}/trial={trial}.log",
+        "logs/faults/{strategy}/{kind}/trials.log",
     wildcard_constraints:
         strategy=FAULT_STRATEGY,
         kind=r"kill_attention|kill_moe|kill_attention_k\d+|stop|kill_checkpoint|kill_moe_decode",
-        trial=r"\d+",
     threads: CPU_THREADS
     params:
-        args=lambda wc, input: masep_args(
-            fault_overrides(wc.strategy)
-            + trial_overrides(wc.kind, wc.trial, os.path.abspath(os.path.dirname(input.reference)))
-        ),
-        command=lambda wc: fault_command(wc.kind),
-        outdir=lambda wc, output: os.path.dirname(output.run),
-        env=lambda wc, threads: local_threads_env(WORLD[wc.strategy], threads),
+        trials=lambda wc, threads: "; ".join(trial_command(wc.strategy, wc.kind, k, threads)
+                                             for k in range(FAULTS["trials"])),
     conda:
         CONDA_ENV
     shell:
-        "rm -rf {params.outdir:q} && {params.env}masep {params.command} {params.args} --experiment faults "
-        "--out {params.outdir:q} > {log} 2>&1"
+        "({params.trials}) > {log} 2>&1"
 
 
 rule faults_all:

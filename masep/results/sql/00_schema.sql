@@ -1,6 +1,8 @@
 -- Tables of the results database, with the columns the run folders promise
--- (docs/ARCHITECTURE.md). Columns a file adds beyond these are kept; columns a file lacks are NULL.
--- A study that has produced no file of a kind still has the (empty) table.
+-- (docs/ARCHITECTURE.md). collect replaces the table of each per-rank kind (steps, experts, eval,
+-- inference) by a view over its Parquet files with these columns first: columns a file adds are
+-- kept, columns a file lacks are NULL. A study that has produced no file of a kind keeps the
+-- (empty) table.
 
 CREATE TABLE runs (
     run_id        VARCHAR,

@@ -1,16 +1,18 @@
 -- Summary views over the tables. Throughput excludes warm-up: the first 10% of a run's steps
 -- (at least one step); a run with a single step therefore has no throughput (NULL).
 -- Per-step job figures are the ones rank 0 reports (every strategy has a rank 0; per-rank
--- detail stays in `steps`).
+-- detail stays in `steps`). `steps` is a view over the run folders' files: what is read again and
+-- again (the loss curve, the per-run summary) is a table built once here.
 
-CREATE VIEW loss_curve AS
+CREATE TABLE loss_curve AS
 SELECT r.experiment, r.strategy, r.seed, s.run_id, s.step,
        avg(s.loss)    AS loss,      -- mean over the ranks that report a loss at this step
        avg(s.lb_loss) AS lb_loss,
        avg(s.z_loss)  AS z_loss,
        any_value(s.lr) FILTER (WHERE s.rank = 0) AS lr
 FROM steps s JOIN runs r USING (run_id)
-GROUP BY ALL;
+GROUP BY ALL
+ORDER BY s.run_id, s.step;
 
 -- One row per run with step rows: its number of distinct steps and the last warm-up step (the
 -- ceil(10%)-th smallest). A table built once, so that views over steady steps filter with a
@@ -22,7 +24,7 @@ FROM (SELECT DISTINCT run_id, step FROM steps WHERE step IS NOT NULL)
 GROUP BY run_id
 ORDER BY run_id;
 
-CREATE VIEW run_summary AS
+CREATE TABLE run_summary AS
 WITH throughput AS (
     SELECT run_id, any_value(w.steps) AS steps, any_value(w.warmup_steps_excluded) AS warmup_steps_excluded,
            -- the throughput definition of every view: tokens over time of rank 0's steady steps
@@ -51,7 +53,8 @@ FROM runs r
 LEFT JOIN throughput t USING (run_id)
 LEFT JOIN final_loss f USING (run_id)
 LEFT JOIN final_eval e USING (run_id)
-WHERE r.experiment = 'train';
+WHERE r.experiment = 'train'
+ORDER BY r.run_id;
 
 CREATE VIEW tpot_by_context AS
 SELECT r.strategy, i.context_len, i.run_id,

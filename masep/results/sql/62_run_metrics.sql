@@ -52,29 +52,42 @@ CREATE VIEW steady_steps AS
 SELECT s.* FROM steps s JOIN run_steps w USING (run_id) WHERE s.step > w.last_warmup_step;
 
 -- Tokens routed per run, layer and expert over all steps, as a share of the layer's routed tokens.
-CREATE VIEW expert_shares AS
+CREATE TABLE expert_shares AS
 WITH t AS (
     SELECT run_id, layer, expert, sum(tokens) AS tokens FROM experts GROUP BY ALL
 )
 SELECT run_id, layer, expert, tokens,
        tokens / nullif(sum(tokens) OVER (PARTITION BY run_id, layer), 0) AS share
-FROM t;
+FROM t
+ORDER BY run_id, layer, expert;
 
 CREATE TABLE run_metrics AS
 WITH
 -- Training figures come from training runs and from GPU benchmark runs (`python -m masep.bench`:
 -- steps of synthetic batches, so no quality figures for them).
 train AS (SELECT * FROM run_info WHERE experiment IN ('train', 'bench')),
+-- One pass over the steady steps (a view over the run files) for every per-run mean below.
 -- Speed: rank 0's steady steps (rank 0 waits for every rank at the end of a step, and `tokens`
--- is the global batch's), tokens over time.
-speed AS (
-    SELECT run_id, sum(tokens) / sum(step_time_s) AS throughput, avg(step_time_s) AS step_time_s
-    FROM steady_steps WHERE rank = 0 GROUP BY run_id
+-- is the global batch's), tokens over time. Communication by kind as a share of step time: sum
+-- over ranks and steady steps of the kind's seconds over the sum of step seconds. Router losses:
+-- means over steady steps.
+steady AS (
+    SELECT run_id,
+           sum(tokens) FILTER (WHERE rank = 0) / sum(step_time_s) FILTER (WHERE rank = 0) AS throughput,
+           avg(step_time_s) FILTER (WHERE rank = 0) AS step_time_s,
+           100 * sum(comm_attn_allreduce_s) / sum(step_time_s) AS attn,
+           100 * sum(comm_moe_dispatch_s)   / sum(step_time_s) AS moe,
+           100 * sum(comm_grad_sync_s)      / sum(step_time_s) AS grad,
+           100 * sum(comm_p2p_s)            / sum(step_time_s) AS p2p,
+           100 * sum(idle_s)                / sum(step_time_s) AS idle,
+           100 * sum(compute_s)             / sum(step_time_s) AS compute,
+           avg(lb_loss) AS lb, avg(z_loss) AS z
+    FROM steady_steps GROUP BY run_id
 ),
 speed_rows AS (
     SELECT t.run_id, m.metric, m.value, m.unit,
            CASE WHEN m.value IS NULL THEN 'no steady-state step (warm-up only)' END AS reason
-    FROM train t LEFT JOIN speed s USING (run_id),
+    FROM train t LEFT JOIN steady s USING (run_id),
     LATERAL (VALUES ('throughput_tok_s', s.throughput, 'tokens/s'),
                     ('tps_per_gpu', s.throughput / t.world_size, 'tokens/s/GPU'),
                     ('step_time_s', s.step_time_s, 's')) AS m(metric, value, unit)
@@ -89,7 +102,7 @@ mfu_rows AS (
                 ELSE m.missing END AS reason,
            'model FLOPs (3 x forward, masep/telemetry/flops.py) / (GPUs x ' ||
                coalesce(t.flops ->> 'peak_source', 'peak') || ')' AS method
-    FROM train t LEFT JOIN speed s USING (run_id),
+    FROM train t LEFT JOIN steady s USING (run_id),
     LATERAL (VALUES
         ('mfu_pct', s.throughput * CAST(t.flops ->> 'train_flops_per_token' AS DOUBLE)
                     / (CAST(t.flops ->> 'gpus' AS DOUBLE) * CAST(t.flops ->> 'peak_flops_per_gpu' AS DOUBLE)), NULL),
@@ -101,20 +114,9 @@ mfu_rows AS (
                     'one group: only ma_sep splits attention and experts')
     ) AS m(metric, value, missing)
 ),
--- Communication by kind as a share of step time: sum over ranks and steady steps of the kind's
--- seconds over the sum of step seconds. Kinds a strategy never calls are 0; a column the run
--- did not record is NULL. The paper's parameter broadcast has no counterpart: every rank builds
--- the same initial weights from the seed, so that row is NULL with the reason.
-comm AS (
-    SELECT run_id,
-           100 * sum(comm_attn_allreduce_s) / sum(step_time_s) AS attn,
-           100 * sum(comm_moe_dispatch_s)   / sum(step_time_s) AS moe,
-           100 * sum(comm_grad_sync_s)      / sum(step_time_s) AS grad,
-           100 * sum(comm_p2p_s)            / sum(step_time_s) AS p2p,
-           100 * sum(idle_s)                / sum(step_time_s) AS idle,
-           100 * sum(compute_s)             / sum(step_time_s) AS compute
-    FROM steady_steps GROUP BY run_id
-),
+-- Kinds a strategy never calls are 0; a column the run did not record is NULL. The paper's
+-- parameter broadcast has no counterpart: every rank builds the same initial weights from the
+-- seed, so that row is NULL with the reason.
 comm_rows AS (
     SELECT t.run_id, m.metric, m.value, '%' AS unit,
            CASE WHEN m.value IS NOT NULL THEN NULL
@@ -123,7 +125,7 @@ comm_rows AS (
                 WHEN c.run_id IS NULL THEN 'no steady-state step (warm-up only)'
                 ELSE 'not recorded in the step rows' END AS reason,
            'sum over ranks and steady steps of the kind''s time / sum of step time' AS method
-    FROM train t LEFT JOIN comm c USING (run_id),
+    FROM train t LEFT JOIN steady c USING (run_id),
     LATERAL (VALUES ('comm_attn_allreduce_pct', c.attn), ('comm_moe_dispatch_pct', c.moe),
                     ('comm_grad_sync_pct', c.grad), ('comm_param_bcast_pct', NULL::DOUBLE),
                     ('comm_p2p_pct', c.p2p),
@@ -147,21 +149,18 @@ balance_rows AS (
     FROM train t LEFT JOIN balance b USING (run_id),
     LATERAL (VALUES ('exec_time_std_s', b.sd, 's'), ('exec_time_cv', b.cv, 'std/mean')) AS m(metric, value, unit)
 ),
--- Router losses (mean over steady steps; the weighted terms are what the loss adds),
--- dropped assignments over every step (the ranks report the same global count; rank 0's).
-losses AS (
-    SELECT run_id, avg(lb_loss) AS lb, avg(z_loss) AS z FROM steady_steps GROUP BY run_id
-),
+-- Router losses (the weighted terms are what the loss adds), dropped assignments over every step
+-- (the ranks report the same global count; rank 0's).
 dropped AS (
     SELECT run_id, sum(dropped_tokens) AS dropped FROM steps WHERE rank = 0 GROUP BY run_id
 ),
 routed AS (
-    SELECT run_id, sum(tokens) AS kept FROM experts GROUP BY run_id
+    SELECT run_id, sum(tokens) AS kept FROM expert_shares GROUP BY run_id
 ),
 loss_rows AS (
     SELECT t.run_id, m.metric, m.value, m.unit,
            CASE WHEN m.value IS NULL THEN m.missing END AS reason
-    FROM train t LEFT JOIN losses l USING (run_id) LEFT JOIN dropped d USING (run_id)
+    FROM train t LEFT JOIN steady l USING (run_id) LEFT JOIN dropped d USING (run_id)
          LEFT JOIN routed r USING (run_id),
     LATERAL (VALUES
         ('lb_loss', l.lb, 'loss', 'no steady-state step with a load-balancing loss'),

@@ -28,7 +28,7 @@ ORDER BY run_id, lever, side, step;
 -- ma_sep + rebalancing, + int8 gradients and both (the paper's configuration; experiment
 -- ablation), one row per run: speed and gradient-sync time of rank 0's steady steps, final
 -- loss, and the MoE ranks' sync points (NULL without balancing).
-CREATE VIEW ma_ablation AS
+CREATE TABLE ma_ablation AS
 WITH r AS (
     SELECT run_id, experiment, seed, world_size,
            coalesce(TRY_CAST(config ->> '$.ma.rebalance' AS BOOLEAN), false) AS rebalance,

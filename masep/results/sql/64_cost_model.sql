@@ -46,7 +46,7 @@ CREATE MACRO cost_params(L, h, E, f, V) AS L * (4 * h * h + E * 3 * h * f + h * 
 
 -- One row per measured training run: degrees, dimensions, steady-state means (rank 0's step
 -- time; compute and communication averaged over ranks).
-CREATE VIEW cost_runs AS
+CREATE TABLE cost_runs AS
 WITH s AS (
     SELECT run_id, avg(compute_s) AS compute_s,
            avg(comm_attn_allreduce_s) AS attn_allreduce, avg(comm_moe_dispatch_s) AS moe_dispatch,
@@ -71,7 +71,8 @@ SELECT ri.run_id, ri.strategy, ri.world_size AS W,
        s.tokens, CAST(ri.flops ->> 'train_flops_per_token' AS DOUBLE) * s.tokens AS flops_step,
        s.compute_s, s.comm_s, s.step_s, s.attn_allreduce, s.moe_dispatch, s.grad_sync, s.p2p
 FROM run_info ri JOIN runs r USING (run_id) JOIN s USING (run_id)
-WHERE ri.experiment IN ('train', 'bench') AND s.step_s IS NOT NULL;
+WHERE ri.experiment IN ('train', 'bench') AND s.step_s IS NOT NULL
+ORDER BY ri.run_id;
 
 CREATE VIEW cost_kinds AS SELECT unnest(['attn_allreduce', 'moe_dispatch', 'grad_sync', 'p2p']) AS kind;
 
