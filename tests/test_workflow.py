@@ -52,7 +52,7 @@ def test_dry_run_of_the_embedded_default(project):
     # per_strategy -> ctx=all); the scaling sweep; the paper variant of ma_sep; one trial of each
     # fault kind for ma_sep and ep_dp (kill_attention_k: k = 1 of 2 attention ranks), 2 references each
     assert job_counts(out) == {"tokenize": 1, "tokenize_all": 1, "train": 16, "train_variant": 1, "infer": 6,
-                               "fault_reference": 4, "fault_trial": 12, "collect": 1, "report": 1, "all": 1,
+                               "fault_reference": 4, "fault_trials": 12, "collect": 1, "report": 1, "all": 1,
                                "total": 44}
     cmds = shell_commands(out)
     # the sweep: three sizes per parallel strategy (ma_sep's own list adds 3 ranks), the training
@@ -75,7 +75,7 @@ def test_dry_run_of_the_embedded_default(project):
     # the fault trials: also a target of their own
     faults = shell_commands(snakemake(project, "-n", "-p", "faults_all"))
     trial = [c for c in faults if "--out results/runs/faults/ma_sep/kill_attention_k1/trial=0 " in c]
-    assert trial and trial[0].startswith("rm -rf results/runs/faults/ma_sep/kill_attention_k1/trial=0 && ")
+    assert trial and "rm -rf results/runs/faults/ma_sep/kill_attention_k1/trial=0 && " in trial[0]
     assert all(f" {s} " in trial[0] for s in ("fault.kind=kill_attention_k", "fault.count=1", "fault.seed=0",
                                              "launch.max_restarts=1", "--experiment faults"))
     assert any("parallel.strategy=ma_sep parallel.world_size=4 " in c for c in train)
@@ -92,6 +92,60 @@ def test_dry_run_of_the_embedded_default(project):
     assert "masep report --db results/masep.duckdb --out reports > logs/report.log 2>&1" in cmds
 
 
+STUB_MASEP = """#!/usr/bin/env bash
+# masep stand-in: records its call, fails where told, else writes run.json into --out
+out=; while [ $# -gt 0 ]; do [ "$1" = --out ] && out=$2; shift; done
+echo "$out" >> "$STUB_CALLS"
+[ "$out" = "$STUB_FAIL" ] && { echo "deliberate failure of $out"; exit 3; }
+mkdir -p "$out" && echo '{"trial": "'"$out"'"}' > "$out/run.json"
+"""
+
+
+def test_fault_trials_job_keeps_the_trials_that_ended(project, tmp_path):
+    """One job runs a kind's trials in turn. Run again (Snakemake deletes its outputs first), it
+    restores the trials that ended from their kept record and runs the rest; a changed command
+    runs them all again; a failing trial fails the job, its log's end in the job's log."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "masep").write_text(STUB_MASEP)
+    (bin_dir / "masep").chmod(0o755)
+    calls = tmp_path / "calls.txt"
+
+    def job(fault_set: str = "", fail: str = "") -> tuple[subprocess.CompletedProcess, list[str]]:
+        out = snakemake(project, "-n", "-p", "results/runs/faults/ep_dp/stop/trial=1/run.json", "--forcerun",
+                        "fault_trials", "--config", f"faults={{strategies: [ep_dp], kinds: [stop], trials: 3{fault_set}}}")
+        [command] = [c for c in shell_commands(out) if "/stop/trial=0" in c]
+        calls.unlink(missing_ok=True)
+        env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "STUB_CALLS": str(calls),
+               "STUB_FAIL": fail}
+        (project / "logs/faults/ep_dp/stop").mkdir(parents=True, exist_ok=True)
+        run = subprocess.run(["bash", "-euo", "pipefail", "-c", command], cwd=project, env=env,
+                             capture_output=True, text=True)
+        return run, calls.read_text().split() if calls.exists() else []
+
+    trials = [project / f"results/runs/faults/ep_dp/stop/trial={k}" for k in range(3)]
+    log = project / "logs/faults/ep_dp/stop/trials.log"
+    run, called = job()
+    assert run.returncode == 0 and len(called) == 3, run.stderr
+    assert log.read_text().splitlines() == ["trial 0: done", "trial 1: done", "trial 2: done"]
+    for t in trials:  # what Snakemake does to a job's outputs before running it again
+        (t / "run.json").unlink()
+    (trials[1] / "run.json").parent.joinpath("partial.parquet").write_text("x")
+    for kept in trials[1].glob(".run-*.json"):  # trial 1 was interrupted: no record kept
+        kept.unlink()
+    run, called = job()
+    assert run.returncode == 0 and called == ["results/runs/faults/ep_dp/stop/trial=1"], run.stderr
+    assert log.read_text().splitlines() == ["trial 0: kept", "trial 1: done", "trial 2: kept"]
+    assert all((t / "run.json").exists() for t in trials) and not (trials[1] / "partial.parquet").exists()
+    # another command (here: another fault setting) runs every trial again
+    run, called = job(fault_set=", set: [train.steps=7]")
+    assert run.returncode == 0 and len(called) == 3, run.stderr
+    run, called = job(fail="results/runs/faults/ep_dp/stop/trial=1")
+    assert run.returncode == 1 and called[-1] == "results/runs/faults/ep_dp/stop/trial=1"
+    assert "trial 1 failed; the end of its log, logs/faults/ep_dp/stop/trial=1.log:" in log.read_text()
+    assert "deliberate failure of results/runs/faults/ep_dp/stop/trial=1" in log.read_text()
+
+
 def test_infer_jobs_per_context(project):
     counts = job_counts(snakemake(project, "-n", "--config", "infer_jobs=per_context", "strategies=[single]",
                                   "scaling_world_sizes=[]"))
@@ -102,9 +156,15 @@ def test_dry_run_at_paper_scale(project):
     out = snakemake(project, "-n", "-p", "--configfile", "config/workflow-paper.yaml")
     # 50 training runs; the sweep at 4-32 GPUs: 8 sizes each, ep_dp only at 4, 8, 16 (16 experts),
     # at 16 the training run itself; decoding per training seed: 10 TPOT repeats per strategy and context
-    assert job_counts(out) == {"tokenize": 1024, "tokenize_all": 1, "train": 80, "train_variant": 10, "infer": 200, "collect": 1,
+    # tokenize: a job per ten shards 00000-00009 ... 01010-01019, one per shard of 01020-01023
+    assert job_counts(out) == {"tokenize_ten": 102, "tokenize": 4, "tokenize_all": 1, "train": 80, "train_variant": 10, "infer": 200, "collect": 1,
                                "report": 1, "all": 1, "fault_reference": 10,  # training and decoding
-                               "fault_trial": 57 * 20, "total": 1318 + 10 + 57 * 20}
+                               "fault_trials": 57,  # a job runs a kind's 20 trials
+                               "total": 1318 - 1024 + 106 + 10 + 57}
+    tokenize = [c for c in shell_commands(out) if c.startswith("masep tokenize ")]
+    assert any(" --shard 1010 --shard 1011 " in c and " --shard 1019 --threads " in c
+               and c.endswith("> logs/tokenize/shard-0101x.log 2>&1") for c in tokenize)
+    assert sum(" --shard 1023 " in c for c in tokenize) == 1
     outs = re.findall(r"--out results/runs/infer/(\w+)/ws=16/seed=\d+/rep=0/ctx=(\d+) ", "\n".join(shell_commands(out)))
     assert len(outs) == 200 and min(outs.count(o) for o in set(outs)) == 10
     # 12 GPUs: tp 4 x dp 3, global batch 1032 (the nearest to 1024 that 3 x 8 divides)

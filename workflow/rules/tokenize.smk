@@ -1,14 +1,38 @@
 rule tokenize:
     """Tokenize one C4 shard; its manifest (written last) marks the shard done."""
     input:
-        corpus=corpus_file,
+        corpus=lambda wc: corpus_files([wc.shard]),
     output:
         manifest=f"{TOKENS}/shard-{{shard}}/manifest.json",
     log:
         "logs/tokenize/shard-{shard}.log",
+    wildcard_constraints:
+        shard="|".join(SINGLE_SHARDS) or "(?!)",
     threads: config["tokenize_threads"]
     params:
         args=lambda wc, threads: masep_args(COMMON_SET) + f" --shard {int(wc.shard)} --threads {threads}",
+    conda:
+        CONDA_ENV
+    shell:
+        "masep tokenize {params.args} --no-progress > {log} 2>&1"
+
+
+rule tokenize_ten:
+    """Tokenize shards <tens>0 to <tens>9 in one job (see SHARD_TENS). Snakemake leaves their
+    manifests in place (update): masep tokenize keeps each shard whose manifest matches its input
+    and builds the others."""
+    input:
+        corpus=lambda wc: corpus_files(f"{wc.tens}{d}" for d in range(10)),
+    output:
+        update(expand(f"{TOKENS}/shard-{{{{tens}}}}{{d}}/manifest.json", d=range(10))),
+    log:
+        "logs/tokenize/shard-{tens}x.log",
+    wildcard_constraints:
+        tens="|".join(SHARD_TENS) or "(?!)",
+    threads: config["tokenize_threads"]
+    params:
+        args=lambda wc, threads: masep_args(COMMON_SET) + "".join(f" --shard {int(wc.tens) * 10 + d}" for d in range(10))
+        + f" --threads {threads}",
     conda:
         CONDA_ENV
     shell:
