@@ -57,11 +57,16 @@ def masep_args(overrides):
 
 
 def strategy_overrides(strategy):
-    return COMMON_SET + [
+    return list(_strategy_overrides(strategy))
+
+
+@functools.cache  # every job's params ask, and the shard list alone is 1,024 numbers at paper scale
+def _strategy_overrides(strategy):
+    return tuple(COMMON_SET + [
         f"data.shards={json.dumps(SHARDS)}",
         f"parallel.strategy={strategy}",
         f"parallel.world_size={WORLD[strategy]}",
-    ] + list(config["overrides"].get(strategy, []))
+    ] + list(config["overrides"].get(strategy, [])))
 
 
 def fault_overrides(strategy):
