@@ -180,7 +180,8 @@ def results(work: Path, runs: int, steps: int, ranks: int) -> dict:
 
     out = {"scan": timed(scan), "collect": timed(collect, root, db), "views": timed(views),
            "report": timed(render, db, work / f"report-{runs}")}
-    return {**out, "db_mb": db.stat().st_size / 1e6, "step_rows": runs * steps * ranks}
+    # a reused --work folder may hold more runs than asked for: collect reads them all
+    return {**out, "db_mb": db.stat().st_size / 1e6, "runs": len(folders), "step_rows": len(folders) * steps * ranks}
 
 
 def main(argv=None) -> int:
@@ -219,7 +220,7 @@ def main(argv=None) -> int:
         for runs in (args.runs, 2 * args.runs):
             r = results(work, runs, args.steps, args.ranks)
             cells = " | ".join(f"{r[k][0]:.1f} ({r[k][1]:.1f})" for k in ("scan", "collect", "views", "report"))
-            print(f"{runs} | {r['step_rows']:,} | {cells} | {r['collect'][1] / r['scan'][1]:.1f} | {r['db_mb']:.0f}")
+            print(f"{r['runs']} | {r['step_rows']:,} | {cells} | {r['collect'][1] / r['scan'][1]:.1f} | {r['db_mb']:.0f}")
         print(f"\npeak memory of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.2f} GB")
     finally:
         if args.work is None:
