@@ -1,8 +1,7 @@
 -- Tables of the results database, with the columns the run folders promise
--- (docs/ARCHITECTURE.md). collect replaces the table of each per-rank kind (steps, experts, eval,
--- inference) by a view over its Parquet files with these columns first: columns a file adds are
--- kept, columns a file lacks are NULL. A study that has produced no file of a kind keeps the
--- (empty) table.
+-- (docs/ARCHITECTURE.md). collect loads each kind's Parquet files into a table of these columns
+-- first (steps and experts: a view over the files), then the columns files add; a column a
+-- file lacks is NULL. A study that has produced no file of a kind keeps the empty table.
 
 CREATE TABLE runs (
     run_id        VARCHAR,
