@@ -10,7 +10,7 @@
    batch 0), with 1, 4 and 16 ranks starting at once (processes), at N and 2N shards; and the
    job's own check of the shards (sizes and sampled fingerprints), once per job.
 3. Loader tokens/s per rank against what one H200 consumes (tokens/s per GPU of the committed
-   benchmark summary `--h200`, measured in the same repository).
+   GPU benchmark run `--h200`, measured in the same repository).
 4. `masep collect`, the heaviest views and `masep report` on synthetic run folders of `--runs`
    runs x `--steps` steps x `--ranks` ranks (step rows, expert counts of rank 0, one energy
    window per rank), and at twice the runs; with the database's size and peak memory.
@@ -191,8 +191,8 @@ def main(argv=None) -> int:
     p.add_argument("--runs", type=int, default=2, help="R: collect and report are measured at R and 2R runs")
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--ranks", type=int, default=16)
-    p.add_argument("--h200", type=Path, default=REPO / "bench" / "h200-single-v5.json",
-                   help="benchmark summary with tokens_per_s_per_gpu")
+    p.add_argument("--h200", type=Path, default=REPO / "bench" / "runs" / "bench" / "single" / "20261129T101631Z",
+                   help="a GPU benchmark run folder (python -m masep.bench): its median tokens/s per GPU")
     p.add_argument("--results-only", action="store_true", help="only part 4 (collect, views, report)")
     p.add_argument("--work", type=Path, default=None, help="folder for the synthetic data (default: a temporary one)")
     args = p.parse_args(argv)
@@ -209,10 +209,11 @@ def main(argv=None) -> int:
                 print(f"{n} | " + " | ".join(f"{startup(work, n, r):.2f}" for r in (1, 4, 16)) +
                       f" | {job_check(work, n):.2f}")
 
-            need = json.loads(args.h200.read_text())["tokens_per_s_per_gpu"]
+            need = statistics.median(pq.read_table(args.h200 / "steps-rank0.parquet")["tokens_per_s"].to_pylist()) \
+                / json.loads((args.h200 / "run.json").read_text())["world_size"]
             have = statistics.median(loader_tokens_per_s(work, args.shards, 16) for _ in range(3))
             print(f"\nloader: {have:,.0f} tokens/s per rank (16 x 2048-token sequences per batch); one H200 consumes "
-                  f"{need:,.0f} tokens/s ({args.h200.name}): {have / need:.1f}x")
+                  f"{need:,.0f} tokens/s ({args.h200}): {have / need:.1f}x")
 
         print(f"\ncollect / views / report, {args.ranks} ranks x {args.steps} steps per run; wall s (CPU s of all "
               "threads); scan = DuckDB reading every column of the steps and experts files once, the reference")

@@ -13,7 +13,7 @@ import pytest
 from masep import cli
 from masep.config import load_config
 from masep.data import tokenize as tok
-from masep.data.batches import TokenDataset
+from masep.data.batches import TokenDataset, shuffled
 from masep.data.shards import shard_dirs
 from masep.data.c4 import C4ReadError, load_c4_shard, shard_name, shard_path
 from masep.data.shards import ShardError, read_manifest, sha256_file, shard_dir
@@ -279,6 +279,20 @@ def test_packing_windows_are_contiguous(sized_shard):
         assert np.array_equal(y, stream[i * T + 1:(i + 1) * T + 1])
         assert np.all(m == 1)
     assert np.array_equal(np.concatenate([ds.get(i)[0] for i in range(len(ds))]), stream[:len(ds) * T])
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 64, 65, 1000, 4099])
+def test_shuffled_is_a_keyed_permutation_of_any_size(n):
+    orders = {(seed, epoch): shuffled(np.arange(n), n, seed, epoch) for seed in (0, 7) for epoch in (0, 1)}
+    for order in orders.values():
+        assert sorted(order.tolist()) == list(range(n))
+    if n >= 64:  # another seed or epoch, another order
+        assert len({o.tobytes() for o in orders.values()}) == 4
+    if n >= 1000:  # the first half of the positions spreads over the range (sd of the share: 0.016)
+        assert 0.44 < np.mean(orders[0, 0][: n // 2] < n // 2) < 0.56
+    # any positions, in any order, as the whole permutation has them
+    pick = np.array([n - 1, 0, n // 2])
+    assert np.array_equal(shuffled(pick, n, 7, 1), orders[7, 1][pick])
 
 
 def test_batches_are_seeded_cover_each_epoch_and_resume_exactly(sized_shard):

@@ -10,8 +10,10 @@ of a window x of seq_len + 1 tokens):
 * packing: a shard's documents (each ending in EOT) are one stream, cut into windows with the
   same stride. The mask is all ones. Windows do not cross shards.
 
-Order: the sequence at global position p = step * global_batch + j is `perm_e[p mod N]`, with
-e = p div N and perm_e a permutation drawn from numpy's Generator seeded by (seed, e). The
+Order: the sequence at global position p = step * global_batch + j is `perm_e(p mod N)`, with
+e = p div N and perm_e a pseudo-random permutation of range(N) keyed by (seed, e) (`shuffled`),
+evaluated only at the positions a step asks for: no rank holds a permutation of the whole
+dataset (at the paper's ~10^8 sequences that was ~1 GB and ~10 s of every rank's start-up). The
 batch of a step therefore depends only on (seed, step): a resumed run sees exactly the batches
 an uninterrupted run would have seen, and epochs wrap around on their own.
 """
@@ -41,6 +43,37 @@ def _load_split(directory: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     return tokens, offsets
 
 
+def _mix(z: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: a well-spread 64-bit hash of each value (wrapping arithmetic)."""
+    z = z + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def shuffled(positions: np.ndarray, n: int, seed: int, epoch: int) -> np.ndarray:
+    """perm(positions) for a pseudo-random permutation perm of range(n) keyed by (seed, epoch):
+    a 6-round Feistel network on the smallest even number of bits that holds n (a bijection of
+    that domain, at most 4n), applied again to a value until it falls below n (cycle walking:
+    still a bijection of range(n), under 4 passes on average)."""
+    half = max(1, ((n - 1).bit_length() + 1) // 2)
+    shift, mask = np.uint64(half), np.uint64((1 << half) - 1)
+    keys = np.random.default_rng([seed, epoch]).integers(0, 2 ** 64, 6, dtype=np.uint64)
+
+    def feistel(v: np.ndarray) -> np.ndarray:
+        left, right = v >> shift, v & mask
+        for key in keys:
+            left, right = right, left ^ (_mix(right ^ key) & mask)
+        return (left << shift) | right
+
+    out = feistel(np.asarray(positions, dtype=np.uint64))
+    outside = out >= n
+    while outside.any():
+        out[outside] = feistel(out[outside])
+        outside = out >= n
+    return out.astype(np.int64)
+
+
 class TokenDataset:
     """Fixed-length training sequences over a list of shard directories, without copying.
 
@@ -64,8 +97,6 @@ class TokenDataset:
         if self._first[-1] == 0:
             raise ShardError(f"the {split} split of {', '.join(map(str, shard_dirs))} holds no "
                              f"sequence of {seq_len} tokens")
-        self._seed: int | None = None
-        self._perms: dict[int, np.ndarray] = {}  # epoch -> permutation, for self._seed
 
     def _count_windows(self, directory: Path) -> int:
         bin_name, idx_name = split_files(self.split)
@@ -121,20 +152,15 @@ class TokenDataset:
         mask[:count - 1] = 1.0
         return x[:-1], x[1:], mask
 
-    def _perm(self, epoch: int) -> np.ndarray:
-        if epoch not in self._perms:
-            if len(self._perms) >= 2:  # a batch spans at most two epochs
-                self._perms.pop(min(self._perms))
-            self._perms[epoch] = np.random.default_rng([self._seed, epoch]).permutation(len(self))
-        return self._perms[epoch]
-
     def indices(self, step: int, global_batch: int, seed: int) -> np.ndarray:
         """Sequence indices of one optimizer step's global batch."""
-        if self._seed != seed:
-            self._seed, self._perms = seed, {}
         positions = step * global_batch + np.arange(global_batch, dtype=np.int64)
         epochs, within = np.divmod(positions, len(self))
-        return np.array([self._perm(int(e))[w] for e, w in zip(epochs, within)], dtype=np.int64)
+        out = np.empty(global_batch, dtype=np.int64)
+        for epoch in np.unique(epochs):  # a batch spans at most two epochs
+            at = epochs == epoch
+            out[at] = shuffled(within[at], len(self), seed, int(epoch))
+        return out
 
     def batch(self, step: int, global_batch: int, seed: int
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
