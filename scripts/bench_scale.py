@@ -40,7 +40,7 @@ from masep.config import load_config  # noqa: E402
 from masep.data.batches import TokenDataset  # noqa: E402  (imported once, before ranks fork)
 from masep.data.shards import shard_dirs  # noqa: E402
 from masep.telemetry.writer import file_manifest  # noqa: E402
-from masep.data.shards import FORMAT, MANIFEST, SPLITS, file_meta, sha256_file, shard_dir, shard_params, split_files  # noqa: E402
+from masep.data.shards import FORMAT, MANIFEST, file_meta, sha256_file, shard_dir, shard_params, split_files  # noqa: E402
 
 
 def data_sets(work: Path, n_shards: int, seq_len: int) -> list[str]:
