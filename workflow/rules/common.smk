@@ -10,6 +10,7 @@ from snakemake.utils import validate
 
 from masep.config import DECODE_FAULT_KINDS, ConfigError, load_config, parse_number
 from masep.data.c4 import shard_path
+from masep.faults import trial_overrides
 from masep.parallel.layout import make_layout
 from masep.report import FIGURES, SECTION_FIGURES
 
@@ -82,6 +83,26 @@ def fault_reference(kind):
 def fault_command(kind):
     """The masep command of a fault run: decoding kinds and their reference decode, the rest train."""
     return "infer" if kind in DECODE_FAULT_KINDS or kind == "reference_decode" else "train"
+
+
+def trial_command(strategy, kind, trial, threads):
+    """One trial's shell line. A trial runs from an empty folder (its record is of its own fault);
+    when it ends, a copy of its run.json named by its command is kept beside it, from which a
+    later job of the same command restores the run.json (Snakemake deletes a job's outputs before
+    running it) instead of running the trial again."""
+    outdir = f"{RUNS}/faults/{strategy}/{kind}/trial={trial}"
+    log = f"logs/faults/{strategy}/{kind}/trial={trial}.log"
+    reference = os.path.abspath(f"{RUNS}/faults/{strategy}/{fault_reference(kind)}")
+    command = (f"{local_threads_env(WORLD[strategy], threads)}masep {fault_command(kind)} "
+               f"{masep_args(fault_overrides(strategy) + trial_overrides(kind, trial, reference))} "
+               f"--experiment faults --out {shlex.quote(outdir)}")
+    done = shlex.quote(f"{outdir}/.run-{hashlib.sha1(command.encode()).hexdigest()[:12]}.json")
+    run, q_out, q_log = (shlex.quote(x) for x in (f"{outdir}/run.json", outdir, log))
+    ran = (f"rm -rf {q_out} && {command} > {q_log} 2>&1 && cp {run} {done} && echo 'trial {trial}: done' "
+           f"|| {{ echo 'trial {trial} failed; the end of its log, {log}:'; tail -n 30 {q_log}; exit 1; }}")
+    if config["fresh"]:
+        return ran
+    return f"if [ -e {done} ]; then cp {done} {run} && echo 'trial {trial}: kept'; else {ran}; fi"
 
 
 def variant_overrides(variant):

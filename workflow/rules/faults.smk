@@ -10,7 +10,7 @@
 # `faults.overrides` gives one strategy's fault runs their own settings (ma_sep: ma.failover, so
 # a lost attention or MoE rank is recovered in the job and any other loss by the restart).
 
-from masep.faults import trial_overrides, workflow_kinds
+from masep.faults import workflow_kinds
 
 FAULTS = config["faults"]
 # Fault strategies need not be among `strategies`: give them their ranks too.
@@ -50,26 +50,6 @@ rule fault_reference:
     shell:
         "rm -rf {params.outdir:q} && {params.env}masep {params.command} {params.args} --experiment faults "
         "--out {params.outdir:q} > {log} 2>&1"
-
-
-def trial_command(strategy, kind, trial, threads):
-    """One trial's shell line. A trial runs from an empty folder (its record is of its own fault);
-    when it ends, a copy of its run.json named by its command is kept beside it, from which a
-    later job of the same command restores the run.json (Snakemake deletes a job's outputs before
-    running it) instead of running the trial again."""
-    outdir = f"{RUNS}/faults/{strategy}/{kind}/trial={trial}"
-    log = f"logs/faults/{strategy}/{kind}/trial={trial}.log"
-    reference = os.path.abspath(f"{RUNS}/faults/{strategy}/{fault_reference(kind)}")
-    command = (f"{local_threads_env(WORLD[strategy], threads)}masep {fault_command(kind)} "
-               f"{masep_args(fault_overrides(strategy) + trial_overrides(kind, trial, reference))} "
-               f"--experiment faults --out {shlex.quote(outdir)}")
-    done = shlex.quote(f"{outdir}/.run-{hashlib.sha1(command.encode()).hexdigest()[:12]}.json")
-    run, q_out, q_log = (shlex.quote(x) for x in (f"{outdir}/run.json", outdir, log))
-    ran = (f"rm -rf {q_out} && {command} > {q_log} 2>&1 && cp {run} {done} && echo 'trial {trial}: done' "
-           f"|| {{ echo 'trial {trial} failed; the end of its log, {log}:'; tail -n 30 {q_log}; exit 1; }}")
-    if config["fresh"]:
-        return ran
-    return f"if [ -e {done} ]; then cp {done} {run} && echo 'trial {trial}: kept'; else {ran}; fi"
 
 
 rule fault_trials:
