@@ -294,6 +294,16 @@ STUDY_VARIANT_RUNS = expand(f"{RUNS}/ablation/{{variant}}/seed={{seed}}/run.json
                             variant=[v for v in VARIANTS if config["variants"][v]["study"]])
 
 
+def ten_shards(tens):
+    """The ids of shards <tens>0 to <tens>9 (see SHARD_TENS)."""
+    return [f"{tens}{d}" for d in range(10)]
+
+
+def tokenize_args(shard_ids, threads):
+    """The arguments of `masep tokenize` for these shards."""
+    return masep_args(COMMON_SET) + "".join(f" --shard {int(i)}" for i in shard_ids) + f" --threads {threads}"
+
+
 def corpus_files(shard_ids):
     """The local or embedded C4 files tokenize jobs read (none for the Hub): inputs, so that
     replacing one makes Snakemake run its job again (which rebuilds that shard only)."""

@@ -10,7 +10,7 @@ rule tokenize:
         shard="|".join(SINGLE_SHARDS) or "(?!)",
     threads: config["tokenize_threads"]
     params:
-        args=lambda wc, threads: masep_args(COMMON_SET) + f" --shard {int(wc.shard)} --threads {threads}",
+        args=lambda wc, threads: tokenize_args([wc.shard], threads),
     conda:
         CONDA_ENV
     shell:
@@ -22,7 +22,7 @@ rule tokenize_ten:
     manifests in place (update): masep tokenize keeps each shard whose manifest matches its input
     and builds the others."""
     input:
-        corpus=lambda wc: corpus_files(f"{wc.tens}{d}" for d in range(10)),
+        corpus=lambda wc: corpus_files(ten_shards(wc.tens)),
     output:
         update(expand(f"{TOKENS}/shard-{{{{tens}}}}{{d}}/manifest.json", d=range(10))),
     log:
@@ -31,8 +31,7 @@ rule tokenize_ten:
         tens="|".join(SHARD_TENS) or "(?!)",
     threads: config["tokenize_threads"]
     params:
-        args=lambda wc, threads: masep_args(COMMON_SET) + "".join(f" --shard {int(wc.tens) * 10 + d}" for d in range(10))
-        + f" --threads {threads}",
+        args=lambda wc, threads: tokenize_args(ten_shards(wc.tens), threads),
     conda:
         CONDA_ENV
     shell:
