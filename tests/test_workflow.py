@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import os
 import re
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -103,23 +104,24 @@ mkdir -p "$out" && echo '{"trial": "'"$out"'"}' > "$out/run.json"
 
 def test_fault_trials_job_keeps_the_trials_that_ended(project, tmp_path):
     """One job runs a kind's trials in turn. Run again (Snakemake deletes its outputs first), it
-    restores the trials that ended from their kept record and runs the rest; a changed command
-    runs them all again; a failing trial fails the job, its log's end in the job's log."""
+    restores the trials that ended from their kept record and runs the rest, also in a moved
+    project; a changed command runs them all again; a failing trial fails the job, its log's end
+    in the job's log."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "masep").write_text(STUB_MASEP)
     (bin_dir / "masep").chmod(0o755)
     calls = tmp_path / "calls.txt"
 
-    def job(fault_set: str = "", fail: str = "") -> tuple[subprocess.CompletedProcess, list[str]]:
-        out = snakemake(project, "-n", "-p", "results/runs/faults/ep_dp/stop/trial=1/run.json", "--forcerun",
+    def job(fault_set: str = "", fail: str = "", root: Path = project) -> tuple[subprocess.CompletedProcess, list[str]]:
+        out = snakemake(root, "-n", "-p", "results/runs/faults/ep_dp/stop/trial=1/run.json", "--forcerun",
                         "fault_trials", "--config", f"faults={{strategies: [ep_dp], kinds: [stop], trials: 3{fault_set}}}")
         [command] = [c for c in shell_commands(out) if "/stop/trial=0" in c]
         calls.unlink(missing_ok=True)
         env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "STUB_CALLS": str(calls),
                "STUB_FAIL": fail}
-        (project / "logs/faults/ep_dp/stop").mkdir(parents=True, exist_ok=True)
-        run = subprocess.run(["bash", "-euo", "pipefail", "-c", command], cwd=project, env=env,
+        (root / "logs/faults/ep_dp/stop").mkdir(parents=True, exist_ok=True)
+        run = subprocess.run(["bash", "-euo", "pipefail", "-c", command], cwd=root, env=env,
                              capture_output=True, text=True)
         return run, calls.read_text().split() if calls.exists() else []
 
@@ -137,6 +139,13 @@ def test_fault_trials_job_keeps_the_trials_that_ended(project, tmp_path):
     assert run.returncode == 0 and called == ["results/runs/faults/ep_dp/stop/trial=1"], run.stderr
     assert log.read_text().splitlines() == ["trial 0: kept", "trial 1: done", "trial 2: kept"]
     assert all((t / "run.json").exists() for t in trials) and not (trials[1] / "partial.parquet").exists()
+    moved = tmp_path.with_name(tmp_path.name + "-moved")
+    shutil.copytree(project, moved, symlinks=True)
+    for t in trials:
+        (moved / t.relative_to(project) / "run.json").unlink()
+    run, called = job(root=moved)
+    assert run.returncode == 0 and called == [], run.stderr
+    assert (moved / log.relative_to(project)).read_text().splitlines() == ["trial 0: kept", "trial 1: kept", "trial 2: kept"]
     # another command (here: another fault setting) runs every trial again
     run, called = job(fault_set=", set: [train.steps=7]")
     assert run.returncode == 0 and len(called) == 3, run.stderr
