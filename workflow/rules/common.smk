@@ -92,7 +92,7 @@ def trial_command(strategy, kind, trial, threads):
     running it) instead of running the trial again."""
     outdir = f"{RUNS}/faults/{strategy}/{kind}/trial={trial}"
     log = f"logs/faults/{strategy}/{kind}/trial={trial}.log"
-    # relative, like every path of a job: a moved project keeps its trials' commands, so its ended trials
+    # relative, like every path of a job: a moved project keeps its commands, and so its ended trials
     reference = f"{RUNS}/faults/{strategy}/{fault_reference(kind)}"
     command = (f"{local_threads_env(WORLD[strategy], threads)}masep {fault_command(kind)} "
                f"{masep_args(fault_overrides(strategy) + trial_overrides(kind, trial, reference))} "
