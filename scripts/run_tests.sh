@@ -36,13 +36,7 @@ if [ $# -gt 0 ]; then
   python -m pytest "$@"
   exit
 fi
-# The whole suite: the SLURM tests alone (their jobs share this machine's cores under time limits),
-# then the rest on two pytest-xdist workers, one test file each at a time (module fixtures run
-# once, a file's tests keep their order): one file rarely keeps both cores busy (the fault tests
-# mostly wait on timeouts and rank start-up).
-python -m pytest tests/slurm
-slurm=$?
-python -m pytest -n 2 --dist loadfile --ignore=tests/slurm
-rest=$?
-[ "$slurm" = 0 ] && exit "$rest"
-exit "$slurm"
+# The whole suite on three pytest-xdist workers, one group of tests each at a time (a test file,
+# or all of tests/slurm: tests/conftest.py): module fixtures run once, a file's tests keep their
+# order, and the SLURM tests, which mostly wait on their jobs, run beside the rest.
+python -m pytest -n 3 --dist loadgroup --no-loadscope-reorder
