@@ -17,7 +17,7 @@ before its time limit, is requeued by submitit and resumes from its checkpoint (
 
 Every run happens in a scratch folder that links to this checkout's workflow/, config/ and
 profiles/; the test config overrides only the partition, the resources and the `set:` entries
-that make the study short. A Snakemake run that is interrupted (timeout) has its SLURM jobs
+that make the study short (and, for (b), ma_sep's overrides that make its steps sleep). A Snakemake run that is interrupted (timeout) has its SLURM jobs
 cancelled.
 """
 from __future__ import annotations
@@ -64,7 +64,7 @@ RUN_TIMEOUT_S = 1200
 
 
 def make_project(path: Path, partition: str, extra_set: tuple[str, ...] = (),
-                 launch: Optional[dict] = None) -> Path:
+                 launch: Optional[dict] = None, overrides: Optional[dict] = None) -> Path:
     """A scratch project: links to the workflow and profiles, and the test config."""
     path.mkdir(parents=True, exist_ok=True)
     for name in ("workflow", "config", "profiles"):
@@ -72,7 +72,8 @@ def make_project(path: Path, partition: str, extra_set: tuple[str, ...] = (),
     (path / "slurm").symlink_to("profiles/slurm")
     # executor=slurm comes from the profile itself; one inference job per strategy (ctx=all).
     config = {"launch": {"partition": partition, "time_min": 10, "cpus_per_task": 1, **(launch or {})},
-              "set": SHORT_SET + list(extra_set), "context_lengths": CONTEXTS, "infer_jobs": "per_strategy",
+              "set": SHORT_SET + list(extra_set), "overrides": overrides or {},
+              "context_lengths": CONTEXTS, "infer_jobs": "per_strategy",
               # the study's main runs only: no scaling sweep, one decoding repeat, no ablation
               # variant, no fault trials (each has tests of its own)
               "scaling_world_sizes": [], "infer_repeats": 1,
@@ -436,24 +437,34 @@ def test_job_failing_inside_its_ranks_fails_the_rule_with_the_job_error(e2e, slu
 # handler (a signal that comes while a task still imports kills it: limits of 2 minutes or less
 # would signal at the first check) and a run makes progress in each requeue.
 REQUEUE_TIME_MIN = 3
-# Steps of this many seconds by the e2e run's step times outlast the warning even when this job,
-# running alone, steps faster than the e2e run's jobs did side by side (85 s once finished all
-# its steps before a warning at 87 s); they are done by the second or third run (3 requeues allowed).
-REQUEUE_TRAIN_S = 140
+# The training outlasts the warning by sleeping, not computing: ma_sep's test-only expert delay
+# (with balancing, whose clock applies it) gives each step a floor of seconds that no load on the
+# machine shortens, and leaves the cores to the tests beside it (steps sized by measured step
+# times needed up to six runs of the job on a loaded machine). At least REQUEUE_TRAIN_S of
+# sleep: past the latest first warning (90 s), done by the second or third run.
+REQUEUE_TRAIN_S = 100
+EXPERT_DELAY_S = 0.06  # per expert, layer and micro-batch in the forward
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(3600)
 def test_time_limit_requeues_the_job_and_training_resumes_from_its_checkpoint(e2e, slurm_cluster, tmp_path):
-    strategy = "tp"
-    measured = read_rows(e2e.project / "results/runs" / train_run(strategy), "steps")
-    step_s = statistics.median(r["step_time_s"] for r in measured if r["rank"] == 0 and r["step"] > 0)
-    steps = max(40, math.ceil(REQUEUE_TRAIN_S / step_s))
-    every = max(2, steps // 20)  # about 20 checkpoints: at most `every` steps are lost at a requeue
+    strategy = "ma_sep"
+    short = dict(s.split("=", 1) for s in SHORT_SET)
+    experts = yaml.safe_load((ROOT / "config" / "tiny.yaml").read_text())["model"]["experts"]
+    replicas = moe_ranks = 2  # the tiny preset's ma_sep on 4 ranks
+    # A step's sleep on a MoE rank: per layer, one call for each micro-batch of a replica (the
+    # replicas' micro-batches together), sleeping for each of the rank's experts.
+    micro_batches = int(short["train.global_batch"]) // (replicas * int(short["train.micro_batch"]))
+    step_s = int(short["model.layers"]) * micro_batches * experts // moe_ranks * EXPERT_DELAY_S
+    steps = math.ceil(REQUEUE_TRAIN_S / step_s)
+    every = 2  # at most 2 steps are lost at a requeue
+    delays = "{" + ", ".join(f"{e}: {EXPERT_DELAY_S}" for e in range(experts)) + "}"
     project = make_project(tmp_path / "project", slurm_cluster.partition,
                            extra_set=(f"train.steps={steps}", f"train.decay_steps={steps}",
                                       f"train.checkpoint_every={every}", f"train.eval_every={steps}",
                                       f"train.log_every={every}"),
+                           overrides={strategy: ["ma.rebalance=true", f"ma.debug_expert_delay_s={delays}"]},
                            # requeues as needed: a loaded machine's slower steps need more segments
                            launch={"time_min": REQUEUE_TIME_MIN, "max_requeues": 10})
     copy_tokens(e2e.project, project)
@@ -468,12 +479,11 @@ def test_time_limit_requeues_the_job_and_training_resumes_from_its_checkpoint(e2
     while (history := sacct([job_id], "JobID,State,Start,End", requeues=True))[-1][1] \
             in ("RUNNING", "COMPLETING") and time.monotonic() < deadline:
         time.sleep(0.5)
-    print(f"{steps} steps ({step_s:.2f} s each in the e2e run), checkpoint every {every}; "
+    print(f"{steps} steps (at least {step_s:.2f} s each), checkpoint every {every}; "
           f"sacct:\n" + "\n".join("|".join(row) for row in history))
     stderr = (project / "logs/submitit" / f"train-{strategy}-seed{SEED}" / f"{job_id}_0_log.err").read_text()
     assert "Caught signal SIGUSR2" in stderr, (
-        f"the job finished before its time-limit warning ({run.seconds:.0f} s in all): "
-        f"its steps ran faster than the e2e run's {step_s:.2f} s; sacct: {history}")
+        f"the job finished before its time-limit warning ({run.seconds:.0f} s in all); sacct: {history}")
 
     # SLURM requeued the job at least once, then it completed under the same id.
     states = [row[1] for row in history]
