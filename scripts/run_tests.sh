@@ -38,5 +38,5 @@ if [ $# -gt 0 ]; then
 fi
 # The whole suite on three pytest-xdist workers, one group of tests each at a time (a test file,
 # or all of tests/slurm: tests/conftest.py): module fixtures run once, a file's tests keep their
-# order, and the SLURM tests, which mostly wait on their jobs, run beside the rest.
+# order, and the SLURM tests (their jobs queue on the one node) run beside the rest.
 python -m pytest -n 3 --dist loadgroup --no-loadscope-reorder

@@ -441,7 +441,8 @@ REQUEUE_TIME_MIN = 3
 # (with balancing, whose clock applies it) gives each step a floor of seconds that no load on the
 # machine shortens, and leaves the cores to the tests beside it (steps sized by measured step
 # times needed up to six runs of the job on a loaded machine). At least REQUEUE_TRAIN_S of
-# sleep: past the latest first warning (90 s), done by the second or third run.
+# sleep: past the latest first warning (90 s). Each run first pays its ranks' start-up: seconds
+# on an idle machine (2 runs), most of a run on a busy one (up to 6 runs seen).
 REQUEUE_TRAIN_S = 100
 EXPERT_DELAY_S = 0.06  # per expert, layer and micro-batch in the forward
 
