@@ -14,9 +14,9 @@ from helpers import AllReduceRanks, FailOnRank
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
-def _cfg(cluster, tmp_path, *overrides):
+def _cfg(cluster, tmp_path):
     return load_config("tiny", ["launch.executor=slurm", f"launch.partition={cluster.partition}", "launch.time_min=5",
-                                "launch.wait_timeout_s=120", f"launch.log_dir={tmp_path}/logs", *overrides])
+                                "launch.wait_timeout_s=120", f"launch.log_dir={tmp_path}/logs"])
 
 
 @pytest.mark.timeout(180)

@@ -17,8 +17,8 @@ before its time limit, is requeued by submitit and resumes from its checkpoint (
 
 Every run happens in a scratch folder that links to this checkout's workflow/, config/ and
 profiles/; the test config overrides only the partition, the resources and the `set:` entries
-that make the study short (and, for (b), ma_sep's overrides that make its steps sleep). A Snakemake run that is interrupted (timeout) has its SLURM jobs
-cancelled.
+that make the study short (and, for (b), ma_sep's overrides that make its steps sleep). A
+Snakemake run that is interrupted (timeout) has its SLURM jobs cancelled.
 """
 from __future__ import annotations
 
