@@ -166,7 +166,14 @@ def make_executor(launch_cfg, world_size: int, job_name: str, folder: str | Path
         ex = submitit.LocalExecutor(folder, max_num_timeout=launch_cfg.max_requeues,
                                     python=forkserver.client_command())
     else:
-        ex = submitit.SlurmExecutor(folder, max_num_timeout=launch_cfg.max_requeues)
+        from masep.runtime import forkserver
+
+        # CPU ranks on one node fork from a server the batch script starts (seconds of imports a rank)
+        forked = forkserver.usable(launch_cfg) and launch_cfg.nodes == 1
+        ex = submitit.SlurmExecutor(folder, max_num_timeout=launch_cfg.max_requeues,
+                                    python=forkserver.client_command() if forked else None)
+        if forked:
+            params["setup"] = forkserver.batch_setup()
     ex.update_parameters(**params)
     return ex
 
@@ -432,6 +439,10 @@ def _wait(job, timeout_s: float, stale_s: float, tolerate: set = frozenset(), lo
 def _collect(job, lost: set = frozenset()) -> list:
     """Per-task results (None for a rank lost under `ma.failover`), or a one-line LaunchError
     naming the rank to blame and its log."""
+    state = job.state if isinstance(job, submitit.SlurmJob) else ""
+    if state.startswith("CANCELLED"):  # scancel: ranks may still finish in its kill-wait
+        raise LaunchError(f"{_describe(job)}: cancelled outside masep (SLURM state {state}); "
+                          f"log: {_task(job, 0).paths.stderr}")
     states = [st for st in _rank_states(job) if st.rank not in lost]
     verdict = _failure(states, 0.0, 0.0)
     if verdict is not None:  # the job ended before the wait saw the loss: a restart may follow

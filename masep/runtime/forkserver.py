@@ -64,6 +64,20 @@ def client_command() -> str:
 # ------------------------------------------------------------------ the launcher's side
 
 
+def batch_setup(preload: tuple[str, ...] = PRELOAD) -> list[str]:
+    """Lines of a one-node SLURM batch script that start its job's server before srun starts the
+    tasks (through `client`). The server lives while the script holds its stdin (fd 9) and ignores
+    the signals that scancel and the time-limit warning send to the whole job: its tasks get them
+    from their clients, which are srun's tasks (one per rank, as sacct and scancel see them)."""
+    import shlex
+
+    python, env = shlex.quote(sys.executable), f'"${ENV}"'
+    return [f'export {ENV}="$(mktemp -d "${{TMPDIR:-/tmp}}/masep-fork-XXXXXX")/socket" {ENV}_PYTHON={python}',
+            f'exec 9> >(trap "" INT TERM HUP USR1 USR2; exec {python} -u -m masep.runtime.forkserver --serve '
+            f'{env} {" ".join(preload)})',
+            f'for _ in $(seq 600); do [ -S {env} ] && break; sleep 0.05; done  # else the tasks start alone']
+
+
 class Server:
     """The fork server of one submitted job (or of a workflow run): `env` goes into the job's
     environment; `stop()` lets it end once its last task has."""

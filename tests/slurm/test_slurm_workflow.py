@@ -12,8 +12,8 @@ rank start-up on a small machine):
 * the final state: DuckDB rows carry the SLURM job ids that sacct knows, the report exists -> (1).
 
 Two further tests start from that run's files in folders of their own: an inference job that
-fails inside its ranks on a corrupt checkpoint (a), and a training job that outlives the warning
-before its time limit, is requeued by submitit and resumes from its checkpoint (b).
+fails inside its ranks on a corrupt checkpoint (a), and a training job that gets SLURM's
+time-limit warning signal, is requeued by submitit and resumes from its checkpoint (b).
 
 Every run happens in a scratch folder that links to this checkout's workflow/, config/ and
 profiles/; the test config overrides only the partition, the resources and the `set:` entries
@@ -23,7 +23,6 @@ Snakemake run that is interrupted (timeout) has its SLURM jobs cancelled.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import shutil
@@ -309,7 +308,7 @@ def test_scancel_of_a_running_job_fails_its_rule_and_only_its_descendants(e2e):
     block = out.split("Error in rule train:", 1)[1]
     assert f"output: results/runs/{train_run(CANCELLED_STRATEGY)}/run.json" in block
     # The launcher's one line names the job and a rank of it (which rank SLURM ended first varies).
-    assert f"job {e2e.cancelled_job} (SLURM): rank " in block, block[:4000]
+    assert f"job {e2e.cancelled_job} (SLURM): " in block, block[:4000]
     assert "state CANCELLED" in block, block[:4000]
     states = sacct_states([e2e.cancelled_job], lambda s: s.get(e2e.cancelled_job, "").startswith("CANCELLED"))
     assert states[e2e.cancelled_job].startswith("CANCELLED"), states
@@ -431,60 +430,70 @@ def test_job_failing_inside_its_ranks_fails_the_rule_with_the_job_error(e2e, slu
 # ------------------------------------------------------------------ (b) time limit, requeue, resume
 
 
-# slurmctld checks time limits every 30 s and sends the warning signal up to one check early:
-# with a 3-minute limit and submitit's warning (USR2) 90 s before it, the warning reaches each
-# run of the job 60 to 90 s after it starts. That is well after the ranks installed submitit's
-# handler (a signal that comes while a task still imports kills it: limits of 2 minutes or less
-# would signal at the first check) and a run makes progress in each requeue.
-REQUEUE_TIME_MIN = 3
-# The training outlasts the warning by sleeping, not computing: ma_sep's test-only expert delay
-# (with balancing, whose clock applies it) gives each step a floor of seconds that no load on the
-# machine shortens, and leaves the cores to the tests beside it (steps sized by measured step
-# times needed up to six runs of the job on a loaded machine). At least REQUEUE_TRAIN_S of
-# sleep: past the latest first warning (90 s). Each run first pays its ranks' start-up: seconds
-# on an idle machine (2 runs), most of a run on a busy one (up to 6 runs seen).
-REQUEUE_TRAIN_S = 100
-EXPERT_DELAY_S = 0.06  # per expert, layer and micro-batch in the forward
+# SLURM's time-limit warning is `scancel --signal=USR2` to the job's steps, 90 s before the limit
+# (submitit's --signal=USR2@90; test_slurm_submitit checks that SLURM delivers it). This test
+# sends that signal itself once the training has a checkpoint at step REQUEUE_AT or later,
+# instead of waiting a minute or more for the limit: what it checks is masep's side, that a
+# training job checkpoints, is requeued by submitit and resumes from its checkpoint.
+REQUEUE_STEPS, REQUEUE_AT, REQUEUE_EVERY = 40, 24, 2  # at most REQUEUE_EVERY steps are lost
+# Each step sleeps (ma_sep's test-only expert delay, with balancing, whose clock applies it), so
+# that the training outlasts the signal however fast the machine, and leaves the cores to the
+# tests beside it: a floor of 2 layers x 2 micro-batches x 8 experts x 0.02 s = 0.64 s a step.
+EXPERT_DELAY_S = 0.02  # per expert, layer and micro-batch in the forward
+
+
+def signal_once_checkpointed(project: Path, folder: Path, stop: threading.Event, result: dict) -> None:
+    """`scancel --signal=USR2` the training job of `project` once `folder` has a checkpoint at
+    step REQUEUE_AT or later."""
+    latest, log = folder / "checkpoint" / "latest", project / f"logs/{folder.relative_to(project / 'results/runs')}.log"
+    try:
+        while not stop.wait(0.2):
+            step = latest.read_text().strip() if latest.exists() else ""
+            if step.startswith("step-") and int(step[5:]) >= REQUEUE_AT and (ids := submitted_job_ids(log)):
+                subprocess.run(["scancel", "--signal=USR2", ids[0]], check=True, timeout=30)
+                result["step"] = int(step[5:])
+                return
+        result["error"] = f"no checkpoint at step {REQUEUE_AT} or later appeared in {folder}"
+    except Exception as e:  # reported by the test
+        result["error"] = f"{type(e).__name__}: {e}"
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(3600)
-def test_time_limit_requeues_the_job_and_training_resumes_from_its_checkpoint(e2e, slurm_cluster, tmp_path):
+@pytest.mark.timeout(900)
+def test_warning_signal_requeues_the_job_and_training_resumes_from_its_checkpoint(e2e, slurm_cluster, tmp_path):
     strategy = "ma_sep"
-    short = dict(s.split("=", 1) for s in SHORT_SET)
     experts = yaml.safe_load((ROOT / "config" / "tiny.yaml").read_text())["model"]["experts"]
-    replicas = moe_ranks = 2  # the tiny preset's ma_sep on 4 ranks
-    # A step's sleep on a MoE rank: per layer, one call for each micro-batch of a replica (the
-    # replicas' micro-batches together), sleeping for each of the rank's experts.
-    micro_batches = int(short["train.global_batch"]) // (replicas * int(short["train.micro_batch"]))
-    step_s = int(short["model.layers"]) * micro_batches * experts // moe_ranks * EXPERT_DELAY_S
-    steps = math.ceil(REQUEUE_TRAIN_S / step_s)
-    every = 2  # at most 2 steps are lost at a requeue
+    steps, every = REQUEUE_STEPS, REQUEUE_EVERY
     delays = "{" + ", ".join(f"{e}: {EXPERT_DELAY_S}" for e in range(experts)) + "}"
     project = make_project(tmp_path / "project", slurm_cluster.partition,
                            extra_set=(f"train.steps={steps}", f"train.decay_steps={steps}",
                                       f"train.checkpoint_every={every}", f"train.eval_every={steps}",
                                       f"train.log_every={every}"),
-                           overrides={strategy: ["ma.rebalance=true", f"ma.debug_expert_delay_s={delays}"]},
-                           # requeues as needed: a loaded machine's slower steps need more segments
-                           launch={"time_min": REQUEUE_TIME_MIN, "max_requeues": 10})
+                           overrides={strategy: ["ma.rebalance=true", f"ma.debug_expert_delay_s={delays}"]})
     copy_tokens(e2e.project, project)
-    run = snakemake(project, f"results/runs/{train_run(strategy)}/run.json")
+    folder = project / "results/runs" / train_run(strategy)
+    stop, signalled = threading.Event(), {}
+    signaller = threading.Thread(target=signal_once_checkpointed, args=(project, folder, stop, signalled))
+    signaller.start()
+    try:
+        run = snakemake(project, f"results/runs/{train_run(strategy)}/run.json")
+    finally:
+        stop.set()
+        signaller.join()
     out = run.output
     assert run.returncode == 0, out[-4000:]
+    assert "error" not in signalled, signalled["error"]
     assert job_counts(run) == {"train": 1, "total": 1}  # on the copied tokens
     [job_id] = submitted_job_ids(project / f"logs/{train_run(strategy)}.log")  # never resubmitted
-    folder = project / "results/runs" / train_run(strategy)
     record = json.loads((folder / "run.json").read_text())
     deadline = time.monotonic() + 30  # slurmdbd may record the end a moment after Snakemake saw it
     while (history := sacct([job_id], "JobID,State,Start,End", requeues=True))[-1][1] \
             in ("RUNNING", "COMPLETING") and time.monotonic() < deadline:
         time.sleep(0.5)
-    print(f"{steps} steps (at least {step_s:.2f} s each), checkpoint every {every}; "
-          f"sacct:\n" + "\n".join("|".join(row) for row in history))
+    print(f"{steps} steps, checkpoint every {every}, USR2 at checkpoint {signalled['step']} in "
+          f"{run.seconds:.0f} s in all; sacct:\n" + "\n".join("|".join(row) for row in history))
     stderr = (project / "logs/submitit" / f"train-{strategy}-seed{SEED}" / f"{job_id}_0_log.err").read_text()
-    assert "Caught signal SIGUSR2" in stderr, (
-        f"the job finished before its time-limit warning ({run.seconds:.0f} s in all); sacct: {history}")
+    assert "Caught signal SIGUSR2" in stderr, f"sacct: {history}"
 
     # SLURM requeued the job at least once, then it completed under the same id.
     states = [row[1] for row in history]
@@ -492,7 +501,7 @@ def test_time_limit_requeues_the_job_and_training_resumes_from_its_checkpoint(e2
     assert record["slurm_job_id"] == job_id and record["status"] == "completed"
     assert record["steps_completed"] == steps
     resumed = record["resumed_from_step"]
-    assert resumed and resumed > 0 and resumed % every == 0, record.get("resumed_from_step")
+    assert signalled["step"] <= resumed <= signalled["step"] + every and resumed % every == 0, (signalled, resumed)
     stdout = (project / "logs/submitit" / f"train-{strategy}-seed{SEED}" / f"{job_id}_0_log.out").read_text()
     assert f"resuming from step {resumed} " in stdout
 
