@@ -1,16 +1,19 @@
-"""Local ranks forked from a process that has already imported torch and masep.
+"""CPU ranks forked from a process that has already imported torch and masep.
 
 A CPU rank of a short run spends most of its time importing: torch, torch.distributed.checkpoint
 and torch._dynamo (which the optimizer pulls in) cost 8-10 CPU-seconds a rank on a 2-core
 machine, paid by every rank of every job. With the local executor a `Server` (one per workflow
-run, from Snakemake's `onstart`, else one per submitted job) imports them once; submitit's
-controller starts each task through `client` (LocalExecutor's `python`), which hands its command,
+run, from Snakemake's `onstart`, else one per submitted job) imports them once; a one-node SLURM
+job's batch script starts its own (`batch_setup`). Each task starts through `client` (submitit's
+`python`: LocalExecutor's controller, or srun), which hands its command,
 environment, working folder and stdin/stdout/stderr to the server, and the server forks a child
 that runs the task (`python -u -m submitit.core._submit <folder>`) as a fresh interpreter would.
 The client stays the task's process for submitit: it forwards the signals it gets to the child
 and exits as the child did (same code, or killed by the same signal). The child's pid is the rank's pid
 (heartbeat, fault injection); a client that disappears takes its child with it (SIGKILL).
 
+Under SLURM the ranks run in the batch step, beside the server: sacct's srun step still has one
+task per rank (the clients), but its CPU time and memory are the clients'; the batch step's are the ranks'.
 A restarted job gets a new server: a full restart still pays one import. Where the server
 cannot be reached the client runs the task in the plain interpreter, saying so on stderr.
 
