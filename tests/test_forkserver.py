@@ -80,6 +80,23 @@ def test_signals_to_the_client_reach_the_task_and_a_killed_client_takes_its_task
             time.sleep(0.05)
 
 
+def test_a_client_stopped_before_its_task_starts_ends_at_once_and_no_task_runs(tmp_path, monkeypatch):
+    (tmp_path / "task_module.py").write_text(TASK)
+    (tmp_path / "slow_import.py").write_text("import time\ntime.sleep(4)\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    srv = forkserver.Server(preload=("slow_import",))  # clients queue until it has imported
+    try:
+        proc, out = _client(tmp_path, "wait", srv.env)
+        time.sleep(1.5)  # connected and waiting for the server
+        start = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == -signal.SIGTERM and time.monotonic() - start < 2
+        time.sleep(4)  # the server is ready now: the task it forked for the gone client is killed
+        assert "pid" not in open(out).read()
+    finally:
+        srv.stop()
+
+
 def _running(pid: int) -> bool:
     """Whether `pid` exists and is not a zombie (it may be reaped while /proc is read)."""
     try:

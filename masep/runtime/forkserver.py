@@ -258,6 +258,11 @@ def client(argv: list[str]) -> None:
         if child:
             with suppress(OSError):
                 os.kill(child[0], signum)
+        elif signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            # No task yet (the server may still be importing): end now, as a fresh interpreter
+            # would; the server kills the task it forks for a client that is gone.
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
         else:
             pending.append(signum)
 
