@@ -48,9 +48,9 @@ def local_shard(tmp_path):
 # scripts/run_tests.sh runs the suite on pytest-xdist workers one group at a time: a test file,
 # or all of tests/slurm (its jobs share one node, and it runs beside the rest). Groups go out
 # longest first (as measured on a 2-core machine), so that no long file starts last.
-LONGEST_FIRST = ["slurm", "test_failover.py", "test_faults.py", "test_workflow.py",
-                 "test_faults_operator.py", "test_parallel_parity.py", "test_parallel_ma_sep.py",
-                 "test_report.py", "test_training_behaviour.py", "test_bench.py", "test_balance.py"]
+LONGEST_FIRST = ["slurm", "test_workflow.py", "test_faults.py", "test_failover.py", "test_faults_operator.py",
+                 "test_parallel_parity.py", "test_report.py", "test_parallel_ma_sep.py", "test_balance.py",
+                 "test_bench.py"]
 
 
 def _group(item: pytest.Item) -> str:
