@@ -20,21 +20,6 @@ if str(TESTS_DIR) not in sys.path:
 from helpers import c4_file, local_cfg, make_docs, write_gz  # noqa: E402
 
 
-@pytest.fixture(scope="session", autouse=True)
-def rank_fork_server():
-    """One rank fork server per test process, as a workflow run has one (Snakemake's `onstart`):
-    the local ranks of every job the tests launch fork from it instead of each job's own server
-    importing torch again (seconds a job). tests/test_launch.py covers a job's own server."""
-    from masep.runtime import forkserver
-
-    server = forkserver.Server()
-    os.environ.update(server.env)
-    yield server
-    for name in server.env:
-        os.environ.pop(name, None)
-    server.stop()
-
-
 @pytest.fixture
 def local_shard(tmp_path):
     docs = make_docs(240)

@@ -13,7 +13,6 @@ import submitit
 
 from masep.config import load_config
 from masep.launch import LaunchError, RankEntry, executor_parameters, launch
-from masep.runtime import forkserver
 from helpers import AllReduceRanks, FailOnRank, Sleep
 
 # The entries below live in this test module, which the task processes cannot import:
@@ -34,8 +33,7 @@ def _cfg(tmp_path, *overrides):
                                 *overrides])
 
 
-def test_local_all_reduce_over_gloo(tmp_path, capsys, monkeypatch):
-    monkeypatch.delenv(forkserver.ENV)  # the job starts a fork server of its own
+def test_local_all_reduce_over_gloo(tmp_path, capsys):
     cfg = _cfg(tmp_path)
     results = launch(AllReduceRanks(), cfg, world_size=3, job_name="allreduce", folder=tmp_path / "job")
     assert [r["rank"] for r in results] == [0, 1, 2]
