@@ -445,7 +445,8 @@ EXPERT_DELAY_S = 0.02  # per expert, layer and micro-batch in the forward
 def signal_once_checkpointed(project: Path, folder: Path, stop: threading.Event, result: dict) -> None:
     """`scancel --signal=USR2` the training job of `project` once `folder` has a checkpoint at
     step REQUEUE_AT or later."""
-    latest, log = folder / "checkpoint" / "latest", project / f"logs/{folder.relative_to(project / 'results/runs')}.log"
+    latest = folder / "checkpoint" / "latest"
+    log = project / "logs" / f"{folder.relative_to(project / 'results/runs')}.log"
     try:
         while not stop.wait(0.2):
             step = latest.read_text().strip() if latest.exists() else ""
