@@ -160,14 +160,12 @@ def make_executor(launch_cfg, world_size: int, job_name: str, folder: str | Path
     folder = Path(folder)
     if launch_cfg.executor == "debug":
         return submitit.DebugExecutor(folder)
-    if launch_cfg.executor == "local":
-        from masep.runtime import forkserver
+    from masep.runtime import forkserver
 
+    if launch_cfg.executor == "local":
         ex = submitit.LocalExecutor(folder, max_num_timeout=launch_cfg.max_requeues,
                                     python=forkserver.client_command())
     else:
-        from masep.runtime import forkserver
-
         # CPU ranks on one node fork from a server the batch script starts (seconds of imports a rank)
         forked = forkserver.usable(launch_cfg) and launch_cfg.nodes == 1
         ex = submitit.SlurmExecutor(folder, max_num_timeout=launch_cfg.max_requeues,

@@ -15,6 +15,7 @@ and exits as the child did (same code, or killed by the same signal). The child'
 Under SLURM the ranks run in the batch step, beside the server: sacct's srun step still has one
 task per rank (the clients), but its CPU time and memory are the clients'; the batch step's are
 the ranks'.
+
 A restarted job gets a new server: a full restart still pays one import. Where the server
 cannot be reached the client runs the task in the plain interpreter, saying so on stderr.
 
