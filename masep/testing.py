@@ -40,7 +40,7 @@ def _worker(rank, world, port, fn, args, out_dir, timeout_s, hosted):
 # Rank processes come from a fork server that has imported these once: spawning fresh
 # interpreters that each import torch costs seconds per rank on a small machine.
 _PRELOAD = ["torch", "torch._dynamo", "torch.distributed", "masep.model", "masep.parallel.base",
-            "masep.runtime.trainer"]
+            "masep.runtime.trainer", "torch.distributed.checkpoint"]
 
 
 def run_ranks(world: int, fn, *args, timeout_s: float = 120.0, injector=None) -> list:

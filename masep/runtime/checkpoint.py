@@ -12,24 +12,29 @@ import io
 import shutil
 import sys
 from pathlib import Path
-from typing import Callable, Optional
-
-import torch
-import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.api import CheckpointException
+from typing import TYPE_CHECKING, Callable, Optional
 
 from masep.errors import ExpectedError
-from masep.parallel.comm import wait_works
 from masep.telemetry.writer import atomic_write_bytes
+
+# torch is imported where a checkpoint is written or read: `masep infer` looks for one
+# (`latest_checkpoint`) before its ranks start, and that check should not cost torch's import.
+if TYPE_CHECKING:
+    import torch
 
 
 def _barrier(group=None) -> None:
+    import torch.distributed as dist
+
+    from masep.parallel.comm import wait_works
+
     if dist.is_initialized() and dist.get_world_size() > 1:
         wait_works([dist.barrier(group=group, async_op=True)], None)  # under ma.failover: watched
 
 
 def _rng_state(device: torch.device) -> bytes:
+    import torch
+
     buf = io.BytesIO()
     torch.save({"cpu": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}, buf)
@@ -75,6 +80,9 @@ def latest_checkpoint(ckpt_dir: Path, warn: Callable[[str], None] = lambda line:
 
 
 def save(ckpt_dir: Path, step: int, strategy, opt, rank: int) -> Path:
+    import torch
+    import torch.distributed.checkpoint as dcp
+
     ckpt_dir = Path(ckpt_dir)
     final, tmp = ckpt_dir / f"step-{step}", ckpt_dir / f"step-{step}.tmp"
     if strategy.is_lead():
@@ -100,6 +108,10 @@ def save(ckpt_dir: Path, step: int, strategy, opt, rank: int) -> Path:
 
 def load(path: Path, strategy, opt: Optional[torch.optim.Optimizer], rank: int) -> int:
     """Load weights (and, when `opt` is given, optimizer and RNG state) in place; return the step."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
     state = _state(strategy, None)
     state["meta"] = {"step": torch.tensor(0)}
     if opt is not None:
