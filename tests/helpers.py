@@ -182,6 +182,16 @@ def flip_middle_byte(path: Path) -> None:
 # ------------------------------------------------------------------ report pages
 
 
+def render_section(db: Path, key: str, out: Path) -> tuple[str, list[Path]]:
+    """One section of the report as `render` writes it (its HTML, and its figures under
+    `out/figures`): a test of one section need not draw every figure of the page."""
+    from masep.report.sections import SECTIONS
+
+    (out / "figures").mkdir(parents=True, exist_ok=True)
+    with duckdb.connect(str(db), read_only=True) as con:
+        return SECTIONS[key].render(con, out / "figures")
+
+
 def row_cells(html_text: str, first_cell: str) -> list[str]:
     """The cells of the first table row whose first cell is `first_cell`."""
     for row in re.findall(r"<tr>(.*?)</tr>", html_text):

@@ -9,12 +9,13 @@ import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import duckdb
 import pytest
 
 from masep.report import FIGURES
-from masep.report.render import ReportError, render
+from masep.report.render import ReportError, bench_section, render, tpot_figure
 from masep.results.collect import collect
-from helpers import row_cells, write_sample_run
+from helpers import render_section, row_cells, write_sample_run
 
 FILES = ["figures/loss_curves.png", "figures/loss_curves.svg", "figures/throughput.png",
          "figures/throughput.svg", "figures/tpot.png", "figures/tpot.svg", "index.html"]
@@ -84,13 +85,12 @@ def test_empty_and_partial_databases_render(tmp_path):
     assert "0 training run(s), 0 inference run(s)" in page and "not measured" in page
     assert "training loss: not measured" in (tmp_path / "empty/figures/loss_curves.svg").read_text() or \
         "not measured" in page
-    # training only: the TPOT figure says it was not measured
+    assert "No rows: not measured." in page[page.index("Inference: time per output token"):]
+    # training only: the TPOT table stays empty (the page above shows an empty one as not measured)
     write_sample_run(tmp_path / "runs", "train", "single", "seed=0", steps=3)
     collect(tmp_path / "runs", db)
-    render(db, tmp_path / "partial")
-    page = (tmp_path / "partial" / "index.html").read_text()
-    tpot = page[page.index("Inference: time per output token"):]
-    assert "No rows: not measured." in tpot
+    with duckdb.connect(str(db), read_only=True) as con:
+        assert tpot_figure(con)[1].rows == []
 
 
 def test_missing_database(tmp_path):
@@ -109,14 +109,10 @@ def _bench_section(page: str) -> str:
 
 
 def test_bench_section_shows_committed_summaries(tmp_path):
-    (tmp_path / "runs").mkdir()
-    db = tmp_path / "masep.duckdb"
-    collect(tmp_path / "runs", db)
     bench = tmp_path / "bench"
     shutil.copytree(BENCH_V2, bench / "bench" / "single" / BENCH_V2.name)
     (bench / "variants.json").write_text('{"command": "bench_variants", "train": {}}')  # not a run
-    render(db, tmp_path / "out", bench=bench)
-    section = _bench_section((tmp_path / "out" / "index.html").read_text())
+    section = _bench_section(bench_section(bench))
     assert "<h3>bench/single/20261129T044725Z</h3>" in section
     assert "<p>NVIDIA H200, torch 2.11.0+cu130, 2026-11-29T04:47:25Z, commit None; peak 790 TFLOP/s" in section
     # run, GPUs, step ms, tok/s/GPU, tok/s all, vs 1 GPU, MFU, compute ms, comm, idle, peak GiB, mJ/token, TPOT...
@@ -125,10 +121,7 @@ def test_bench_section_shows_committed_summaries(tmp_path):
                                             "46.45 (81.2x)"]
     assert "single-GPU MFU 40.0% (goal 45%)" in section
     assert "not measured" not in section
-    # the same files render the same page
-    before = (tmp_path / "out" / "index.html").read_bytes()
-    render(db, tmp_path / "out", bench=bench)
-    assert (tmp_path / "out" / "index.html").read_bytes() == before
+    assert bench_section(bench) == bench_section(bench)  # the same files, the same section
 
 
 def test_bench_section_without_summaries(tmp_path):
@@ -137,12 +130,11 @@ def test_bench_section_without_summaries(tmp_path):
     collect(tmp_path / "runs", db)
     (tmp_path / "bench").mkdir()
     for bench in (None, tmp_path / "bench"):
-        render(db, tmp_path / "out", bench=bench)
-        section = _bench_section((tmp_path / "out" / "index.html").read_text())
+        section = _bench_section(bench_section(bench))
         assert "not measured" in section and "<table>" not in section
     with pytest.raises(ReportError, match="--bench: .* is not a folder"):
         render(db, tmp_path / "out", bench=tmp_path / "nowhere")
-    # the command's default: bench/runs of the current folder, where it exists
+    # the command's default: bench/runs of the current folder, where it exists; on the page
     shutil.copytree(BENCH_V2, tmp_path / "bench" / "runs" / "bench" / "single" / BENCH_V2.name)
     env = {**os.environ, "PYTHONPATH": str(BENCH_V2.parents[2]) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     out = subprocess.run([sys.executable, "-m", "masep.cli", "report", "--db", str(db), "--out", "cli-out"],
@@ -154,15 +146,10 @@ def test_bench_section_without_summaries(tmp_path):
 PEER = Path(__file__).resolve().parent.parent / "bench" / "peer-torchtitan-2026-12-01.json"
 
 
-def _performance(page: str) -> str:
-    return page[page.index("<section id='performance'>"):page.index("<section id='communication'>")]
-
-
 def test_peer_benchmark_is_loaded_and_shown(tmp_path):
     """The committed peer table (scripts/bench_peer.py) becomes peer_benchmark and a table of the
     Performance section, with the GPU, versions and command; a part the script could not run is a
     row with its reason."""
-    import duckdb
     import json
 
     (tmp_path / "runs").mkdir()
@@ -188,8 +175,7 @@ def test_peer_benchmark_is_loaded_and_shown(tmp_path):
     assert failed_rows[-1] == ("torchtitan train_step/decode", None, None, None,
                                "not measured: OutOfMemoryError: CUDA out of memory")
     assert failed_rows[2][3] is None  # masep's train step without the peer's: no ratio
-    render(db, tmp_path / "out")
-    perf = _performance((tmp_path / "out" / "index.html").read_text())
+    perf, _ = render_section(db, "performance", tmp_path / "out")
     assert "Beside a peer on one GPU" in perf and "NVIDIA H200, torch 2.11.0+cu130, CUDA 13.0, torchtitan 0.2.2" in perf
     assert html_escape(failed["command"]) in perf
     assert row_cells(perf[perf.index(str(PEER)):], "train_step")[:7] == [
@@ -202,8 +188,8 @@ def test_peer_benchmark_is_loaded_and_shown(tmp_path):
         out = subprocess.run([sys.executable, "-m", "masep.cli", "collect", "--runs", "runs", "--db", "cli.duckdb",
                               *extra], cwd=tmp_path, capture_output=True, text=True, timeout=300)
         assert out.returncode == 0 and f"peer_benchmark={n}" in out.stdout, out.stderr
-    render(tmp_path / "cli.duckdb", tmp_path / "none")
-    assert "No peer benchmark loaded: not measured" in _performance((tmp_path / "none" / "index.html").read_text())
+    assert "No peer benchmark loaded: not measured" in render_section(tmp_path / "cli.duckdb", "performance",
+                                                                      tmp_path / "none")[0]
     out = subprocess.run([sys.executable, "-m", "masep.cli", "collect", "--runs", "runs", "--db", "cli.duckdb",
                           "--peer", "bench/nope.json"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert out.returncode == 1 and out.stderr == "masep collect: --peer: bench/nope.json is not a file " \

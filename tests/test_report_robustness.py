@@ -9,9 +9,8 @@ import xml.etree.ElementTree as ET
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from masep.report.render import render
 from masep.results.collect import collect
-from helpers import write_sample_run
+from helpers import render_section, write_sample_run
 
 FIGURE = ("figures/robustness_degradation.png", "figures/robustness_degradation.svg")
 
@@ -34,10 +33,6 @@ def _cells(html_text: str, *lead: str) -> list[str]:
     raise AssertionError(f"no row {lead}")
 
 
-def _section(page: str) -> str:
-    return page[page.index("<section id='robustness'>"):page.index("<section id='balancing'>")]
-
-
 def test_robustness_section_from_fault_rows(tmp_path):
     runs = tmp_path / "runs"
     rows = {"ma_sep": [_trial("ma_sep", "kill_attention_k", 1.0 + k, failed=1, before=400.0, after=300.0 + k)
@@ -55,11 +50,10 @@ def test_robustness_section_from_fault_rows(tmp_path):
     db = tmp_path / "masep.duckdb"
     collect(runs, db)
     out = tmp_path / "reports"
-    written = render(db, out)
-    assert {str(p.relative_to(out)) for p in written} >= set(FIGURE)
+    section, written = render_section(db, "robustness", out)
+    assert {str(p.relative_to(out)) for p in written} == set(FIGURE)
     svg = ET.parse(out / FIGURE[1]).getroot()
     assert svg.tag.endswith("svg") and "R^2 = " in (out / FIGURE[1]).read_text()
-    section = _section((out / "index.html").read_text())
     assert "<img src='figures/robustness_degradation.svg'" in section
     # recovery p50 / p95 per strategy and kind, the paper's 2.3 s (ma_sep) / 8.7 s (baseline) beside
     assert _cells(section, "ma_sep", "kill_moe_decode") == ["ma_sep", "kill_moe_decode", "full_restart", "2", "1",
@@ -85,8 +79,7 @@ def test_robustness_section_without_fault_rows(tmp_path):
     db = tmp_path / "masep.duckdb"
     collect(runs, db)  # the faults view exists, with no rows
     out = tmp_path / "reports"
-    render(db, out)
-    section = _section((out / "index.html").read_text())
+    section, written = render_section(db, "robustness", out)
     assert "not measured here: no fault trials in this database" in section
     assert "2.3" in section and "8.7" in section and "99.2" in section  # the paper's figures still shown
-    assert not (out / FIGURE[0]).exists()
+    assert not written and not (out / FIGURE[0]).exists()
