@@ -114,3 +114,25 @@ def test_without_a_server_the_client_runs_the_task_itself_and_says_so(tmp_path, 
     assert proc.wait(timeout=60) == 0
     text = open(out).read()
     assert "rank fork server not reachable" in text and "env given" in text
+
+
+RANK_IMPORTS = """
+import importlib, sys
+from masep.runtime.forkserver import PRELOAD
+for name in PRELOAD:
+    importlib.import_module(name)
+before = set(sys.modules)
+from masep.telemetry.writer import write_parquet
+write_parquet(sys.argv[1], [{"step": 0, "loss": 1.0}])  # pyarrow's first table imports pandas
+import torch.distributed.checkpoint.api, masep.parallel.comm  # what checkpoint.save/load import
+print(sorted(m for m in set(sys.modules) - before if not m.startswith("encodings.")))
+"""
+
+
+def test_a_rank_imports_nothing_after_the_fork(tmp_path):
+    """What every rank does (write its Parquet rows, save or load a checkpoint) finds its modules
+    imported by the server: an import after the fork is paid again by every rank."""
+    out = subprocess.run([sys.executable, "-c", RANK_IMPORTS, str(tmp_path / "rows.parquet")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

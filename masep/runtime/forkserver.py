@@ -36,12 +36,12 @@ import time
 from contextlib import suppress
 
 ENV = "MASEP_FORK_SERVER"  # the server's socket, for the clients
-# What a rank imports; the strategies are small once torch is in. pandas: pyarrow imports it on a
-# rank's first Parquet table (0.5-1 CPU-second a rank).
+# What a rank imports; the strategies are small once torch is in. pandas and the rest: pyarrow imports
+# them on a rank's first Parquet table (0.5-1 CPU-second a rank).
 PRELOAD = ("masep.runtime.worker", "masep.commands.train", "masep.commands.infer", "torch._dynamo",
-           "torch.distributed.checkpoint", "masep.data.batches", "pandas", "masep.parallel.single",
-           "masep.parallel.tp", "masep.parallel.pp", "masep.parallel.tp_pp", "masep.parallel.ep_dp",
-           "masep.parallel.ma_sep")
+           "torch.distributed.checkpoint", "masep.data.batches", "pandas", "pyarrow.pandas_compat",
+           "pyarrow.vendored.version", "masep.parallel.single", "masep.parallel.tp", "masep.parallel.pp",
+           "masep.parallel.tp_pp", "masep.parallel.ep_dp", "masep.parallel.ma_sep")
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGCONT)
 
 
