@@ -80,6 +80,22 @@ def test_signals_to_the_client_reach_the_task_and_a_killed_client_takes_its_task
             time.sleep(0.05)
 
 
+def test_signals_to_the_server_leave_it_and_its_tasks_to_the_launcher(server, tmp_path):
+    """Ctrl-C or SIGTERM to the launcher's process group, or scancel to a whole SLURM job, reach the
+    server too: it keeps serving and, released by its launcher, removes its socket (the fixture)."""
+    proc, out = _client(tmp_path, "wait", server.env)
+    deadline = time.monotonic() + 60
+    while "waiting" not in open(out).read():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
+        os.kill(server.proc.pid, sig)
+    time.sleep(0.5)
+    assert server.proc.poll() is None and proc.poll() is None
+    proc.send_signal(signal.SIGTERM)  # the task still takes its own signals
+    assert proc.wait(timeout=60) == -signal.SIGTERM
+
+
 def test_a_client_stopped_before_its_task_starts_ends_at_once_and_no_task_runs(tmp_path, monkeypatch):
     (tmp_path / "task_module.py").write_text(TASK)
     (tmp_path / "slow_import.py").write_text("import time\ntime.sleep(8)\n")

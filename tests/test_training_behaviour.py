@@ -54,8 +54,9 @@ RUN_SETS = SETS + ["train.steps=12", "train.decay_steps=12", "train.checkpoint_e
 def _train(tmp: Path, sets: list[str], out: Path) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "masep.cli", "train", "--strategy", "single", "--set", *sets, "--out", str(out)]
     # A session of its own: the kill reaches the launcher and the rank process it started.
+    # TMPDIR: the rank fork server killed with it leaves its socket folder there, not in /tmp.
     return subprocess.Popen(cmd, cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+                            start_new_session=True, env={**os.environ, "TMPDIR": str(tmp)})
 
 
 def _finish(proc: subprocess.Popen) -> None:

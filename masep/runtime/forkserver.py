@@ -74,13 +74,15 @@ def client_command() -> str:
 def batch_setup(preload: tuple[str, ...] = PRELOAD) -> list[str]:
     """Lines of a one-node SLURM batch script that start its job's server before srun starts the
     tasks (through `client`). The server lives while the script holds its stdin (fd 9) and ignores
-    the signals that scancel and the time-limit warning send to the whole job: its tasks get them
-    from their clients, which are srun's tasks (one per rank, as sacct and scancel see them)."""
+    the signals that scancel and the time-limit warning send to the whole job (`serve`): its tasks
+    get them from their clients, which are srun's tasks (one per rank, as sacct and scancel see them)."""
     import shlex
 
     python, env = shlex.quote(sys.executable), f'"${ENV}"'
     return [f'export {ENV}="$(mktemp -d "${{TMPDIR:-/tmp}}/masep-fork-XXXXXX")/socket" {ENV}_PYTHON={python}',
-            f'exec 9> >(trap "" INT TERM HUP USR1 USR2; exec {python} -u -m masep.runtime.forkserver --serve '
+            # The server removes its folder when it ends, unless the job's end kills it first.
+            f'trap \'rm -rf "$(dirname {env})"\' EXIT',
+            f'exec 9> >(exec {python} -u -m masep.runtime.forkserver --serve '
             f'{env} {" ".join(preload)})',
             f'for _ in $(seq 600); do [ -S {env} ] && break; sleep 0.05; done  # else the tasks start alone']
 
@@ -174,6 +176,11 @@ def serve(path: str, preload: list[str]) -> None:
     import importlib
     import selectors
 
+    # Signals to the launcher's process group (Ctrl-C, a SIGTERM) or, under SLURM, to the whole job
+    # (scancel, the time-limit warning) are the launcher's and the tasks' to act on: the server ends
+    # by its lifeline, with its last task, and removes its socket then.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_IGN)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
     listener.listen(128)
