@@ -76,6 +76,7 @@ SILENT_S = 5.0
 PEER_LOST = re.compile(r"Connection (closed|reset) by peer|Broken pipe|[Tt]imed out|[Tt]imeout|"
                        r"communicator was aborted|DistNetworkError|DistStoreError")
 CANCEL_GRACE_S = 3.0  # time each signal of a cancel gets before the next, stronger one
+SLURM_ACTIVE = ("RUNNING", "PENDING", "REQUEUED", "COMPLETING", "SUSPENDED", "CONFIGURING")  # not ended
 
 
 class LaunchError(ExpectedError, RuntimeError):
@@ -352,10 +353,19 @@ def _cancel_slurm(job) -> str:
         job.cancel(check=False)  # scancel: SIGTERM, then SIGKILL after the cluster's KillWait
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        if job.state not in ("RUNNING", "PENDING", "REQUEUED", "COMPLETING", "SUSPENDED", "CONFIGURING"):
+        if job.state not in SLURM_ACTIVE:
             return f"cancelled it (scancel; SLURM state {job.state})"
         time.sleep(2)
     return f"cancelled it with scancel, but SLURM still reports {job.state}"
+
+
+def _final_state(job) -> str:
+    """SLURM's state of a job whose ranks have all ended, read afresh (submitit's cached state may
+    predate a scancel in whose kill-wait the ranks finished) once the batch script has ended too."""
+    deadline = time.monotonic() + 30
+    while (state := job.get_info(mode="force").get("State", "")) in SLURM_ACTIVE and time.monotonic() < deadline:
+        time.sleep(POLL_S)
+    return state
 
 
 # ------------------------------------------------------------------ waiting
@@ -437,7 +447,7 @@ def _wait(job, timeout_s: float, stale_s: float, tolerate: set = frozenset(), lo
 def _collect(job, lost: set = frozenset()) -> list:
     """Per-task results (None for a rank lost under `ma.failover`), or a one-line LaunchError
     naming the rank to blame and its log."""
-    state = job.state if isinstance(job, submitit.SlurmJob) else ""
+    state = _final_state(job) if isinstance(job, submitit.SlurmJob) else ""
     if state.startswith("CANCELLED"):  # scancel: ranks may still finish in its kill-wait
         raise LaunchError(f"{_describe(job)}: cancelled outside masep (SLURM state {state}); "
                           f"log: {_task(job, 0).paths.stderr}")

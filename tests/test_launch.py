@@ -62,6 +62,19 @@ def test_wait_timeout_cancels_the_job(tmp_path):
     assert time.monotonic() - start < 20
 
 
+def test_a_slurm_job_cancelled_while_its_ranks_finish_fails_by_its_final_state(tmp_path, monkeypatch):
+    """scancel's kill-wait can let every rank finish: submitit's cached state (RUNNING) predates the
+    cancel, so the verdict reads SLURM afresh, waiting for the job's end, and names the cancel."""
+    from masep.launch import _collect
+
+    job = submitit.SlurmJob(folder=tmp_path, job_id="7")
+    monkeypatch.setattr(submitit.SlurmJob, "state", property(lambda self: "RUNNING"))
+    fresh = iter(["RUNNING", "CANCELLED by 0"])  # sacct: the batch script ends a moment after the ranks
+    job.get_info = lambda mode: {"State": next(fresh)} if mode == "force" else {"State": "RUNNING"}
+    with pytest.raises(LaunchError, match=r"^job 7 \(SLURM\): cancelled outside masep \(SLURM state CANCELLED by 0\)"):
+        _collect(job)
+
+
 def test_local_timeout_requeues_a_checkpointable_entry(tmp_path):
     # The local executor signals the job `signal_delay_s` before its time limit; rank 0
     # checkpoints (RankEntry.checkpoint -> resume=True) and the controller starts it again.
