@@ -42,6 +42,13 @@ def _client(tmp_path, how, env_extra, **kw):
     return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=tmp_path, **kw), out.name
 
 
+def _wait_until_waiting(out: str) -> None:
+    deadline = time.monotonic() + 60
+    while "waiting" not in open(out).read():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
 def test_task_runs_in_a_child_of_the_server_with_the_clients_stdio_env_and_exit_code(server, tmp_path):
     proc, out = _client(tmp_path, "3", server.env)
     assert proc.wait(timeout=60) == 3
@@ -66,10 +73,7 @@ def test_a_task_that_raises_prints_its_traceback_and_exits_1(server, tmp_path):
 def test_signals_to_the_client_reach_the_task_and_a_killed_client_takes_its_task_along(server, tmp_path):
     for sig in (signal.SIGTERM, signal.SIGKILL):
         proc, out = _client(tmp_path, "wait", server.env)
-        deadline = time.monotonic() + 60
-        while "waiting" not in open(out).read():
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        _wait_until_waiting(out)
         words = open(out).read().split()
         task_pid = int(words[words.index("pid") + 1])
         proc.send_signal(sig)
@@ -84,10 +88,7 @@ def test_signals_to_the_server_leave_it_and_its_tasks_to_the_launcher(server, tm
     """Ctrl-C or SIGTERM to the launcher's process group, or scancel to a whole SLURM job, reach the
     server too: it keeps serving and, released by its launcher, removes its socket (the fixture)."""
     proc, out = _client(tmp_path, "wait", server.env)
-    deadline = time.monotonic() + 60
-    while "waiting" not in open(out).read():
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    _wait_until_waiting(out)
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
         os.kill(server.proc.pid, sig)
     time.sleep(0.5)
